@@ -1,0 +1,43 @@
+"""durable_kernel.checkpoints: the snapshot format and the store.
+
+A plain library, usable from any Python process: it never imports IPython,
+ipykernel or zmq.  Save path: :func:`snapshot` then :meth:`NotebookStore.commit`.
+Restore path: :meth:`NotebookStore.load_latest_with_reasons`.  File format:
+``manifest.py`` (signed JSON) and ``store.py`` (layout and commit order).
+"""
+
+from .errors import (
+    CheckpointError,
+    CorruptCheckpoint,
+    IncompatibleCheckpoint,
+    SaveError,
+    UnsafeStore,
+    UntrustedCheckpoint,
+)
+from .manifest import SCHEMA_VERSION, Manifest
+from .serialize import Skipped, Snapshot, Variable, snapshot
+from .signing import default_key_path, load_or_create_key
+from .store import CommitResult, NotebookStore, Restored, Store, disk_usage, storage_key
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CheckpointError",
+    "CommitResult",
+    "CorruptCheckpoint",
+    "IncompatibleCheckpoint",
+    "Manifest",
+    "NotebookStore",
+    "Restored",
+    "SaveError",
+    "Skipped",
+    "Snapshot",
+    "Store",
+    "UnsafeStore",
+    "UntrustedCheckpoint",
+    "Variable",
+    "default_key_path",
+    "disk_usage",
+    "load_or_create_key",
+    "snapshot",
+    "storage_key",
+]

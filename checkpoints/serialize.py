@@ -1,0 +1,283 @@
+"""Turn a namespace into one pickle per variable, and back.
+
+Save path: :func:`snapshot` pickles each variable on its own with the C pickler
+at protocol 5.  Large contiguous buffers (numpy arrays, pandas blocks) leave
+the pickle stream out-of-band so the store can keep each one as its own blob,
+and a buffer that did not change is never written again.  Only what the C
+pickler cannot do by reference goes to dill: functions, lambdas, closures and
+classes defined in the notebook (instances of such classes stay on the C
+pickler; only their class is handed over).
+
+One pickle per variable keeps unchanged variables byte-identical from one
+checkpoint to the next and isolates failures: a variable that cannot be
+pickled is skipped with its reason and costs nobody else.  Sharing between
+variables is kept two ways: a variable that *is* another variable's object
+(``a = b = []``) is stored as an alias, and any non-container object met
+inside one variable that is another variable's top-level object (an instance's
+notebook class, a shared array) is stored as a reference to that variable.
+
+Restore path: :class:`Loader` unpickles variables on demand, resolving those
+references, so each variable loads once whatever the order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+#: Buffers smaller than this stay inside the pickle: a blob file per tiny array
+#: would cost more than it saves.
+OUT_OF_BAND_MIN_BYTES = 64 * 1024
+
+
+@dataclass
+class Variable:
+    """One saved variable, ready for the store.
+
+    ``kind`` is ``"pickle"`` (``payload`` plus out-of-band ``buffers``),
+    ``"module"`` (re-imported by ``target`` name) or ``"alias"`` (the same
+    object as variable ``target``).
+    """
+
+    name: str
+    type: str
+    kind: str
+    payload: bytes = b""
+    buffers: list[memoryview] = field(default_factory=list)
+    target: str = ""
+
+    @property
+    def size(self) -> int:
+        """Bytes this variable takes in the store (before deduplication)."""
+        return len(self.payload) + sum(b.nbytes for b in self.buffers)
+
+
+@dataclass
+class Skipped:
+    """A variable that was not saved (or not restored), and why."""
+
+    name: str
+    type: str
+    reason: str
+
+
+@dataclass
+class Snapshot:
+    """The pickled state of a namespace at one instant."""
+
+    variables: list[Variable]
+    skipped: list[Skipped]
+
+    @property
+    def size(self) -> int:
+        return sum(v.size for v in self.variables)
+
+
+def type_name(obj: Any) -> str:
+    """``module.QualName`` of ``obj``'s type, as the manifest records it."""
+    t = type(obj)
+    module = getattr(t, "__module__", None) or "?"
+    return f"{module}.{getattr(t, '__qualname__', t.__name__)}"
+
+
+def _loads_dill(data: bytes) -> Any:
+    import dill
+
+    return dill.loads(data)
+
+
+def _dumps_dill(obj: Any) -> bytes:
+    # Imported here, not at module import: dill binds ``__main__`` when it is
+    # first imported, and it must see IPython's user module, not the launcher.
+    import dill
+
+    # recurse=False keeps a function's globals a reference to ``__main__``'s
+    # dict, so a restored function sees the live namespace, not a copy.
+    return dill.dumps(obj, protocol=5, recurse=False, byref=False)
+
+
+def _import_module(name: str) -> types.ModuleType:
+    return importlib.import_module(name)
+
+
+def _defined_in_notebook(obj: Any) -> bool:
+    """True for a function or class that cannot be found again by its name."""
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    if module_name in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
+        return True
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is not obj
+
+
+class _Pickler(pickle.Pickler):
+    """The C pickler, handing only what it cannot do by reference to dill."""
+
+    def __init__(self, file: io.BytesIO, top_level: Mapping[int, str], buffers: list[memoryview]):
+        super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
+        self._top_level = top_level
+        self._buffers = buffers
+        self.current: int = 0
+
+    def _take_buffer(self, buf: pickle.PickleBuffer) -> bool:
+        view = buf.raw()
+        if view.nbytes < OUT_OF_BAND_MIN_BYTES:
+            return True  # keep small buffers in-band
+        self._buffers.append(view)
+        return False
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Only called for objects that are not builtin containers or atoms, so
+        # plain data keeps the C pickler's speed.
+        name = self._top_level.get(id(obj))
+        if name is not None and id(obj) != self.current:
+            return _variable_ref, (name,)
+        if isinstance(obj, types.ModuleType):
+            return _import_module, (obj.__name__,)
+        if isinstance(obj, (types.FunctionType, type)) and _defined_in_notebook(obj):
+            return _loads_dill, (_dumps_dill(obj),)
+        return NotImplemented
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    detail = text[0] if text else ""
+    name = type(exc).__name__
+    return f"{name}: {detail}" if detail else name
+
+
+def snapshot(
+    namespace: Mapping[str, Any],
+    names: Iterable[str] | None = None,
+    max_variable_bytes: int | None = None,
+) -> Snapshot:
+    """Pickle ``names`` (default: all) of ``namespace``, one variable at a time.
+
+    Never raises for a bad variable: it goes to ``Snapshot.skipped`` with the
+    reason, and the others are saved.
+    """
+    names = list(namespace) if names is None else list(names)
+    first_name: dict[int, str] = {}
+    for name in names:
+        first_name.setdefault(id(namespace[name]), name)
+
+    variables: list[Variable] = []
+    skipped: list[Skipped] = []
+    for name in names:
+        value = namespace[name]
+        tname = type_name(value)
+        owner = first_name[id(value)]
+        if owner != name:
+            variables.append(Variable(name, tname, "alias", target=owner))
+            continue
+        if isinstance(value, types.ModuleType):
+            if sys.modules.get(value.__name__) is value:
+                variables.append(Variable(name, tname, "module", target=value.__name__))
+            else:
+                skipped.append(Skipped(name, tname, "module cannot be imported again by its name"))
+            continue
+        buf = io.BytesIO()
+        buffers: list[memoryview] = []
+        pickler = _Pickler(buf, first_name, buffers)
+        pickler.current = id(value)
+        try:
+            pickler.dump(value)
+        except RecursionError:
+            skipped.append(Skipped(name, tname, "nested too deeply to pickle (recursion limit)"))
+            continue
+        except Exception as exc:  # any failure of any object's pickling hooks
+            skipped.append(Skipped(name, tname, _reason(exc)))
+            continue
+        var = Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers)
+        if max_variable_bytes is not None and var.size > max_variable_bytes:
+            skipped.append(
+                Skipped(name, tname, f"larger than max_variable_bytes ({var.size} > {max_variable_bytes} bytes)")
+            )
+            continue
+        variables.append(var)
+    return Snapshot(variables, skipped)
+
+
+# --- restore ------------------------------------------------------------------
+
+_active_loader: "Loader | None" = None
+
+
+def _variable_ref(name: str) -> Any:
+    """Resolve a reference to another variable while a :class:`Loader` runs."""
+    if _active_loader is None:
+        raise pickle.UnpicklingError(f"reference to variable {name!r} outside a restore")
+    return _active_loader.get(name)
+
+
+class _MissingVariable(Exception):
+    pass
+
+
+class Loader:
+    """Unpickles stored variables on demand, each exactly once.
+
+    ``entries`` maps a variable name to ``(kind, target, read)`` where ``read()``
+    returns ``(payload, buffers)`` for kind ``"pickle"``.  Data handed to this
+    class must already be verified: unpickling runs code.
+    """
+
+    def __init__(self, entries: Mapping[str, tuple[str, str, Callable[[], tuple[bytes, list[Any]]]]]):
+        self._entries = entries
+        self._values: dict[str, Any] = {}
+        self._failed: dict[str, str] = {}
+        self._loading: set[str] = set()
+
+    def get(self, name: str) -> Any:
+        if name in self._values:
+            return self._values[name]
+        if name in self._failed:
+            raise _MissingVariable(f"depends on {name!r}, which was not restored")
+        if name in self._loading:
+            raise _MissingVariable(f"circular reference through {name!r}")
+        if name not in self._entries:
+            raise _MissingVariable(f"depends on {name!r}, which was not saved")
+        self._loading.add(name)
+        try:
+            kind, target, read = self._entries[name]
+            if kind == "module":
+                value = importlib.import_module(target)
+            elif kind == "alias":
+                value = self.get(target)
+            else:
+                payload, buffers = read()
+                value = pickle.loads(payload, buffers=buffers)
+        except _MissingVariable as exc:
+            self._failed[name] = str(exc)
+            raise
+        except RecursionError:
+            self._failed[name] = "nested too deeply to unpickle (recursion limit)"
+            raise _MissingVariable(f"depends on {name!r}, which was not restored") from None
+        except Exception as exc:
+            self._failed[name] = _reason(exc)
+            raise _MissingVariable(f"depends on {name!r}, which was not restored") from None
+        finally:
+            self._loading.discard(name)
+        self._values[name] = value
+        return value
+
+    def load_all(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Load every entry: ``(values, {name: reason})`` for those that failed."""
+        global _active_loader
+        previous, _active_loader = _active_loader, self
+        try:
+            for name in self._entries:
+                try:
+                    self.get(name)
+                except _MissingVariable as exc:
+                    self._failed.setdefault(name, str(exc))
+        finally:
+            _active_loader = previous
+        return dict(self._values), dict(self._failed)

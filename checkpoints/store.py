@@ -1,0 +1,485 @@
+"""The on-disk store: content-addressed blobs, signed manifests, atomic commits.
+
+Layout under the root folder (folders 0700, files 0600)::
+
+    <root>/<key>/                 one folder per notebook; key = hash of its identity
+        lock                      flock'd while committing, pruning or clearing
+        manifests/<gen>.manifest  one per kept generation (see manifest.py)
+        blobs/<d[:2]>/<d>         pickles and raw buffers, named by BLAKE3 digest d
+
+Commit order, so that a crash at any instant leaves the newest committed
+checkpoint loadable: each blob is written to a temp file in its folder,
+fsynced and renamed to its digest; the folders are fsynced; then the manifest
+is written the same way and its rename is the commit point.  Blobs already
+present are not written again, which is what makes a checkpoint after a small
+change cost little.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import blake3
+
+from . import manifest as manifest_format
+from .errors import CheckpointError, CorruptCheckpoint, SaveError, UnsafeStore
+from .manifest import Manifest
+from .serialize import Loader, Skipped, Snapshot
+
+log = logging.getLogger(__name__)
+
+#: Payloads up to this size live inside the manifest instead of a blob file.
+INLINE_MAX_BYTES = 16 * 1024
+#: Hash big buffers on all cores; below this the thread start-up costs more.
+_PARALLEL_HASH_BYTES = 8 << 20
+_WRITE_CHUNK = 64 << 20
+TMP_PREFIX = ".tmp-"
+_MANIFEST_SUFFIX = ".manifest"
+
+
+def digest(data: Any) -> str:
+    """BLAKE3 hex digest of a bytes-like object."""
+    view = memoryview(data)
+    threads = blake3.blake3.AUTO if view.nbytes >= _PARALLEL_HASH_BYTES else 1
+    return blake3.blake3(view, max_threads=threads).hexdigest()
+
+
+def storage_key(identity: str) -> str:
+    """The folder name for a notebook identity: a hash, never the path itself."""
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(final: Path, chunks: Iterable[Any]) -> int:
+    """Write ``chunks`` to a temp file beside ``final``, fsync, rename. Returns bytes."""
+    tmp = final.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    written = 0
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            for start in range(0, view.nbytes, _WRITE_CHUNK):
+                part = view[start : start + _WRITE_CHUNK]
+                while part.nbytes:
+                    n = os.write(fd, part)
+                    part = part[n:]
+                    written += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, final)
+    return written
+
+
+@dataclass
+class CommitResult:
+    """What a commit did: the manifest and how many bytes hit the disk."""
+
+    manifest: Manifest
+    bytes_written: int
+    blobs_written: int
+    seconds: float
+
+
+@dataclass
+class Restored:
+    """A loaded checkpoint: the values, what did not come back, what was tried."""
+
+    manifest: Manifest
+    values: dict[str, Any]
+    not_restored: list[Skipped]
+    #: one line per newer generation that could not be loaded, and why
+    fallbacks: list[str] = field(default_factory=list)
+
+
+class Store:
+    """All notebooks' checkpoints under one root folder."""
+
+    def __init__(self, root: Path | str, key: bytes):
+        self.root = Path(root)
+        self.key = key
+
+    def notebook(self, identity: str) -> "NotebookStore":
+        """The checkpoints of one notebook identity."""
+        return NotebookStore(self, identity)
+
+    def notebook_dirs(self) -> list[Path]:
+        """Every notebook folder in the store."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and (p / "manifests").is_dir())
+
+
+class NotebookStore:
+    """One notebook's generations: commit, list, load, prune, clear."""
+
+    def __init__(self, store: Store, identity: str):
+        self.store = store
+        self.identity = identity
+        self.dir = store.root / storage_key(identity)
+        self.manifests_dir = self.dir / "manifests"
+        self.blobs_dir = self.dir / "blobs"
+
+    # --- layout -------------------------------------------------------------
+
+    def _blob_path(self, digest_hex: str) -> Path:
+        return self.blobs_dir / digest_hex[:2] / digest_hex
+
+    def _manifest_path(self, generation: int) -> Path:
+        return self.manifests_dir / f"{generation:012d}{_MANIFEST_SUFFIX}"
+
+    def _ensure_dirs(self) -> None:
+        for path in (self.store.root, self.dir, self.manifests_dir, self.blobs_dir):
+            _mkdir(path)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this notebook's lock: one committer or pruner at a time."""
+        self._ensure_dirs()
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def generations(self) -> list[int]:
+        """Committed generation numbers, newest first."""
+        try:
+            names = os.listdir(self.manifests_dir)
+        except FileNotFoundError:
+            return []
+        gens = []
+        for name in names:
+            stem, _, suffix = name.partition(".")
+            if "." + suffix == _MANIFEST_SUFFIX and stem.isdigit():
+                gens.append(int(stem))
+        return sorted(gens, reverse=True)
+
+    # --- save path ------------------------------------------------------------
+
+    def commit(self, snap: Snapshot, *, execution_count: int, cell: str = "", keep: int = 5) -> CommitResult:
+        """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
+
+        Raises :class:`SaveError` (with the previous checkpoint untouched) on any
+        failure, such as a full disk.
+        """
+        started = time.perf_counter()
+        try:
+            with self.locked():
+                result = self._commit_locked(snap, execution_count, cell)
+                self._prune_locked(keep)
+        except CheckpointError:
+            raise
+        except OSError as exc:
+            raise SaveError(f"could not write the checkpoint: {exc.strerror or exc}") from exc
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _commit_locked(self, snap: Snapshot, execution_count: int, cell: str) -> CommitResult:
+        written = 0
+        blobs = 0
+        touched: set[Path] = set()
+        entries = []
+        for var in snap.variables:
+            entry: dict[str, Any] = {"name": var.name, "type": var.type, "kind": var.kind, "size": var.size}
+            if var.kind != "pickle":
+                entry["target"] = var.target
+                entries.append(entry)
+                continue
+            entry["digest"] = digest(var.payload)
+            if len(var.payload) <= INLINE_MAX_BYTES:
+                entry["inline"] = base64.b64encode(var.payload).decode("ascii")
+            else:
+                n = self._put_blob(entry["digest"], var.payload, touched)
+                written += n
+                blobs += n > 0
+            if var.buffers:
+                entry["buffers"] = []
+                for buf in var.buffers:
+                    d = digest(buf)
+                    n = self._put_blob(d, buf, touched)
+                    written += n
+                    blobs += n > 0
+                    entry["buffers"].append({"digest": d, "size": buf.nbytes})
+            entries.append(entry)
+        for folder in touched:
+            _fsync_dir(folder)
+        if touched:
+            _fsync_dir(self.blobs_dir)
+
+        gens = self.generations()
+        generation = (gens[0] + 1) if gens else 1
+        data = {
+            "schema": manifest_format.SCHEMA_VERSION,
+            "generation": generation,
+            "created": time.time(),
+            "execution_count": execution_count,
+            "identity": self.identity,
+            "cell": cell,
+            "versions": _versions(snap),
+            "variables": entries,
+            "skipped": [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped],
+        }
+        raw = manifest_format.encode(data, self.store.key)
+        written += _write_atomically(self._manifest_path(generation), [raw])
+        _fsync_dir(self.manifests_dir)
+        return CommitResult(Manifest(data), written, blobs, 0.0)
+
+    def _put_blob(self, digest_hex: str, data: Any, touched: set[Path]) -> int:
+        path = self._blob_path(digest_hex)
+        size = memoryview(data).nbytes
+        try:
+            if path.stat().st_size == size:
+                return 0  # already stored: content-addressed, so identical
+        except FileNotFoundError:
+            pass
+        _mkdir(path.parent)
+        touched.add(path.parent)
+        return _write_atomically(path, [data])
+
+    def _prune_locked(self, keep: int) -> None:
+        """Drop generations beyond ``keep``, then blobs no kept manifest needs."""
+        gens = self.generations()
+        for gen in gens[max(keep, 1):]:
+            with contextlib.suppress(FileNotFoundError):
+                self._manifest_path(gen).unlink()
+        needed: set[str] = set()
+        for gen in gens[: max(keep, 1)]:
+            needed |= self._blobs_named_by(gen)
+        self._sweep(needed)
+
+    def _blobs_named_by(self, generation: int) -> set[str]:
+        # Unverified read: used only to decide what to keep, so a bad manifest
+        # can at worst keep a blob alive; it never gets a blob unpickled.
+        try:
+            raw = self._manifest_path(generation).read_bytes()
+            body = raw.split(b"\n", 2)[2]
+            return manifest_format.referenced_blobs(json.loads(body))
+        except (OSError, IndexError, ValueError, TypeError, KeyError, AttributeError):
+            return set()
+
+    def _sweep(self, needed: set[str]) -> tuple[int, int]:
+        """Delete unreferenced blobs and crash leftovers (under the lock)."""
+        removed = freed = 0
+        for folder in (self.manifests_dir, *self._blob_folders()):
+            for entry in os.scandir(folder):
+                if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                    continue
+                stale = entry.name.startswith(TMP_PREFIX) or (
+                    folder != self.manifests_dir and entry.name not in needed
+                )
+                if stale:
+                    with contextlib.suppress(FileNotFoundError):
+                        freed += entry.stat(follow_symlinks=False).st_size
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed, freed
+
+    def _blob_folders(self) -> list[Path]:
+        try:
+            return [Path(e.path) for e in os.scandir(self.blobs_dir) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
+    def clear(self) -> int:
+        """Delete every generation of this notebook; returns bytes freed."""
+        if not self.dir.exists():
+            return 0
+        freed = disk_usage(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return freed
+
+    # --- restore path --------------------------------------------------------
+
+    def read_manifest(self, generation: int) -> Manifest:
+        """Read and verify one generation's manifest (nothing is unpickled)."""
+        path = self._manifest_path(generation)
+        where = f"checkpoint {generation}"
+        self._check_safe(path)
+        try:
+            if path.stat().st_size > manifest_format.MAX_MANIFEST_BYTES:
+                raise CorruptCheckpoint(f"{where}: manifest is implausibly large")
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{where} no longer exists") from None
+        except OSError as exc:
+            raise CorruptCheckpoint(f"{where} cannot be read: {exc.strerror or exc}") from None
+        return manifest_format.decode(raw, self.store.key, where)
+
+    def load(self, generation: int, verify_buffers: bool = True) -> Restored:
+        """Verify one generation completely, then unpickle it.
+
+        Raises :class:`CheckpointError` if any part fails verification: then
+        nothing of it has been unpickled.  Variables that fail to unpickle
+        (say, a module no longer installed) are reported, not raised.
+        """
+        man = self.read_manifest(generation)
+        where = f"checkpoint {generation}"
+        entries = {}
+        for var in man.variables:
+            if var["kind"] == "pickle":
+                payload = self._payload(var, where)
+                buffers = [self._buffer(b, where, verify_buffers) for b in var.get("buffers", [])]
+                entries[var["name"]] = ("pickle", "", _constant((payload, buffers)))
+            else:
+                entries[var["name"]] = (var["kind"], var["target"], _constant((b"", [])))
+        types = {v["name"]: v.get("type", "?") for v in man.variables}
+        values, failed = Loader(entries).load_all()
+        not_restored = [Skipped(s.get("name", "?"), s.get("type", "?"), s.get("reason", "?")) for s in man.skipped]
+        not_restored += [Skipped(name, types.get(name, "?"), reason) for name, reason in failed.items()]
+        return Restored(man, values, not_restored)
+
+    def load_latest(self, verify_buffers: bool = True) -> Restored | None:
+        """The newest generation that loads, falling back past damaged ones.
+
+        Returns None if there is nothing loadable (``fallbacks`` are then lost;
+        use :meth:`load_latest_with_reasons` to see them).
+        """
+        restored, _ = self.load_latest_with_reasons(verify_buffers)
+        return restored
+
+    def load_latest_with_reasons(self, verify_buffers: bool = True) -> tuple[Restored | None, list[str]]:
+        """Like :meth:`load_latest`, plus one line per generation that failed."""
+        reasons: list[str] = []
+        for gen in self.generations():
+            try:
+                restored = self.load(gen, verify_buffers)
+            except UnsafeStore:
+                raise
+            except CheckpointError as exc:
+                log.warning("skipping %s: %s", gen, exc)
+                reasons.append(str(exc))
+                continue
+            restored.fallbacks = reasons
+            return restored, reasons
+        return None, reasons
+
+    def _payload(self, var: dict[str, Any], where: str) -> bytes:
+        if "inline" in var:
+            try:
+                payload = base64.b64decode(var["inline"], validate=True)
+            except (ValueError, TypeError):
+                raise CorruptCheckpoint(f"{where}: variable {var['name']!r} is damaged") from None
+        else:
+            payload = self._read_blob(var["digest"], where)
+        if digest(payload) != var["digest"]:
+            raise CorruptCheckpoint(f"{where}: variable {var['name']!r} does not match its digest")
+        return payload
+
+    def _read_blob(self, digest_hex: str, where: str) -> bytes:
+        path = self._blob_path(digest_hex)
+        try:
+            if path.is_symlink():
+                raise CorruptCheckpoint(f"{where}: blob {digest_hex[:12]} is a symlink")
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{where}: blob {digest_hex[:12]} is missing") from None
+
+    def _buffer(self, buf: dict[str, Any], where: str, verify: bool) -> Any:
+        path = self._blob_path(buf["digest"])
+        if path.is_symlink():
+            raise CorruptCheckpoint(f"{where}: blob {buf['digest'][:12]} is a symlink")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{where}: blob {buf['digest'][:12]} is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != buf["size"]:
+                raise CorruptCheckpoint(
+                    f"{where}: blob {buf['digest'][:12]} has {size} bytes, expected {buf['size']} (truncated?)"
+                )
+            if size == 0:
+                data: Any = bytearray()
+            else:
+                # A private copy-on-write map: the user may write to a restored
+                # array without touching the stored blob, and pages are read
+                # only when used.
+                data = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        if verify and digest(data) != buf["digest"]:
+            raise CorruptCheckpoint(f"{where}: blob {buf['digest'][:12]} does not match its digest")
+        return data
+
+    def _check_safe(self, path: Path) -> None:
+        """Refuse a store other users could have written into."""
+        for folder in (self.store.root, self.dir, self.manifests_dir):
+            try:
+                mode = folder.stat().st_mode
+            except FileNotFoundError:
+                continue
+            if mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise UnsafeStore(
+                    f"{folder} can be written by other users, so its checkpoints cannot be trusted; "
+                    f"fix it with: chmod go-w {folder}"
+                )
+
+
+def _constant(value: Any):
+    return lambda: value
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes used by the files under ``path``."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+_static_versions: dict[str, str] | None = None
+
+
+def _versions(snap: Snapshot) -> dict[str, Any]:
+    global _static_versions
+    if _static_versions is None:
+        from importlib import metadata
+
+        _static_versions = {"python": sys.version.split()[0]}
+        for dist in ("dill", "durable-kernel"):
+            try:
+                _static_versions[dist.replace("-", "_")] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                _static_versions[dist.replace("-", "_")] = "unknown"
+    packages = {}
+    for var in snap.variables:
+        root = var.type.split(".", 1)[0] if var.kind == "pickle" else var.target.split(".", 1)[0]
+        module = sys.modules.get(root)
+        version = getattr(module, "__version__", None)
+        if isinstance(version, str):
+            packages[root] = version
+    return {**_static_versions, "packages": packages}

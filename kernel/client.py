@@ -1,0 +1,130 @@
+"""A small Jupyter client for driving a durable kernel: used by the demo and the tests."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client.manager import KernelManager
+
+
+@dataclass
+class Output:
+    """What one execute request produced."""
+
+    stdout: str = ""
+    stderr: str = ""
+    error: str = ""
+    result: str = ""
+    status: str = ""
+    execution_count: int | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Kernel:
+    """A real kernel process started through jupyter_client."""
+
+    def __init__(
+        self,
+        kernel_name: str = "durable-python3",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        extra_arguments: list[str] | None = None,
+        startup_timeout: float = 60,
+        log_file: str | None = None,
+    ):
+        self.km = KernelManager(kernel_name=kernel_name)
+        full_env = {**os.environ, **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if v is not None}
+        # The kernel's own log (its stderr) goes to log_file, or nowhere.
+        self._log = open(log_file or os.devnull, "ab")  # noqa: SIM115 - closed in close()
+        self.km.start_kernel(
+            env=full_env, cwd=cwd, extra_arguments=extra_arguments or [], stderr=self._log, stdout=self._log
+        )
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=startup_timeout)
+        self.info = self._kernel_info()
+
+    def _kernel_info(self) -> dict[str, Any]:
+        msg_id = self.kc.kernel_info()
+        while True:
+            reply = self.kc.get_shell_msg(timeout=30)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply["content"]
+
+    @property
+    def banner(self) -> str:
+        return self.info.get("banner", "")
+
+    @property
+    def pid(self) -> int:
+        return self.km.provisioner.pid  # type: ignore[union-attr]
+
+    def execute(self, code: str, timeout: float = 120, **kwargs: Any) -> Output:
+        """Run ``code`` and collect its output until the kernel is idle again."""
+        msg_id = self.kc.execute(code, **kwargs)
+        out = Output()
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no idle after {timeout} s running {code[:60]!r}") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            out.messages.append(msg)
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                if content["name"] == "stdout":
+                    out.stdout += content["text"]
+                else:
+                    out.stderr += content["text"]
+            elif kind == "error":
+                out.error = f"{content['ename']}: {content['evalue']}"
+            elif kind == "execute_result":
+                out.result = content["data"].get("text/plain", "")
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        while True:
+            reply = self.kc.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                out.status = reply["content"]["status"]
+                out.execution_count = reply["content"].get("execution_count")
+                return out
+
+    def value(self, expression: str) -> str:
+        """``repr`` of an expression evaluated in the kernel (raises if it fails)."""
+        out = self.execute(f"print(repr({expression}))")
+        if out.error:
+            raise RuntimeError(out.error)
+        return out.stdout.strip()
+
+    def kill(self) -> None:
+        """SIGKILL the kernel process: no shutdown, no last save."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.km.provisioner.process.wait(timeout=30)  # type: ignore[union-attr]
+        self.close()
+
+    def shutdown(self) -> None:
+        """A clean shutdown, as a client's restart or close does."""
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+        self._log.close()
+
+    def close(self) -> None:
+        self._log.close()
+        self.kc.stop_channels()
+        try:
+            self.km.shutdown_kernel(now=True)
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Kernel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.km.is_alive():
+            self.close()
