@@ -1,0 +1,293 @@
+"""The checkpoint store as a library: format, commit, integrity, retention."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from durable_kernel.checkpoints import (
+    SCHEMA_VERSION,
+    CorruptCheckpoint,
+    IncompatibleCheckpoint,
+    SaveError,
+    Store,
+    UnsafeStore,
+    UntrustedCheckpoint,
+    load_or_create_key,
+    snapshot,
+    storage_key,
+)
+from durable_kernel.checkpoints import manifest as manifest_format
+
+KEY = b"k" * 64
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store", KEY)
+
+
+def commit(nb, namespace, count=1, keep=5):
+    return nb.commit(snapshot(namespace), execution_count=count, keep=keep)
+
+
+def test_plain_values_round_trip(store):
+    nb = store.notebook("a.ipynb")
+    values = {"i": 3, "f": 2.5, "s": "text", "b": b"\x00\x01", "d": {"k": [1, 2]}, "st": {1, 2}, "n": None}
+    commit(nb, values)
+    assert nb.load_latest().values == values
+
+
+def test_numpy_array_round_trips_through_its_own_blob(store):
+    nb = store.notebook("a.ipynb")
+    arr = np.arange(1_000_000, dtype=np.float64)
+    result = commit(nb, {"arr": arr})
+    assert result.blobs_written == 1
+    restored = nb.load_latest().values["arr"]
+    np.testing.assert_array_equal(restored, arr)
+
+
+def test_restored_array_is_writable_without_touching_the_blob(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"arr": np.zeros(100_000)})
+    blob = next(p for p in nb.blobs_dir.rglob("*") if p.is_file())
+    before = blob.read_bytes()
+    restored = nb.load_latest().values["arr"]
+    restored[:] = 7.0
+    assert blob.read_bytes() == before
+    assert (nb.load_latest().values["arr"] == 0).all()
+
+
+def test_unchanged_data_is_not_written_again(store):
+    nb = store.notebook("a.ipynb")
+    big = np.ones(2_000_000)
+    first = commit(nb, {"big": big, "x": 1}, count=1)
+    second = commit(nb, {"big": big, "x": 2}, count=2)
+    assert first.bytes_written > big.nbytes
+    assert second.bytes_written < 64 * 1024
+
+
+def test_aliases_stay_shared(store):
+    nb = store.notebook("a.ipynb")
+    shared = [1, 2]
+    commit(nb, {"a": shared, "b": shared})
+    values = nb.load_latest().values
+    assert values["a"] is values["b"]
+
+
+def test_unpicklable_variable_is_skipped_with_its_reason(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"ok": 1, "lock": threading.Lock(), "gen": (i for i in range(3))})
+    restored = nb.load_latest()
+    assert restored.values == {"ok": 1}
+    reasons = {s.name: s.reason for s in restored.not_restored}
+    assert set(reasons) == {"lock", "gen"}
+    assert "lock" in reasons["lock"] and "generator" in reasons["gen"]
+
+
+class Exploding:
+    def __reduce__(self):
+        raise RuntimeError("refuses to be pickled")
+
+
+def test_object_whose_reduce_raises_costs_only_itself(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"bad": Exploding(), "good": [1, 2, 3]})
+    restored = nb.load_latest()
+    assert restored.values == {"good": [1, 2, 3]}
+    assert "refuses to be pickled" in restored.not_restored[0].reason
+
+
+def test_identity_is_hashed_never_joined_into_a_path(store):
+    nb = store.notebook("../../etc/passwd")
+    commit(nb, {"x": 1})
+    assert nb.dir.parent == store.root
+    assert nb.dir.name == storage_key("../../etc/passwd")
+    assert nb.read_manifest(nb.generations()[0]).identity == "../../etc/passwd"
+
+
+def test_notebooks_do_not_see_each_other(store):
+    commit(store.notebook("a.ipynb"), {"only_a": 1})
+    commit(store.notebook("b.ipynb"), {"only_b": 2})
+    assert store.notebook("a.ipynb").load_latest().values == {"only_a": 1}
+    assert store.notebook("b.ipynb").load_latest().values == {"only_b": 2}
+
+
+def test_keeps_the_last_generations_and_their_blobs_only(store):
+    nb = store.notebook("a.ipynb")
+    for count in range(1, 9):
+        commit(nb, {"arr": np.full(50_000, count)}, count=count, keep=3)
+    assert nb.generations() == [8, 7, 6]
+    blobs = [p for p in nb.blobs_dir.rglob("*") if p.is_file()]
+    assert len(blobs) == 3
+    assert nb.load(6).values["arr"][0] == 6
+
+
+def test_files_are_private_to_the_user(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"arr": np.zeros(100_000)})
+    for path in [nb.dir, *nb.dir.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_key_is_created_once_with_mode_0600(tmp_path):
+    path = tmp_path / "data" / "durable_kernel_secret"
+    key = load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_key(path) == key and len(key) >= 32
+
+
+def test_manifest_records_what_the_issue_asks(store):
+    nb = store.notebook("/home/u/a.ipynb")
+    commit(nb, {"x": 1, "g": (i for i in ())}, count=7)
+    man = nb.read_manifest(1)
+    assert man.data["schema"] == SCHEMA_VERSION
+    assert man.execution_count == 7 and man.identity == "/home/u/a.ipynb"
+    assert {"python", "dill", "durable_kernel", "packages"} <= set(man.data["versions"])
+    assert man.variables[0]["name"] == "x" and man.variables[0]["type"] == "builtins.int"
+    assert man.skipped[0]["name"] == "g"
+
+
+def _newest_manifest(nb) -> Path:
+    return nb._manifest_path(nb.generations()[0])
+
+
+def test_truncated_blob_falls_back_to_the_previous_generation(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"arr": np.zeros(100_000)}, count=1)
+    commit(nb, {"arr": np.ones(100_000)}, count=2)
+    newest_blob = nb._blob_path(nb.read_manifest(2).variables[0]["buffers"][0]["digest"])
+    with open(newest_blob, "r+b") as f:
+        f.truncate(100)
+    restored = nb.load_latest()
+    assert restored.manifest.generation == 1
+    assert (restored.values["arr"] == 0).all()
+    assert "truncated" in restored.fallbacks[0]
+
+
+def test_flipped_manifest_byte_is_caught_by_the_signature(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"x": 1}, count=1)
+    commit(nb, {"x": 2}, count=2)
+    path = _newest_manifest(nb)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    restored = nb.load_latest()
+    assert restored.values == {"x": 1}
+    assert "not signed" in restored.fallbacks[0]
+
+
+def test_blob_with_wrong_content_is_never_unpickled(store, tmp_path):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"big": list(range(20_000))})  # payload large enough for its own blob
+    digest = nb.read_manifest(1).variables[0]["digest"]
+    sentinel = tmp_path / "pwned"
+    evil = pickle.dumps(_Evil(str(sentinel)))
+    nb._blob_path(digest).write_bytes(evil)
+    assert nb.load_latest() is None
+    assert not sentinel.exists()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_manifest_signed_with_another_key_is_never_unpickled(store, tmp_path):
+    sentinel = tmp_path / "pwned"
+    other = Store(store.root, b"x" * 64).notebook("a.ipynb")
+    snap = snapshot({"trap": _Evil(str(sentinel))})
+    other.commit(snap, execution_count=1)
+    with pytest.raises(UntrustedCheckpoint):
+        store.notebook("a.ipynb").load(1)
+    assert store.notebook("a.ipynb").load_latest() is None
+    assert not sentinel.exists()
+
+
+def test_newer_schema_is_refused_with_advice_to_upgrade():
+    body = {"schema": SCHEMA_VERSION + 1}
+    raw = manifest_format.encode(body, KEY)
+    with pytest.raises(IncompatibleCheckpoint, match="upgrade"):
+        manifest_format.decode(raw, KEY, "checkpoint 1")
+
+
+def test_missing_fields_are_refused_cleanly():
+    raw = manifest_format.encode({"schema": SCHEMA_VERSION, "generation": 1}, KEY)
+    with pytest.raises(CorruptCheckpoint, match="missing or malformed"):
+        manifest_format.decode(raw, KEY, "checkpoint 1")
+
+
+def test_nothing_stored_means_nothing_to_load(store):
+    assert store.notebook("never-used.ipynb").load_latest() is None
+
+
+def test_leftover_temp_files_are_ignored_and_swept(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"x": 1})
+    leftover = nb.manifests_dir / ".tmp-123-abcd"
+    leftover.write_bytes(b"half a manifest")
+    assert nb.load_latest().values == {"x": 1}
+    commit(nb, {"x": 2}, count=2)
+    assert not leftover.exists()
+
+
+def test_group_writable_store_is_refused(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"x": 1})
+    os.chmod(nb.dir, 0o770)
+    with pytest.raises(UnsafeStore, match="chmod go-w"):
+        nb.load_latest()
+
+
+def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_files(store, monkeypatch):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"arr": np.zeros(100_000)}, count=1)
+    real_write = os.write
+
+    def full_disk(fd, data):
+        if len(data) > 1000:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(SaveError, match="No space left"):
+        commit(nb, {"arr": np.ones(100_000)}, count=2)
+    monkeypatch.undo()
+    assert nb.generations() == [1]
+    assert not list(nb.dir.rglob(".tmp-*"))
+    assert (nb.load_latest().values["arr"] == 0).all()
+
+
+def test_commit_fsyncs_every_file_and_folder_before_the_manifest_rename(store, monkeypatch):
+    nb = store.notebook("a.ipynb")
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append("fsync")
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(f"rename {Path(dst).parent.name}")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    commit(nb, {"arr": np.zeros(100_000)})
+    manifest_rename = events.index("rename manifests")
+    blob_rename = next(i for i, e in enumerate(events) if e.startswith("rename ") and e != "rename manifests")
+    assert events[blob_rename - 1] == "fsync"  # blob data synced before its rename
+    assert "fsync" in events[blob_rename + 1 : manifest_rename - 1]  # its folder synced before the commit
+    assert events[manifest_rename - 1] == "fsync"  # manifest data synced before the commit point
+    assert events[manifest_rename + 1] == "fsync"  # and the commit itself made durable
