@@ -75,6 +75,27 @@ class Manifest:
         return referenced_blobs(self.data)
 
 
+def fingerprint(data: dict[str, Any]) -> dict[str, tuple]:
+    """Per variable, what identifies its stored value: equal fingerprints, equal values."""
+    return {
+        var["name"]: (
+            var.get("kind"),
+            var.get("digest") or var.get("target"),
+            tuple(b.get("digest") for b in var.get("buffers", [])),
+        )
+        for var in data.get("variables", [])
+    }
+
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """``(added, removed, changed)`` variable names from manifest ``old`` to ``new``."""
+    before, after = fingerprint(old), fingerprint(new)
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(name for name in set(before) & set(after) if before[name] != after[name])
+    return added, removed, changed
+
+
 def referenced_blobs(data: dict[str, Any]) -> set[str]:
     """Blob digests named by a manifest's JSON object."""
     found: set[str] = set()

@@ -240,6 +240,13 @@ class NotebookStore:
 
         gens = self.generations()
         generation = (gens[0] + 1) if gens else 1
+        skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
+        newest = self._same_state(gens[0], entries, skipped) if gens else None
+        if newest is not None:
+            # Nothing changed since the newest generation: refresh it in place
+            # (time, execution count) rather than push real history out; it
+            # keeps the cell that made the state.
+            generation, cell = gens[0], newest.data.get("cell", "")
         data = {
             "schema": manifest_format.SCHEMA_VERSION,
             "generation": generation,
@@ -249,12 +256,24 @@ class NotebookStore:
             "cell": cell,
             "versions": _versions(snap),
             "variables": entries,
-            "skipped": [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped],
+            "skipped": skipped,
         }
         raw = manifest_format.encode(data, self.store.key)
         written += _write_atomically(self._manifest_path(generation), [raw])
         _fsync_dir(self.manifests_dir)
         return CommitResult(Manifest(data), written, blobs, 0.0)
+
+    def _same_state(
+        self, generation: int, entries: list[dict[str, Any]], skipped: list[dict[str, Any]]
+    ) -> Manifest | None:
+        """The manifest of ``generation`` if it stores exactly this state, else None."""
+        try:
+            newest = self.read_manifest(generation)
+        except CheckpointError:
+            return None
+        same = manifest_format.fingerprint(newest.data) == manifest_format.fingerprint({"variables": entries})
+        same = same and sorted(s["name"] for s in newest.skipped) == sorted(s["name"] for s in skipped)
+        return newest if same else None
 
     def _put_blob(self, digest_hex: str, data: Any, touched: set[Path]) -> int:
         path = self._blob_path(digest_hex)
@@ -311,6 +330,19 @@ class NotebookStore:
             return [Path(e.path) for e in os.scandir(self.blobs_dir) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
+
+    def read_settings(self) -> dict[str, Any]:
+        """This notebook's remembered settings (such as excluded names); {} if none."""
+        try:
+            data = json.loads((self.dir / "settings.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_settings(self, settings: dict[str, Any]) -> None:
+        """Replace this notebook's settings, atomically."""
+        self._ensure_dirs()
+        _write_atomically(self.dir / "settings.json", [json.dumps(settings, indent=1).encode()])
 
     def clear(self) -> int:
         """Delete every generation of this notebook; returns bytes freed."""

@@ -87,14 +87,16 @@ class BackgroundSaver:
         with self._lock:
             self._executing = True
 
-    def request(self, job: Callable[[], dict[str, Any]]) -> str:
+    def request(self, job: Callable[[], dict[str, Any]], cell_ended: bool = True) -> str:
         """Checkpoint now if no child runs, else remember to (newest state wins).
 
-        Call at a consistent point (a cell just ended).  Returns ``"started"``
-        or ``"coalesced"``.
+        Call at a consistent point: a cell just ended (``cell_ended``), or a
+        cell asks for a checkpoint of itself mid-way.  Returns ``"started"`` or
+        ``"coalesced"``.
         """
         with self._lock:
-            self._executing = False
+            if cell_ended:
+                self._executing = False
             if self._pid is not None:
                 self._pending = job
                 return "coalesced"

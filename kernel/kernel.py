@@ -119,6 +119,9 @@ class DurableKernel(IPythonKernel):
         self._identity_final = explicit is not None
         self._use_identity(explicit or identity.working_folder())
         self._saver = BackgroundSaver(self._queue_result) if self.background and fork_supported() else None
+        from .magics import CheckpointMagics
+
+        self.shell.register_magics(CheckpointMagics(self.shell, kernel=self))
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self.shell.events.register("post_run_cell", self._post_run_cell)
         if self.restore == "auto":
@@ -129,6 +132,8 @@ class DurableKernel(IPythonKernel):
     def _use_identity(self, name: str) -> None:
         self.identity = name
         self.notebook: NotebookStore = self.store.notebook(name)
+        excludes = self.notebook.read_settings().get("exclude", [])
+        self._notebook_excludes = [p for p in excludes if isinstance(p, str)]
 
     def _restore(self) -> None:
         try:
@@ -242,7 +247,7 @@ class DurableKernel(IPythonKernel):
         """The user's variables: not IPython's own, not hidden start-up names, not excluded."""
         ns = self.shell.user_ns
         hidden = self.shell.user_ns_hidden
-        patterns = list(self.exclude)
+        patterns = self.excluded_patterns()
         return [
             name
             for name, value in ns.items()
@@ -250,6 +255,43 @@ class DurableKernel(IPythonKernel):
             and not (name in hidden and hidden[name] is value)
             and not any(fnmatch.fnmatchcase(name, p) for p in patterns)
         ]
+
+    def excluded_patterns(self) -> list[str]:
+        """Names never saved: ``c.DurableKernel.exclude`` plus this notebook's ``%checkpoint exclude``."""
+        return list(dict.fromkeys([*self.exclude, *self._notebook_excludes]))
+
+    def notebook_excludes(self) -> list[str]:
+        """The patterns excluded with ``%checkpoint exclude`` for this notebook."""
+        return list(self._notebook_excludes)
+
+    def set_notebook_excludes(self, patterns: list[str]) -> None:
+        """Remember excluded patterns for this notebook, across restarts."""
+        settings = self.notebook.read_settings()
+        settings["exclude"] = list(patterns)
+        self.notebook.write_settings(settings)
+        self._notebook_excludes = list(patterns)
+
+    def replace_namespace(self, values: dict[str, Any]) -> None:
+        """Make the user's variables exactly ``values`` (excluded names are left alone)."""
+        ns = self.shell.user_ns
+        for name in self.names_to_save():
+            del ns[name]
+        ns.update(values)
+
+    def checkpoint_in_flight(self) -> bool:
+        """True while a background checkpoint is being written."""
+        return self._saver is not None and self._saver.running
+
+    def checkpoint_now(self, timeout: float | None = None) -> dict[str, Any]:
+        """Checkpoint the namespace as it is and wait until committed; returns the outcome."""
+        if self._saver is None:
+            self._checkpoint()
+            return self.last_result
+        with self._lock:
+            self._saver.request(self._checkpoint_job, cell_ended=False)
+        if not self._saver.wait(timeout):
+            return {"ok": False, "error": "timed out waiting for the checkpoint to be written"}
+        return self.last_result
 
     def _checkpoint_job(self) -> dict[str, Any]:
         """Snapshot the namespace and commit it (in the child, or in the foreground)."""
@@ -322,6 +364,10 @@ class DurableKernel(IPythonKernel):
             return []
         self._last_error = error
         return [f"{PREFIX}checkpoint not saved ({error}); the previous checkpoint is kept."]
+
+    def wait_for_checkpoint(self, timeout: float | None = None) -> bool:
+        """Block until the checkpoint in flight (and any coalesced one) is committed."""
+        return True if self._saver is None else self._saver.wait(timeout)
 
     # --- shutdown ------------------------------------------------------------
 

@@ -291,3 +291,13 @@ def test_commit_fsyncs_every_file_and_folder_before_the_manifest_rename(store, m
     assert "fsync" in events[blob_rename + 1 : manifest_rename - 1]  # its folder synced before the commit
     assert events[manifest_rename - 1] == "fsync"  # manifest data synced before the commit point
     assert events[manifest_rename + 1] == "fsync"  # and the commit itself made durable
+
+
+def test_unchanged_state_refreshes_the_newest_generation_instead_of_adding_one(store):
+    nb = store.notebook("a.ipynb")
+    nb.commit(snapshot({"x": 1}), execution_count=1, cell="x = 1")
+    nb.commit(snapshot({"x": 2}), execution_count=2, cell="x = 2")
+    nb.commit(snapshot({"x": 2}), execution_count=3, cell="print(x)")
+    assert nb.generations() == [2, 1]
+    newest = nb.read_manifest(2)
+    assert newest.execution_count == 3 and newest.data["cell"] == "x = 2"

@@ -1,0 +1,290 @@
+"""``%checkpoint``: see and steer this notebook's checkpoints from a cell."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+
+from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage
+from durable_kernel.checkpoints.manifest import diff, fingerprint
+
+from . import humanize
+
+if TYPE_CHECKING:
+    from .kernel import DurableKernel
+
+HELP = """\
+%checkpoint [COMMAND]: this notebook's checkpoints.
+
+  status            (default) where checkpoints go, the newest one, what was skipped
+  save              checkpoint now and wait until it is committed
+  list              the kept checkpoints, newest first, with what each cell changed
+  restore ID        replace the namespace with checkpoint ID (the current state is saved first)
+  undo              go back to before the last cell that changed something; repeat to go further
+  diff [A [B]]      variables added, removed or changed from checkpoint A to B (default: the last two)
+  exclude NAME...   never save these names (patterns like tmp_* allowed); remembered for this notebook
+  include NAME...   save these names again
+  clear             delete this notebook's checkpoints
+  off | on          pause or resume saving for this kernel
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no SystemExit inside the kernel
+        raise UsageError(f"%checkpoint: {message}. Try %checkpoint --help")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="%checkpoint", add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("command", nargs="?", default="status")
+    parser.add_argument("args", nargs="*")
+    return parser
+
+
+@magics_class
+class CheckpointMagics(Magics):
+    """The ``%checkpoint`` line magic of a DurableKernel."""
+
+    def __init__(self, shell: Any, kernel: "DurableKernel"):
+        super().__init__(shell)
+        self.kernel = kernel
+        self._undo_to: Manifest | None = None
+
+    @line_magic
+    def checkpoint(self, line: str) -> None:
+        """Manage this notebook's checkpoints; ``%checkpoint --help`` lists the commands."""
+        try:
+            args = _parser().parse_args(shlex.split(line))
+        except ValueError as exc:  # unbalanced quotes
+            raise UsageError(f"%checkpoint: {exc}") from None
+        if args.help or args.command == "help":
+            print(HELP)
+            return
+        handler = getattr(self, f"_do_{args.command}", None)
+        if handler is None:
+            raise UsageError(f"%checkpoint: unknown command {args.command!r}. Try %checkpoint --help")
+        if args.command != "undo":
+            self._undo_to = None
+        try:
+            handler(args.args)
+        except CheckpointError as exc:
+            raise UsageError(f"%checkpoint {args.command}: {exc}") from None
+
+    # --- helpers -------------------------------------------------------------
+
+    @property
+    def notebook(self):
+        return self.kernel.notebook
+
+    def _manifest(self, text: str) -> Manifest:
+        if not text.isdigit():
+            raise UsageError(f"%checkpoint: {text!r} is not a checkpoint id; %checkpoint list shows the ids")
+        gen = int(text)
+        if gen not in self.notebook.generations():
+            raise UsageError(f"%checkpoint: no checkpoint {gen} for this notebook; %checkpoint list shows the ids")
+        return self.notebook.read_manifest(gen)
+
+    def _manifests(self) -> list[Manifest]:
+        """Readable kept manifests, newest first."""
+        found = []
+        for gen in self.notebook.generations():
+            try:
+                found.append(self.notebook.read_manifest(gen))
+            except CheckpointError:
+                continue
+        return found
+
+    def _save_and_wait(self) -> dict[str, Any]:
+        self.kernel.checkpoint_now()
+        return self.kernel.last_result
+
+    def _no_args(self, args: list[str], command: str) -> None:
+        if args:
+            raise UsageError(f"%checkpoint {command} takes no arguments")
+
+    # --- commands --------------------------------------------------------------
+
+    def _do_status(self, args: list[str]) -> None:
+        self._no_args(args, "status")
+        k = self.kernel
+        lines = [f"Notebook:     {k.identity}", f"Store:        {self.notebook.dir}"]
+        manifests = self._manifests()
+        if manifests:
+            m = manifests[0]
+            lines.append(
+                f"Newest:       checkpoint {m.generation}, {humanize.when(m.created)}, as of In [{m.execution_count}], "
+                f"{len(m.variables)} variables; {len(manifests)} kept, {humanize.size(disk_usage(self.notebook.dir))} on disk"
+            )
+        else:
+            lines.append("Newest:       none yet")
+        saving = "on" if k.enabled else "off (%checkpoint on resumes)"
+        if k.checkpoint_in_flight():
+            saving += ", a checkpoint is being written now"
+        lines.append(f"Saving:       {saving}")
+        last = k.last_result
+        if last.get("ok"):
+            lines.append(
+                f"Last save:    {last.get('variables', 0)} variables, {humanize.size(last.get('bytes_written', 0))} "
+                f"written in {humanize.duration(last.get('seconds', 0.0))}"
+            )
+        elif last:
+            lines.append(f"Last save:    failed: {last.get('error')}")
+        skipped = manifests[0].skipped if manifests else []
+        if skipped:
+            lines.append("Not saved:")
+            lines += [f"  {s.get('name')} ({s.get('type')}): {s.get('reason')}" for s in skipped]
+        excluded = k.excluded_patterns()
+        if excluded:
+            lines.append(f"Excluded:     {', '.join(excluded)}")
+        print("\n".join(lines))
+
+    def _do_save(self, args: list[str]) -> None:
+        self._no_args(args, "save")
+        result = self._save_and_wait()
+        if not result.get("ok"):
+            raise UsageError(f"%checkpoint save: not saved: {result.get('error')}")
+        print(
+            f"Saved checkpoint {result['generation']}: {result['variables']} variables, "
+            f"{humanize.size(result['bytes_written'])} written in {humanize.duration(result['seconds'])}."
+        )
+
+    def _do_list(self, args: list[str]) -> None:
+        self._no_args(args, "list")
+        manifests = self._manifests()
+        if not manifests:
+            print("No checkpoints for this notebook yet.")
+            return
+        rows = [("id", "saved", "In", "cell", "changes", "size")]
+        for i, m in enumerate(manifests):
+            older = manifests[i + 1].data if i + 1 < len(manifests) else {}
+            added, removed, changed = diff(older, m.data)
+            change = " ".join(
+                f"{sign}{', '.join(names[:3])}{'…' if len(names) > 3 else ''}"
+                for sign, names in (("+", added), ("~", changed), ("-", removed))
+                if names
+            )
+            size = sum(v.get("size", 0) for v in m.variables)
+            cell = m.data.get("cell", "")
+            rows.append(
+                (
+                    str(m.generation),
+                    humanize.ago(m.created),
+                    str(m.execution_count),
+                    cell if len(cell) <= 40 else cell[:39] + "…",
+                    change or "(no change)",
+                    humanize.size(size),
+                )
+            )
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+    def _do_restore(self, args: list[str]) -> None:
+        if len(args) != 1:
+            raise UsageError("%checkpoint restore takes one checkpoint id; %checkpoint list shows them")
+        target = self._manifest(args[0])
+        self._save_and_wait()  # so this restore can itself be undone
+        self._restore(target, f"Restored checkpoint {target.generation}")
+
+    def _restore(self, target: Manifest, what: str) -> None:
+        restored = self.notebook.load(target.generation, self.kernel.verify_on_restore)
+        self.kernel.replace_namespace(restored.values)
+        print(f"{what} (In [{target.execution_count}], {humanize.ago(target.created)}): "
+              f"{len(restored.values)} variables.")
+        if restored.not_restored:
+            missing = [f"{s.name} ({s.reason})" for s in restored.not_restored]
+            print(f"Not restored: {humanize.names(missing, 10)}")
+
+    def _do_undo(self, args: list[str]) -> None:
+        self._no_args(args, "undo")
+        self._save_and_wait()
+        manifests = self._manifests()
+        if not manifests:
+            raise UsageError("%checkpoint undo: nothing to undo, no checkpoints yet")
+        current = manifests[0]
+        start = 0
+        cursor = self._undo_to
+        if cursor is not None and fingerprint(current.data) == fingerprint(cursor.data):
+            # Repeated undo: continue from where the last one went.
+            start = next((i for i, m in enumerate(manifests) if m.generation == cursor.generation), 0)
+        here = fingerprint(manifests[start].data)
+        target = next((m for m in manifests[start + 1 :] if fingerprint(m.data) != here), None)
+        if target is None:
+            raise UsageError(
+                f"%checkpoint undo: no older state kept (keep_generations is {self.kernel.keep_generations})"
+            )
+        self._restore(target, f"Undone: back to checkpoint {target.generation}")
+        self._undo_to = target
+
+    def _do_diff(self, args: list[str]) -> None:
+        if len(args) > 2:
+            raise UsageError("%checkpoint diff takes at most two checkpoint ids")
+        manifests = self._manifests()
+        if len(args) == 2:
+            old, new = self._manifest(args[0]), self._manifest(args[1])
+        elif len(args) == 1:
+            old, new = self._manifest(args[0]), (manifests[0] if manifests else None)
+        else:
+            if len(manifests) < 2:
+                raise UsageError("%checkpoint diff: fewer than two checkpoints to compare")
+            old, new = manifests[1], manifests[0]
+        assert new is not None
+        added, removed, changed = diff(old.data, new.data)
+        print(f"From checkpoint {old.generation} to {new.generation}:")
+        for label, names in (("added", added), ("removed", removed), ("changed", changed)):
+            print(f"  {label:8} {', '.join(names) if names else '-'}")
+
+    def _do_exclude(self, args: list[str]) -> None:
+        if not args:
+            raise UsageError("%checkpoint exclude needs one or more names or patterns")
+        patterns = self.kernel.notebook_excludes()
+        patterns += [a for a in args if a not in patterns]
+        self.kernel.set_notebook_excludes(patterns)
+        print(f"Not saving: {', '.join(patterns)} (remembered for this notebook).")
+
+    def _do_include(self, args: list[str]) -> None:
+        if not args:
+            raise UsageError("%checkpoint include needs one or more names or patterns")
+        patterns = self.kernel.notebook_excludes()
+        unknown = [a for a in args if a not in patterns]
+        self.kernel.set_notebook_excludes([p for p in patterns if p not in args])
+        if unknown:
+            configured = [a for a in unknown if a in self.kernel.exclude]
+            if configured:
+                print(f"{', '.join(configured)}: excluded by c.DurableKernel.exclude in your config; change it there.")
+            others = [a for a in unknown if a not in configured]
+            if others:
+                print(f"{', '.join(others)}: was not excluded.")
+        included = [a for a in args if a in patterns]
+        if included:
+            print(f"Saving again: {', '.join(included)}.")
+
+    def _do_clear(self, args: list[str]) -> None:
+        self._no_args(args, "clear")
+        self.kernel.wait_for_checkpoint(self.kernel.shutdown_wait)
+        count = len(self.notebook.generations())
+        settings = self.notebook.read_settings()
+        with self.notebook.locked():
+            freed = self.notebook.clear()
+        if settings:
+            self.notebook.write_settings(settings)
+        print(
+            f"Removed {count} checkpoint{'s' if count != 1 else ''} ({humanize.size(freed)}) for {self.kernel.identity}."
+        )
+        if self.kernel.enabled:
+            print("The current variables are saved again after this cell; %checkpoint off stops that.")
+
+    def _do_off(self, args: list[str]) -> None:
+        self._no_args(args, "off")
+        self.kernel.enabled = False
+        print("Checkpoints paused for this kernel; %checkpoint on resumes them.")
+
+    def _do_on(self, args: list[str]) -> None:
+        self._no_args(args, "on")
+        self.kernel.enabled = True
+        print("Checkpoints resumed: the namespace is saved after every cell.")
