@@ -14,6 +14,7 @@ The signature is checked before the JSON is even parsed.  The JSON holds::
     execution_count   the cell count when the state was taken
     identity          the notebook as the user knows it (path or session name)
     cell              first line of the cell that produced this state
+    writer            {"pid", "host", "id"} of the kernel that wrote it
     versions          {"python", "dill", "durable_kernel", "packages": {...}}
     variables         [{name, type, kind, size, digest?, inline?, buffers?, target?}]
     skipped           [{name, type, reason}]
@@ -157,14 +158,19 @@ def _validate(data: Any, where: str) -> None:
     for name, kind in expected.items():
         if not isinstance(data.get(name), kind):
             raise CorruptCheckpoint(f"{where}: manifest field {name!r} is missing or malformed")
+    for item in data["skipped"]:
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("name", "type", "reason"))):
+            raise CorruptCheckpoint(f"{where}: manifest entry {str(item)[:80]!r} is malformed")
     for var in data["variables"]:
-        ok = isinstance(var, dict) and isinstance(var.get("name"), str) and var.get("kind") in (
+        ok = isinstance(var, dict) and isinstance(var.get("name"), str) and isinstance(var.get("type", ""), str)
+        ok = ok and isinstance(var.get("size", 0), int) and var.get("kind") in (
             "pickle",
             "module",
             "alias",
         )
         if ok and var["kind"] == "pickle":
             ok = isinstance(var.get("digest"), str) and bool(_DIGEST.match(var["digest"]))
+            ok = ok and isinstance(var.get("inline", ""), str) and isinstance(var.get("buffers", []), list)
             ok = ok and all(
                 isinstance(b, dict) and isinstance(b.get("digest"), str) and _DIGEST.match(b["digest"])
                 and isinstance(b.get("size"), int) and b["size"] >= 0

@@ -117,11 +117,38 @@ def _defined_in_notebook(obj: Any) -> bool:
     return found is not obj
 
 
+class TooLarge(Exception):
+    """A variable grew past ``max_variable_bytes`` while being pickled."""
+
+
+class _Output(io.BytesIO):
+    """The pickle's destination; gives up as soon as the variable is too large.
+
+    The C pickler writes a file object frame by frame, so a 10 GiB variable is
+    refused after its first frames over the limit, not after 10 GiB of copies.
+    """
+
+    def __init__(self, limit: int | None):
+        super().__init__()
+        self.limit = limit
+        self.out_of_band = 0
+
+    def write(self, data: Any) -> int:  # type: ignore[override]
+        n = super().write(data)
+        self.check()
+        return n
+
+    def check(self) -> None:
+        if self.limit is not None and self.tell() + self.out_of_band > self.limit:
+            raise TooLarge(f"larger than max_variable_bytes ({self.limit} bytes)")
+
+
 class _Pickler(pickle.Pickler):
     """The C pickler, handing only what it cannot do by reference to dill."""
 
-    def __init__(self, file: io.BytesIO, top_level: Mapping[int, str], buffers: list[memoryview]):
+    def __init__(self, file: _Output, top_level: Mapping[int, str], buffers: list[memoryview]):
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
+        self._file = file
         self._top_level = top_level
         self._buffers = buffers
         self.current: int = 0
@@ -131,6 +158,8 @@ class _Pickler(pickle.Pickler):
         if view.nbytes < OUT_OF_BAND_MIN_BYTES:
             return True  # keep small buffers in-band
         self._buffers.append(view)
+        self._file.out_of_band += view.nbytes
+        self._file.check()
         return False
 
     def reducer_override(self, obj: Any) -> Any:
@@ -157,12 +186,17 @@ def snapshot(
     namespace: Mapping[str, Any],
     names: Iterable[str] | None = None,
     max_variable_bytes: int | None = None,
+    skip: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Snapshot:
     """Pickle ``names`` (default: all) of ``namespace``, one variable at a time.
 
     Never raises for a bad variable: it goes to ``Snapshot.skipped`` with the
-    reason, and the others are saved.
+    reason, and the others are saved.  ``skip`` maps names not to even try to
+    the reason to report; ``progress(name)`` is called before each variable is
+    pickled (so a caller can tell which one hangs).
     """
+    skip = skip or {}
     names = list(namespace) if names is None else list(names)
     first_name: dict[int, str] = {}
     for name in names:
@@ -174,6 +208,9 @@ def snapshot(
         value = namespace[name]
         tname = type_name(value)
         owner = first_name[id(value)]
+        if name in skip:
+            skipped.append(Skipped(name, tname, skip[name]))
+            continue
         if owner != name:
             variables.append(Variable(name, tname, "alias", target=owner))
             continue
@@ -183,25 +220,24 @@ def snapshot(
             else:
                 skipped.append(Skipped(name, tname, "module cannot be imported again by its name"))
             continue
-        buf = io.BytesIO()
+        if progress is not None:
+            progress(name)
+        buf = _Output(max_variable_bytes)
         buffers: list[memoryview] = []
         pickler = _Pickler(buf, first_name, buffers)
         pickler.current = id(value)
         try:
             pickler.dump(value)
+        except TooLarge as exc:
+            skipped.append(Skipped(name, tname, str(exc)))
+            continue
         except RecursionError:
             skipped.append(Skipped(name, tname, "nested too deeply to pickle (recursion limit)"))
             continue
         except Exception as exc:  # any failure of any object's pickling hooks
             skipped.append(Skipped(name, tname, _reason(exc)))
             continue
-        var = Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers)
-        if max_variable_bytes is not None and var.size > max_variable_bytes:
-            skipped.append(
-                Skipped(name, tname, f"larger than max_variable_bytes ({var.size} > {max_variable_bytes} bytes)")
-            )
-            continue
-        variables.append(var)
+        variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))
     return Snapshot(variables, skipped)
 
 

@@ -109,6 +109,8 @@ class CommitResult:
     bytes_written: int
     blobs_written: int
     seconds: float
+    #: the writer of the generation before this one, if another kernel wrote it
+    other_writer: dict[str, Any] | None = None
 
 
 @dataclass
@@ -188,7 +190,15 @@ class NotebookStore:
 
     # --- save path ------------------------------------------------------------
 
-    def commit(self, snap: Snapshot, *, execution_count: int, cell: str = "", keep: int = 5) -> CommitResult:
+    def commit(
+        self,
+        snap: Snapshot,
+        *,
+        execution_count: int,
+        cell: str = "",
+        keep: int = 5,
+        writer: dict[str, Any] | None = None,
+    ) -> CommitResult:
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
 
         Raises :class:`SaveError` (with the previous checkpoint untouched) on any
@@ -197,7 +207,7 @@ class NotebookStore:
         started = time.perf_counter()
         try:
             with self.locked():
-                result = self._commit_locked(snap, execution_count, cell)
+                result = self._commit_locked(snap, execution_count, cell, writer or {})
                 self._prune_locked(keep)
         except CheckpointError:
             raise
@@ -206,7 +216,9 @@ class NotebookStore:
         result.seconds = time.perf_counter() - started
         return result
 
-    def _commit_locked(self, snap: Snapshot, execution_count: int, cell: str) -> CommitResult:
+    def _commit_locked(
+        self, snap: Snapshot, execution_count: int, cell: str, writer: dict[str, Any]
+    ) -> CommitResult:
         written = 0
         blobs = 0
         touched: set[Path] = set()
@@ -241,7 +253,8 @@ class NotebookStore:
         gens = self.generations()
         generation = (gens[0] + 1) if gens else 1
         skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
-        newest = self._same_state(gens[0], entries, skipped) if gens else None
+        previous = self._read_or_none(gens[0]) if gens else None
+        newest = previous if previous is not None and _same_state(previous, entries, skipped) else None
         if newest is not None:
             # Nothing changed since the newest generation: refresh it in place
             # (time, execution count) rather than push real history out; it
@@ -254,6 +267,7 @@ class NotebookStore:
             "execution_count": execution_count,
             "identity": self.identity,
             "cell": cell,
+            "writer": writer,
             "versions": _versions(snap),
             "variables": entries,
             "skipped": skipped,
@@ -261,19 +275,16 @@ class NotebookStore:
         raw = manifest_format.encode(data, self.store.key)
         written += _write_atomically(self._manifest_path(generation), [raw])
         _fsync_dir(self.manifests_dir)
-        return CommitResult(Manifest(data), written, blobs, 0.0)
+        other = previous.data.get("writer") if previous is not None else None
+        if not isinstance(other, dict) or not other or other.get("id") == writer.get("id"):
+            other = None
+        return CommitResult(Manifest(data), written, blobs, 0.0, other)
 
-    def _same_state(
-        self, generation: int, entries: list[dict[str, Any]], skipped: list[dict[str, Any]]
-    ) -> Manifest | None:
-        """The manifest of ``generation`` if it stores exactly this state, else None."""
+    def _read_or_none(self, generation: int) -> Manifest | None:
         try:
-            newest = self.read_manifest(generation)
+            return self.read_manifest(generation)
         except CheckpointError:
             return None
-        same = manifest_format.fingerprint(newest.data) == manifest_format.fingerprint({"variables": entries})
-        same = same and sorted(s["name"] for s in newest.skipped) == sorted(s["name"] for s in skipped)
-        return newest if same else None
 
     def _put_blob(self, digest_hex: str, data: Any, touched: set[Path]) -> int:
         path = self._blob_path(digest_hex)
@@ -360,7 +371,10 @@ class NotebookStore:
         where = f"checkpoint {generation}"
         self._check_safe(path)
         try:
-            if path.stat().st_size > manifest_format.MAX_MANIFEST_BYTES:
+            info = path.lstat()
+            if not stat.S_ISREG(info.st_mode):
+                raise CorruptCheckpoint(f"{where}: manifest is not a regular file (a symlink?)")
+            if info.st_size > manifest_format.MAX_MANIFEST_BYTES:
                 raise CorruptCheckpoint(f"{where}: manifest is implausibly large")
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -477,6 +491,13 @@ class NotebookStore:
                     f"{folder} can be written by other users, so its checkpoints cannot be trusted; "
                     f"fix it with: chmod go-w {folder}"
                 )
+
+
+def _same_state(newest: Manifest, entries: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> bool:
+    """True if ``newest`` stores exactly the state described by ``entries`` and ``skipped``."""
+    return manifest_format.fingerprint(newest.data) == manifest_format.fingerprint({"variables": entries}) and sorted(
+        s["name"] for s in newest.skipped
+    ) == sorted(s["name"] for s in skipped)
 
 
 def _constant(value: Any):

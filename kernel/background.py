@@ -17,7 +17,9 @@ import ctypes
 import gc
 import json
 import logging
+import mmap
 import os
+import select
 import signal
 import sys
 import threading
@@ -28,6 +30,33 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _MAX_RESULT_BYTES = 1 << 20
+_PROGRESS_BYTES = 4096
+
+
+def _meminfo_bytes(path: str, field: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_for_fork(margin: int) -> tuple[bool, int, int]:
+    """``(room, available, rss)``: is there room for a child's copy-on-write growth?
+
+    The child touches every Python object it pickles (reference counts), and
+    the kernel copies every page it writes while the child runs; half the
+    kernel's resident size plus ``margin`` bytes is a safe bound in practice.
+    Where /proc is absent, assume room.
+    """
+    available = _meminfo_bytes("/proc/meminfo", "MemAvailable")
+    rss = _meminfo_bytes("/proc/self/status", "VmRSS")
+    if available is None or rss is None:
+        return True, available or 0, rss or 0
+    return available >= rss // 2 + margin, available, rss
 
 
 def fork_supported() -> bool:
@@ -62,18 +91,25 @@ def _quiet_child_io() -> None:
 class BackgroundSaver:
     """Runs checkpoint jobs in forked children, one at a time, coalescing.
 
-    ``job`` is called in the child and returns a JSON-able dict; ``on_result``
-    is called in the kernel (from a watcher thread) with that dict, or with
-    ``{"ok": False, "error": ...}`` if the child failed or was killed.
+    ``job(progress)`` is called in the child and returns a JSON-able dict; it
+    calls ``progress(name)`` as it starts on each variable.  ``on_result`` is
+    called in the kernel (from a watcher thread) with that dict, or with
+    ``{"ok": False, "error": ...}`` if the child failed, was killed, or ran
+    longer than ``timeout`` seconds (then ``"stuck_on"`` names the variable it
+    was working on).
     """
 
-    def __init__(self, on_result: Callable[[dict[str, Any]], None]):
+    def __init__(self, on_result: Callable[[dict[str, Any]], None], timeout: float | None = None):
         self._on_result = on_result
+        self.timeout = timeout
+        # Shared with every child: where it writes the name of the variable it
+        # is pickling, without a system call per variable.
+        self._progress = mmap.mmap(-1, _PROGRESS_BYTES)
         self._lock = threading.Condition()
         self._pid: int | None = None
         self._read_fd: int | None = None
         self._started = 0.0
-        self._pending: Callable[[], dict[str, Any]] | None = None
+        self._pending: Callable[[Callable[[str], None]], dict[str, Any]] | None = None
         self._executing = False
         self._watcher: threading.Thread | None = None
 
@@ -87,7 +123,7 @@ class BackgroundSaver:
         with self._lock:
             self._executing = True
 
-    def request(self, job: Callable[[], dict[str, Any]], cell_ended: bool = True) -> str:
+    def request(self, job: Callable[[Callable[[str], None]], dict[str, Any]], cell_ended: bool = True) -> str:
         """Checkpoint now if no child runs, else remember to (newest state wins).
 
         Call at a consistent point: a cell just ended (``cell_ended``), or a
@@ -120,12 +156,13 @@ class BackgroundSaver:
 
     # --- internals --------------------------------------------------------
 
-    def _fork_locked(self, job: Callable[[], dict[str, Any]]) -> None:
+    def _fork_locked(self, job: Callable[[Callable[[str], None]], dict[str, Any]]) -> None:
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
+        self._progress[:4] = b"\0\0\0\0"
         pid = os.fork()
         if pid == 0:  # child: never returns
-            self._child(job, write_fd, parent)
+            self._child(job, write_fd, parent, self._progress)
         os.close(write_fd)
         self._pid, self._read_fd, self._started = pid, read_fd, time.monotonic()
         self._lock.notify_all()
@@ -136,15 +173,23 @@ class BackgroundSaver:
             self._watcher.start()
 
     @staticmethod
-    def _child(job: Callable[[], dict[str, Any]], write_fd: int, parent: int) -> None:
+    def _child(
+        job: Callable[[Callable[[str], None]], dict[str, Any]], write_fd: int, parent: int, progress: mmap.mmap
+    ) -> None:
         status = 1
+
+        def report(name: str) -> None:
+            data = name.encode("utf-8", "replace")[: _PROGRESS_BYTES - 4]
+            progress[4 : 4 + len(data)] = data
+            progress[:4] = len(data).to_bytes(4, "little")
+
         try:
             gc.disable()
             _die_with_parent(parent)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the user's cell
             _quiet_child_io()
             try:
-                result = job()
+                result = job(report)
                 status = 0
             except BaseException as exc:  # report everything; the kernel decides what to show
                 log.exception("background checkpoint failed")
@@ -162,17 +207,32 @@ class BackgroundSaver:
                     self._lock.wait()
                 pid, read_fd, started = self._pid, self._read_fd, self._started
             chunks = []
+            deadline = None if not self.timeout else started + self.timeout
+            timed_out = False
             while True:
-                try:
-                    chunk = os.read(read_fd, 65536)
-                except InterruptedError:
-                    continue
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([read_fd], [], [], wait)
+                if not ready:
+                    timed_out = True
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                chunk = os.read(read_fd, 65536)
                 if not chunk:
                     break
                 chunks.append(chunk)
             os.close(read_fd)
             _, status = os.waitpid(pid, 0)
-            result = _parse_result(b"".join(chunks), status)
+            if timed_out:
+                size = int.from_bytes(self._progress[:4], "little")
+                stuck = self._progress[4 : 4 + size].decode("utf-8", "replace")
+                result = {
+                    "ok": False,
+                    "error": f"the checkpoint took longer than {self.timeout:g} s"
+                    + (f" while saving {stuck!r}" if stuck else ""),
+                    "stuck_on": stuck,
+                }
+            else:
+                result = _parse_result(b"".join(chunks), status)
             result.setdefault("wall_seconds", time.monotonic() - started)
             try:
                 self._on_result(result)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import socket
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
 from . import __version__, humanize, identity
-from .background import BackgroundSaver, fork_supported
+from .background import BackgroundSaver, fork_supported, memory_for_fork
 from durable_kernel.checkpoints import (
     CheckpointError,
     NotebookStore,
@@ -44,6 +46,19 @@ def is_ipython_name(name: str) -> bool:
         or (name.startswith("__") and name.endswith("__"))
         or bool(_IPYTHON_PATTERN.match(name))
     )
+
+
+def _still_running(writer: dict[str, Any]) -> bool:
+    """Is the kernel that wrote a checkpoint still alive (not a previous session)?"""
+    if writer.get("host") != socket.gethostname() or not isinstance(writer.get("pid"), int):
+        return True  # another machine sharing the store: assume it is
+    try:
+        os.kill(writer["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_root() -> Path:
@@ -95,6 +110,18 @@ class DurableKernel(IPythonKernel):
     shutdown_wait = Float(
         30.0, config=True, help="Seconds to wait at shutdown or restart for a checkpoint still being written."
     )
+    fork_memory_margin = Integer(
+        256 << 20,
+        config=True,
+        help="Bytes of memory to keep free beyond the copy-on-write growth a background checkpoint may cause "
+        "(about half the kernel's size). With less free memory, checkpoints are saved in the foreground.",
+    )
+    checkpoint_timeout = Float(
+        300.0,
+        config=True,
+        help="Seconds a background checkpoint may take. Past that it is stopped, the previous checkpoint is kept, "
+        "and the variable it was stuck on is skipped until it is reassigned. 0 means no limit.",
+    )
 
     _notice: str = ""
     _banner_notice: str = ""
@@ -110,6 +137,11 @@ class DurableKernel(IPythonKernel):
         self._last_cell = ""
         self._restored_names: dict[str, Any] = {}
         self.last_result: dict[str, Any] = {}
+        # name -> (id of the value, reason): values that hung a checkpoint are
+        # not tried again until the name is rebound.
+        self._stuck: dict[str, tuple[int, str]] = {}
+        self._told: set[str] = set()
+        self._writer = {"pid": os.getpid(), "host": socket.gethostname(), "id": uuid.uuid4().hex}
         root = os.environ.get("DURABLE_KERNEL_DIR") or self.checkpoint_dir or default_root()
         self.store = Store(Path(root).expanduser(), load_or_create_key())
         explicit = identity.from_environment()
@@ -118,7 +150,11 @@ class DurableKernel(IPythonKernel):
         # only provisional.
         self._identity_final = explicit is not None
         self._use_identity(explicit or identity.working_folder())
-        self._saver = BackgroundSaver(self._queue_result) if self.background and fork_supported() else None
+        self._saver = (
+            BackgroundSaver(self._queue_result, self.checkpoint_timeout or None)
+            if self.background and fork_supported()
+            else None
+        )
         from .magics import CheckpointMagics
 
         self.shell.register_magics(CheckpointMagics(self.shell, kernel=self))
@@ -293,17 +329,20 @@ class DurableKernel(IPythonKernel):
             return {"ok": False, "error": "timed out waiting for the checkpoint to be written"}
         return self.last_result
 
-    def _checkpoint_job(self) -> dict[str, Any]:
+    def _checkpoint_job(self, progress: Any = None) -> dict[str, Any]:
         """Snapshot the namespace and commit it (in the child, or in the foreground)."""
         ns = self.shell.user_ns
-        snap = snapshot(ns, self.names_to_save(), self.max_variable_bytes)
+        skip = {name: reason for name, (oid, reason) in self._stuck.items() if id(ns.get(name)) == oid}
+        snap = snapshot(ns, self.names_to_save(), self.max_variable_bytes, skip=skip, progress=progress)
         done = self.notebook.commit(
             snap,
             execution_count=max(self.shell.execution_count - 1, 0),
             cell=self._last_cell,
             keep=self.keep_generations,
+            writer=self._writer,
         )
         return {
+            "other_writer": done.other_writer,
             "ok": True,
             "generation": done.manifest.generation,
             "variables": len(snap.variables),
@@ -315,10 +354,11 @@ class DurableKernel(IPythonKernel):
 
     def _checkpoint(self) -> None:
         """Save the namespace now: never raises, never fails the cell."""
+        background = self._saver is not None and self._room_to_fork()
         with self._lock:
             try:
-                if self._saver is not None:
-                    self._saver.request(self._checkpoint_job)
+                if background:
+                    self._saver.request(self._checkpoint_job)  # type: ignore[union-attr]
                     lines = self._messages
                     self._messages = []
                 else:
@@ -334,13 +374,43 @@ class DurableKernel(IPythonKernel):
                 lines = self._note_failure(f"{type(exc).__name__}: {exc}")
         self._tell(lines)
 
+    def _room_to_fork(self) -> bool:
+        """Fork only with memory to spare; else save in the foreground (said once)."""
+        room, available, rss = memory_for_fork(self.fork_memory_margin)
+        if room:
+            self._told.discard("memory")
+            return True
+        if "memory" not in self._told:
+            self._told.add("memory")
+            with self._lock:
+                self._messages.append(
+                    f"{PREFIX}memory is low ({humanize.size(available)} free, the kernel uses "
+                    f"{humanize.size(rss)}): saving in the foreground instead of a background process, "
+                    "so cells wait for checkpoints."
+                )
+        # A child may still be running: let it finish before saving here.
+        self._saver.wait(self.shutdown_wait)  # type: ignore[union-attr]
+        return False
+
     def _queue_result(self, result: dict[str, Any]) -> None:
         """Turn a checkpoint's outcome into lines for the user's next output."""
         with self._lock:
             self.last_result = result
+            stuck = result.get("stuck_on")
+            if stuck and stuck in self.shell.user_ns:
+                reason = f"saving it took longer than {self.checkpoint_timeout:g} s"
+                self._stuck[stuck] = (id(self.shell.user_ns[stuck]), reason)
+                result["error"] = f"{result.get('error')}; {stuck!r} is skipped until it is reassigned"
             if not result.get("ok"):
                 self._messages += self._note_failure(str(result.get("error", "unknown error")))
                 return
+            other = result.get("other_writer")
+            if other and "writer" not in self._told and _still_running(other):
+                self._told.add("writer")
+                self._messages.append(
+                    f"{PREFIX}another kernel (pid {other.get('pid')} on {other.get('host')}) is also saving this "
+                    "notebook's state; the newest save wins, so a restart restores whichever kernel saved last."
+                )
             if self._last_error:
                 self._messages.append(f"{PREFIX}checkpoints are being saved again.")
                 self._last_error = ""
