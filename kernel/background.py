@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,11 @@ class BackgroundSaver:
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
         self._progress[:4] = b"\0\0\0\0"
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a threaded process; the child
+            # only pickles, writes files and _exits, touching no other thread's locks.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # child: never returns
             self._child(job, write_fd, parent, self._progress)
         os.close(write_fd)
