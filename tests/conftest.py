@@ -77,3 +77,79 @@ def wait_saved(kernel: Kernel, timeout: float = 60) -> None:
     """Wait until the kernel's last checkpoint is committed (a silent request: no new checkpoint)."""
     out = kernel.execute(f"get_ipython().kernel.wait_for_checkpoint({timeout})", silent=True)
     assert not out.error, out.error
+
+
+# --- shared kernels and store inspection (used by the test_kernel_* files) -----
+
+
+class KernelPool:
+    """Kernels that share one Jupyter data dir (signing key) and one checkpoint store."""
+
+    def __init__(self, base: Path):
+        base.mkdir(parents=True, exist_ok=True)
+        self.base = base
+        self.dirs = {
+            "JUPYTER_DATA_DIR": str(base / "jupyter-data"),
+            "DURABLE_KERNEL_DIR": str(base / "store"),
+        }
+        self.started: list[Kernel] = []
+
+    def start(self, session: str | None = "notebook.ipynb", env: dict[str, str | None] | None = None,
+              **kwargs) -> Kernel:
+        """As ``start_kernel``; the test process's own identity variables never leak in."""
+        full_env: dict[str, str | None] = {**self.dirs, "JPY_SESSION_NAME": None, "DURABLE_KERNEL_SESSION": None}
+        if session is not None:
+            full_env["DURABLE_KERNEL_SESSION"] = session
+        full_env.update(env or {})
+        log = self.base / f"kernel-{len(self.started)}.log"
+        kernel = Kernel("durable-python3", env=full_env, log_file=str(log), **kwargs)  # type: ignore[arg-type]
+        self.started.append(kernel)
+        return kernel
+
+    def notebook(self, identity: str):
+        """The store of one notebook identity, read with this pool's signing key."""
+        from durable_kernel.checkpoints import Store, load_or_create_key
+
+        key = load_or_create_key(Path(self.dirs["JUPYTER_DATA_DIR"]) / "durable_kernel_secret")
+        return Store(Path(self.dirs["DURABLE_KERNEL_DIR"]), key).notebook(identity)
+
+    def close_all(self) -> None:
+        for kernel in self.started:
+            if kernel.km.is_alive():
+                kernel.close()
+
+
+@pytest.fixture(scope="module")
+def kernel_pools(tmp_path_factory: pytest.TempPathFactory):
+    """Factory for kernels shared by several tests of a module: ``kernel_pools()`` is a new
+    :class:`KernelPool` (own store and key); all its kernels are killed after the module."""
+    pools: list[KernelPool] = []
+
+    def new_pool() -> KernelPool:
+        pool = KernelPool(tmp_path_factory.mktemp("pool"))
+        pools.append(pool)
+        return pool
+
+    yield new_pool
+    for pool in pools:
+        pool.close_all()
+
+
+@pytest.fixture
+def pool(tmp_path: Path):
+    """A private store and key for this test's kernels (``pool.start(...)``, ``pool.notebook(id)``)."""
+    kernels = KernelPool(tmp_path / "pool")
+    yield kernels
+    kernels.close_all()
+
+
+def holds(kernel: Kernel, condition: str) -> None:
+    """Assert that a Python expression is true inside the kernel."""
+    assert kernel.value(f"bool({condition})") == "True", f"not true in the kernel: {condition}"
+
+
+def user_variables(kernel: Kernel) -> list[str]:
+    """The user's variable names, as ``%who_ls`` lists them."""
+    out = kernel.execute("print(sorted(get_ipython().run_line_magic('who_ls', '')))")
+    assert not out.error, out.error
+    return eval(out.stdout)  # a list of str literals
