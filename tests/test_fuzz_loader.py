@@ -155,6 +155,7 @@ def check_load(nb, sentinel: Path) -> str:
 def test_fuzz_manifest_decode_with_random_bytes(capsys):
     tried = 0
     refused = 0
+    set_aside = 0  # inputs that hit the open non-ASCII-signature bug (see its xfail test)
 
     @fuzz_settings(3000)
     @seed(SEED)
@@ -163,8 +164,10 @@ def test_fuzz_manifest_decode_with_random_bytes(capsys):
         body=st.binary(max_size=512),
     )
     def fuzz(prefix, body):
-        nonlocal tried, refused
-        assume(not hits_non_ascii_signature_bug(prefix + body))
+        nonlocal tried, refused, set_aside
+        if hits_non_ascii_signature_bug(prefix + body):
+            set_aside += 1
+            assume(False)
         tried += 1
         try:
             manifest_format.decode(prefix + body, KEY, "checkpoint 1")
@@ -173,7 +176,15 @@ def test_fuzz_manifest_decode_with_random_bytes(capsys):
 
     fuzz()
     assert refused == tried  # nothing unsigned is ever accepted
-    report("fuzz decode random bytes", capsys, inputs=tried, refused=refused, other_exceptions=0, seed=SEED)
+    report(
+        "fuzz decode random bytes",
+        capsys,
+        inputs=tried,
+        refused=refused,
+        other_exceptions=0,
+        set_aside_for_open_bug=set_aside,
+        seed=SEED,
+    )
 
 
 # --- 2. random file mutations of a real store ----------------------------------------------------
@@ -253,6 +264,7 @@ def test_fuzz_store_with_mutated_files(template, tmp_path, capsys):
     (outside / "evil.pkl").write_bytes(evil_pickle(sentinel))
     outcomes: dict[str, int] = {}
     tried = 0
+    set_aside: list[int] = []  # inputs that hit the open non-ASCII-signature bug (see its xfail test)
 
     @fuzz_settings(1200)
     @seed(SEED)
@@ -263,7 +275,9 @@ def test_fuzz_store_with_mutated_files(template, tmp_path, capsys):
         nb = fresh_copy(template, tmp_path / "store")
         for m in mutations:
             apply(nb, m, outside, sentinel)
-        assume(not any(hits_non_ascii_signature_bug(_head(p)) for p in nb.manifests_dir.glob("*.manifest")))
+        if any(hits_non_ascii_signature_bug(_head(p)) for p in nb.manifests_dir.glob("*.manifest")):
+            set_aside.append(1)
+            assume(False)
         outcome = check_load(nb, sentinel)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
@@ -275,6 +289,7 @@ def test_fuzz_store_with_mutated_files(template, tmp_path, capsys):
         outcomes=dict(sorted(outcomes.items())),
         other_exceptions=0,
         untrusted_code_ran=0,
+        set_aside_for_open_bug=len(set_aside),
         seed=SEED,
     )
 
