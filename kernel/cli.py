@@ -1,19 +1,72 @@
-"""The ``durable-kernel`` command: install the kernelspec, run the demo."""
+"""The ``durable-kernel`` command: install the kernelspec, run the demo, manage the store.
+
+``list``, ``show``, ``clear``, ``gc`` and ``du`` work on the checkpoint store
+from a terminal, without a kernel: they read manifests only and never unpickle
+anything.  The store is the one the kernel uses: ``--dir``, else
+``$DURABLE_KERNEL_DIR``, else ``durable_kernel/`` under Jupyter's data dir.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import textwrap
+from typing import Any, NoReturn
 
-COMMANDS = {"install", "demo"}
+from . import humanize
+
+COMMANDS = {"install", "demo", "list", "show", "clear", "gc", "du"}
+
+_STORE_EPILOG = "The store is --dir if given, else $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir."
+_NOTEBOOK_EPILOG = (
+    "NOTEBOOK is the notebook's path as you know it (relative or absolute) or its identity as "
+    "'durable-kernel list' shows it."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit status 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wrap each line of a description or epilog on its own, keeping the line breaks."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            lead = indent + line[: len(line) - len(line.lstrip())]
+            lines.append(textwrap.fill(line.strip(), width, initial_indent=lead, subsequent_indent=lead))
+        return "\n".join(lines)
+
+
+class _CommandError(Exception):
+    """A failure to report as one line, with exit status 1."""
+
+
+def _generation(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a checkpoint id (a number; 'durable-kernel show NOTEBOOK' lists the kept ones)"
+        )
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser = _Parser(
         prog="durable-kernel",
         description="A Jupyter Python kernel whose variables survive restarts, crashes and kill -9.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"durable-kernel {__version__}")
+    parser.add_argument("--dir", metavar="DIR", help="the checkpoint store (default: $DURABLE_KERNEL_DIR, "
+                        "else durable_kernel/ under Jupyter's data dir)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     inst = sub.add_parser(
@@ -33,12 +86,78 @@ def _parser() -> argparse.ArgumentParser:
         help="start a kernel, set variables, kill -9 it, restart it, show what came back",
         description="Shows durability end to end with a real kernel and a throw-away store.",
     )
+
+    # Options every store command takes, after the command too (SUPPRESS: never
+    # overwrite a --dir given before the command).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="the checkpoint store (default: $DURABLE_KERNEL_DIR, else durable_kernel/ "
+                        "under Jupyter's data dir)")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts (sizes in bytes, unix times)")
+
+    def store_command(name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
+        epilog = _STORE_EPILOG + ("\n" + _NOTEBOOK_EPILOG if name in ("show", "clear") else "")
+        return sub.add_parser(
+            name, help=help, description=description, parents=[common],
+            epilog=f"{epilog}\n\nExample:\n  {example}",
+            formatter_class=_Formatter,
+        )
+
+    store_command(
+        "list", "every stored notebook, most recently used first",
+        "Every notebook with checkpoints: when it was last saved, how many checkpoints are kept, "
+        "how many variables the newest one holds and the space it takes on disk; most recently used first.",
+        "durable-kernel list",
+    )
+
+    show = store_command(
+        "show", "one notebook's variables (type, size) and what was not saved",
+        "The variables of a notebook's newest checkpoint (or of --generation ID) with type and size, and what "
+        "was not saved and why. Read from the signed manifest only: nothing is unpickled.",
+        "durable-kernel show analysis.ipynb --generation 12",
+    )
+    show.add_argument("notebook", metavar="NOTEBOOK", help="notebook path or stored identity")
+    show.add_argument("--generation", "-g", metavar="ID", type=_generation,
+                      help="the checkpoint to show (default: the newest readable one)")
+
+    clear = store_command(
+        "clear", "delete the checkpoints of one notebook, all, or those unused for a while",
+        "Delete checkpoints: of one NOTEBOOK, of every notebook (--all), or of notebooks not used for "
+        "an age such as 30d (--older-than). The names each notebook excludes from saving are remembered. "
+        "A kernel still running on a cleared notebook saves it again after its next cell.",
+        "durable-kernel clear --older-than 30d --dry-run",
+    )
+    clear.add_argument("notebook", metavar="NOTEBOOK", nargs="?", help="notebook path or stored identity")
+    clear.add_argument("--all", action="store_true", help="every notebook in the store")
+    clear.add_argument("--older-than", metavar="AGE",
+                       help="notebooks whose last checkpoint is older than AGE: 30d, 12h, 90m, 2w")
+    clear.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed; remove nothing")
+
+    gc = store_command(
+        "gc", "remove data no checkpoint needs and leftovers of crashes",
+        "Remove blobs that no kept checkpoint references and temp files left by crashes; report the "
+        "space freed. Each notebook is locked while it is collected, so a kernel saving at the same time "
+        "is safe. A blob any kept manifest names is never removed.",
+        "durable-kernel gc",
+    )
+    gc.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed; remove nothing")
+
+    store_command(
+        "du", "disk use by notebook",
+        "Disk use of each notebook (manifests and data blobs), biggest first, what 'durable-kernel gc' "
+        "would free, and the space left on the disk.",
+        "durable-kernel du --json",
+    )
+    parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``durable-kernel`` command; returns the exit status."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra:  # name the command in the message, as its own parser would
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "install":
             return _install(args)
@@ -46,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run
 
             return run()
+        return _store_command(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `durable-kernel list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # one clear line, not our traceback
         print(f"durable-kernel {args.command}: {exc}", file=sys.stderr)
         return 1
-    return 2
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -66,3 +188,248 @@ def _install(args: argparse.Namespace) -> int:
     )
     print(f"Installed kernelspec {args.name or KERNEL_NAME} in {dest}")
     return 0
+
+
+# --- store commands ------------------------------------------------------------------
+
+
+def _store_command(args: argparse.Namespace) -> int:
+    from durable_kernel.checkpoints import maintenance
+
+    store = maintenance.open_store(args.dir)
+    if store.root.exists() and not store.root.is_dir():
+        raise _CommandError(f"{store.root} is not a folder")
+    if args.dir and not store.root.exists():
+        raise _CommandError(f"{store.root} does not exist")
+    handler = {"list": _list, "show": _show, "clear": _clear, "gc": _gc, "du": _du}[args.command]
+    result = handler(store, args)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
+    """Columns padded to width; the columns in ``right`` are right-aligned; the last is never padded."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(w) if c in right else (cell if c == len(row) - 1 else cell.ljust(w))
+            for c, (cell, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _list(store, args: argparse.Namespace) -> Any:
+    from durable_kernel.checkpoints import maintenance
+
+    found = maintenance.notebooks(store)
+    if args.json:
+        return {"store": str(store.root), "notebooks": [info.to_json() for info in found]}
+    if not found:
+        print(f"No checkpoints in {store.root}.")
+        return None
+    rows = [("last saved", "checkpoints", "variables", "size", "notebook")]
+    for info in found:
+        variables = "?" if info.variables is None else str(info.variables)
+        rows.append((humanize.ago(info.last_used), str(len(info.generations)), variables,
+                     humanize.size(info.size), info.label))
+    print("\n".join(_table(rows, right={1, 2, 3})))
+    total = sum(info.size for info in found)
+    print(f"\n{_plural(len(found), 'notebook')}, {humanize.size(total)} in {store.root}")
+    for info in found:
+        for problem in info.problems if info.newest is not None else info.problems[:1]:
+            print(f"warning: {info.label}: {problem}", file=sys.stderr)
+    return None
+
+
+def _variable_json(var: dict[str, Any]) -> dict[str, Any]:
+    out = {k: var.get(k) for k in ("name", "type", "kind", "size")}
+    if var.get("kind") == "pickle":
+        out["stored"] = "inline" if "inline" in var else "blob"
+        out["buffers"] = len(var.get("buffers", []))
+    else:
+        out["target"] = var.get("target")
+    return out
+
+
+def _show(store, args: argparse.Namespace) -> Any:
+    from durable_kernel.checkpoints import maintenance
+
+    info = maintenance.find(store, args.notebook)
+    nb = maintenance.notebook_at(store, info.folder, info.identity)
+    if not info.generations:
+        raise _CommandError(f"{info.label} has no checkpoints (they were cleared)")
+    kept = ", ".join(str(g) for g in info.generations)
+    problems: list[str] = []
+    if args.generation is not None:
+        if args.generation not in info.generations:
+            raise _CommandError(f"no checkpoint {args.generation} for {info.label}; kept: {kept}")
+        man = nb.read_manifest(args.generation)  # verified; a failure is the one-line error
+    else:
+        if info.newest is None:
+            raise _CommandError(f"no readable checkpoint for {info.label}: {info.problems[0]}")
+        man, problems = info.newest, info.problems
+    variables = sorted(man.variables, key=lambda v: v["name"].lower())
+    if args.json:
+        return {
+            "identity": man.identity,
+            "folder": str(info.folder),
+            "generation": man.generation,
+            "generations": info.generations,
+            "created": man.created,
+            "created_iso": maintenance._iso(man.created),
+            "execution_count": man.execution_count,
+            "cell": man.data.get("cell", ""),
+            "writer": man.data.get("writer", {}),
+            "versions": man.data.get("versions", {}),
+            "variables": [_variable_json(v) for v in variables],
+            "size": sum(v.get("size", 0) for v in man.variables),
+            "skipped": man.skipped,
+            "problems": problems,
+        }
+    versions = man.data.get("versions") or {}
+    writer = man.data.get("writer") or {}
+    made_by = ", ".join(
+        f"{label} {versions[key]}" for key, label in
+        (("python", "Python"), ("durable_kernel", "durable-kernel"), ("dill", "dill")) if key in versions
+    )
+    if writer.get("pid"):
+        made_by += f" (pid {writer['pid']}{' on ' + str(writer['host']) if writer.get('host') else ''})"
+    lines = [
+        f"Notebook:    {man.identity}",
+        f"Store:       {info.folder}",
+        f"Checkpoint:  {man.generation}, saved {humanize.when(man.created)}, as of In [{man.execution_count}]",
+        f"Kept:        {kept}",
+    ]
+    cell = man.data.get("cell", "")
+    if cell:
+        lines.append(f"Cell:        {cell if len(cell) <= 70 else cell[:69] + '…'}")
+    if made_by:
+        lines.append(f"Written by:  {made_by}")
+    packages = versions.get("packages") or {}
+    if packages:
+        lines.append("Packages:    " + humanize.names([f"{k} {v}" for k, v in sorted(packages.items())]))
+    lines.append("")
+    if variables:
+        rows = [("name", "type", "size")]
+        for var in variables:
+            if var["kind"] == "module":
+                rows.append((var["name"], f"module {var.get('target', '')}", "-"))
+            elif var["kind"] == "alias":
+                rows.append((var["name"], f"same object as {var.get('target', '')}", "-"))
+            else:
+                rows.append((var["name"], var.get("type", "?"), humanize.size(var.get("size", 0))))
+        lines += _table(rows, right={2})
+        total = sum(v.get("size", 0) for v in man.variables)
+        lines.append(f"\n{_plural(len(variables), 'variable')}, {humanize.size(total)}")
+    else:
+        lines.append("No variables.")
+    if man.skipped:
+        lines.append("\nNot saved:")
+        lines += [f"  {s.get('name')} ({s.get('type')}): {s.get('reason')}" for s in man.skipped]
+    print("\n".join(lines))
+    for problem in problems:
+        print(f"warning: newer checkpoint skipped: {problem}", file=sys.stderr)
+    return None
+
+
+def _clear(store, args: argparse.Namespace) -> Any:
+    from durable_kernel.checkpoints import maintenance
+
+    chosen = [flag for flag, given in (("NOTEBOOK", args.notebook is not None), ("--all", args.all),
+                                        ("--older-than", args.older_than is not None)) if given]
+    if len(chosen) != 1:
+        what = "one of NOTEBOOK, --all or --older-than AGE is required" if not chosen else (
+            f"give only one of {', '.join(chosen)}")
+        _Parser(prog="durable-kernel clear").error(what)
+    if args.notebook is not None:
+        targets = [maintenance.find(store, args.notebook)]
+        if not targets[0].generations:
+            raise _CommandError(f"{targets[0].label} has no checkpoints to clear")
+    elif args.all:
+        targets = maintenance.notebooks(store)
+    else:
+        try:
+            age = maintenance.parse_age(args.older_than)
+        except ValueError as exc:
+            _Parser(prog="durable-kernel clear").error(f"argument --older-than: {exc}")
+        targets = maintenance.unused_since(store, age)
+    results = []
+    verb = "Would remove" if args.dry_run else "Removed"
+    for info in targets:
+        freed = info.size if args.dry_run else maintenance.clear(store, info)
+        results.append({**info.to_json(), "freed": freed})
+        if not args.json:
+            print(f"{verb} {_plural(len(info.generations), 'checkpoint')} ({humanize.size(freed)}) for {info.label}"
+                  f"{', last saved ' + humanize.ago(info.last_used) if args.older_than else ''}.")
+    total = sum(r["freed"] for r in results)
+    if args.json:
+        return {"store": str(store.root), "dry_run": args.dry_run, "cleared": results, "freed": total}
+    if not targets:
+        scope = f"unused for {args.older_than}" if args.older_than else "with checkpoints"
+        print(f"No notebooks {scope} in {store.root}; nothing removed.")
+    elif len(targets) > 1:
+        print(f"{'Would free' if args.dry_run else 'Freed'} {humanize.size(total)} "
+              f"in {_plural(len(targets), 'notebook')}.")
+    return None
+
+
+def _gc(store, args: argparse.Namespace) -> Any:
+    from durable_kernel.checkpoints import maintenance
+
+    if args.dry_run:
+        results = []
+        for folder in store.notebook_dirs():
+            info = maintenance.describe(store, folder)
+            found, unreadable = maintenance.garbage(maintenance.notebook_at(store, folder, info.identity))
+            results.append(maintenance.Collected(info, len(found), sum(s for _, s in found), unreadable))
+    else:
+        results = maintenance.collect_all(store)
+    files = sum(r.files for r in results)
+    freed = sum(r.freed for r in results)
+    if args.json:
+        return {"store": str(store.root), "dry_run": args.dry_run, "notebooks": [r.to_json() for r in results],
+                "files_removed": files, "freed": freed}
+    verb = "Would remove" if args.dry_run else "Removed"
+    for r in results:
+        if r.files:
+            print(f"  {r.info.label}: {_plural(r.files, 'file')}, {humanize.size(r.freed)}")
+    print(f"{verb} {_plural(files, 'file')}, {'would free' if args.dry_run else 'freed'} {humanize.size(freed)} "
+          f"({_plural(len(results), 'notebook')} checked in {store.root}).")
+    for r in results:
+        if r.error:
+            print(f"warning: {r.info.label} left alone: {r.error}", file=sys.stderr)
+        for reason in r.kept_because:
+            print(f"warning: {r.info.label}: kept all its data because {reason}", file=sys.stderr)
+    return None
+
+
+def _du(store, args: argparse.Namespace) -> Any:
+    from durable_kernel.checkpoints import maintenance
+
+    rows_data = maintenance.usage(store)
+    total = sum(u.info.size for u in rows_data)
+    reclaimable = sum(u.reclaimable for u in rows_data)
+    free = maintenance.free_space(store.root)
+    if args.json:
+        return {"store": str(store.root), "notebooks": [u.to_json() for u in rows_data], "size": total,
+                "reclaimable": reclaimable, "free": free}
+    if not rows_data:
+        print(f"No checkpoints in {store.root}.")
+        return None
+    rows = [("size", "checkpoints", "blobs", "reclaimable", "notebook")]
+    for u in rows_data:
+        rows.append((humanize.size(u.info.size), str(len(u.info.generations)), str(u.blob_count),
+                     humanize.size(u.reclaimable), u.info.label))
+    print("\n".join(_table(rows, right={0, 1, 2, 3})))
+    print(f"\nTotal {humanize.size(total)} in {_plural(len(rows_data), 'notebook')} at {store.root}"
+          + (f"; {humanize.size(free)} free on that disk" if free is not None else "") + ".")
+    if reclaimable:
+        print(f"'durable-kernel gc' would free {humanize.size(reclaimable)}.")
+    return None
