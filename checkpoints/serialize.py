@@ -11,10 +11,17 @@ pickler; only their class is handed over).
 One pickle per variable keeps unchanged variables byte-identical from one
 checkpoint to the next and isolates failures: a variable that cannot be
 pickled is skipped with its reason and costs nobody else.  Sharing between
-variables is kept two ways: a variable that *is* another variable's object
-(``a = b = []``) is stored as an alias, and any non-container object met
-inside one variable that is another variable's top-level object (an instance's
-notebook class, a shared array) is stored as a reference to that variable.
+variables is kept three ways: a variable that *is* another variable's object
+(``a = b = []``) is stored as an alias; a non-container object met inside one
+variable that is another variable's top-level object (an instance's notebook
+class, a shared array) is stored as a reference to that variable; and, only
+when some top-level list, dict, set or bytearray is held by something other
+than the namespace (``table = {"rows": rows}``), containers are shared the
+same way through ``persistent_id`` (which costs a Python call per object, so
+it is not paid when nothing is shared).  References to data point only to
+variables that come earlier in the namespace, so they never form a cycle the
+loader could not resolve; references to notebook classes and functions may
+point anywhere (those are pickled by dill, which never refers back).
 
 Restore path: :class:`Loader` unpickles variables on demand, resolving those
 references, so each variable loads once whatever the order.
@@ -22,6 +29,7 @@ references, so each variable loads once whatever the order.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import io
 import pickle
@@ -146,12 +154,13 @@ class _Output(io.BytesIO):
 class _Pickler(pickle.Pickler):
     """The C pickler, handing only what it cannot do by reference to dill."""
 
-    def __init__(self, file: _Output, top_level: Mapping[int, str], buffers: list[memoryview]):
+    def __init__(self, file: _Output, top_level: Mapping[int, tuple[str, int]], buffers: list[memoryview]):
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
         self._file = file
         self._top_level = top_level
         self._buffers = buffers
         self.current: int = 0
+        self.position: int = 0
 
     def _take_buffer(self, buf: pickle.PickleBuffer) -> bool:
         view = buf.raw()
@@ -165,14 +174,69 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         # Only called for objects that are not builtin containers or atoms, so
         # plain data keeps the C pickler's speed.
-        name = self._top_level.get(id(obj))
-        if name is not None and id(obj) != self.current:
-            return _variable_ref, (name,)
+        ref = self._top_level.get(id(obj))
+        if ref is not None and id(obj) != self.current:
+            if ref[1] < self.position or isinstance(obj, (types.FunctionType, type)):
+                return _variable_ref, (ref[0],)
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and self._file.limit is not None and isinstance(obj, numpy.ndarray):
+            # numpy's __reduce__ copies a memmap or a non-contiguous array
+            # whole before the pickler sees a byte: refuse it before that.
+            self._file.out_of_band += obj.nbytes
+            try:
+                self._file.check()
+            finally:
+                self._file.out_of_band -= obj.nbytes
         if isinstance(obj, types.ModuleType):
             return _import_module, (obj.__name__,)
         if isinstance(obj, (types.FunctionType, type)) and _defined_in_notebook(obj):
             return _loads_dill, (_dumps_dill(obj),)
         return NotImplemented
+
+
+class _SharingPickler(_Pickler):
+    """Also keeps top-level containers shared when met inside other variables."""
+
+    def __init__(
+        self,
+        file: _Output,
+        top_level: Mapping[int, tuple[str, int]],
+        buffers: list[memoryview],
+        containers: Mapping[int, tuple[str, int]],
+    ):
+        super().__init__(file, top_level, buffers)
+        self._containers = containers
+
+    def persistent_id(self, obj: Any) -> Any:
+        ref = self._containers.get(id(obj))
+        if ref is not None and ref[1] < self.position:
+            return ref[0]
+        return None
+
+
+_CONTAINERS = (list, dict, set, bytearray)
+#: Past this many top-level containers, finding who holds them costs more than
+#: just sharing them all.
+_MAX_CONTAINERS_CHECKED = 256
+
+
+def _shared_containers(
+    namespace: Mapping[str, Any], top_level: Mapping[int, tuple[str, int]], unsaved: Iterable[Any]
+) -> dict[int, tuple[str, int]]:
+    """The top-level containers, if any of them is held by something besides the namespace."""
+    containers = {oid: ref for oid, ref in top_level.items() if type(namespace[ref[0]]) in _CONTAINERS}
+    if not containers:
+        return {}
+    if len(containers) > _MAX_CONTAINERS_CHECKED:
+        return containers
+    values = [namespace[ref[0]] for ref in containers.values()]
+    # Holders that are not user data: the namespace itself, IPython's output
+    # history and other unsaved names, the running frame, our own list.
+    ignored = {id(namespace), id(values), *(id(v) for v in unsaved)}
+    for holder in gc.get_referrers(*values):
+        if id(holder) not in ignored and not isinstance(holder, types.FrameType):
+            return containers
+    return {}
 
 
 def _reason(exc: BaseException) -> str:
@@ -198,16 +262,19 @@ def snapshot(
     """
     skip = skip or {}
     names = list(namespace) if names is None else list(names)
-    first_name: dict[int, str] = {}
-    for name in names:
-        first_name.setdefault(id(namespace[name]), name)
+    # id of each top-level object -> (its first name, that name's position)
+    first_name: dict[int, tuple[str, int]] = {}
+    for position, name in enumerate(names):
+        first_name.setdefault(id(namespace[name]), (name, position))
+    saved = set(names)
+    containers = _shared_containers(namespace, first_name, (v for k, v in namespace.items() if k not in saved))
 
     variables: list[Variable] = []
     skipped: list[Skipped] = []
     for name in names:
         value = namespace[name]
         tname = type_name(value)
-        owner = first_name[id(value)]
+        owner, position = first_name[id(value)]
         if name in skip:
             skipped.append(Skipped(name, tname, skip[name]))
             continue
@@ -224,8 +291,12 @@ def snapshot(
             progress(name)
         buf = _Output(max_variable_bytes)
         buffers: list[memoryview] = []
-        pickler = _Pickler(buf, first_name, buffers)
+        if containers:
+            pickler: _Pickler = _SharingPickler(buf, first_name, buffers, containers)
+        else:
+            pickler = _Pickler(buf, first_name, buffers)
         pickler.current = id(value)
+        pickler.position = position
         try:
             pickler.dump(value)
         except TooLarge as exc:
@@ -255,6 +326,13 @@ def _variable_ref(name: str) -> Any:
 
 class _MissingVariable(Exception):
     pass
+
+
+class _Unpickler(pickle.Unpickler):
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, str):
+            raise pickle.UnpicklingError("unsupported persistent id")
+        return _variable_ref(pid)
 
 
 class Loader:
@@ -289,7 +367,7 @@ class Loader:
                 value = self.get(target)
             else:
                 payload, buffers = read()
-                value = pickle.loads(payload, buffers=buffers)
+                value = _Unpickler(io.BytesIO(payload), buffers=buffers).load()
         except _MissingVariable as exc:
             self._failed[name] = str(exc)
             raise

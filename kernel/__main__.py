@@ -6,7 +6,8 @@ import sys
 def _main() -> None:
     from .cli import COMMANDS
 
-    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS | {"-h", "--help"}:
+    first = sys.argv[1] if len(sys.argv) > 1 else ""
+    if first in COMMANDS | {"-h", "--help", "--version", "--dir"} or first.startswith("--dir="):
         from .cli import main
 
         sys.exit(main())

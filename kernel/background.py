@@ -261,5 +261,5 @@ def _parse_result(raw: bytes, status: int) -> dict[str, Any]:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return {"ok": False, "error": f"the checkpoint process was killed ({name}); the previous checkpoint is kept"}
+        return {"ok": False, "error": f"the checkpoint process was killed ({name})"}
     return {"ok": False, "error": f"the checkpoint process exited with status {os.waitstatus_to_exitcode(status)}"}

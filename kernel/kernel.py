@@ -11,6 +11,7 @@ their cell (and in the banner); details go to the kernel log.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import re
 import socket
@@ -58,7 +59,14 @@ def _still_running(writer: dict[str, Any]) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A kernel that has exited but is not reaped yet (its client quit without
+    # waiting) still answers kill(0): a zombie is not saving anything.
+    try:
+        with open(f"/proc/{writer['pid']}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 def default_root() -> Path:
@@ -125,6 +133,7 @@ class DurableKernel(IPythonKernel):
 
     _notice: str = ""
     _banner_notice: str = ""
+    _checkpoint_due = False
 
     # --- start-up and restore path ------------------------------------------
 
@@ -236,6 +245,7 @@ class DurableKernel(IPythonKernel):
             if ns.get(var) is value:
                 del ns[var]
         self._restored_names = {}
+        self.shell.execution_count = 1  # the folder's count is not this notebook's
         self._use_identity(name)
         if self.restore == "auto":
             self._restore()
@@ -269,8 +279,24 @@ class DurableKernel(IPythonKernel):
                 self._switch_identity(vscode)
                 self._identity_final = True
             return  # nothing the user did yet: nothing to save
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._saver is None:
             self._checkpoint()
+            return
+        # Fork once the reply and idle status are on their way (dispatch_shell):
+        # copying a large process's page tables then costs the user nothing.
+        self._checkpoint_due = True
+        with self._lock:
+            lines, self._messages = self._messages, []
+        self._tell(lines)
+
+    async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *, concurrent: bool = False) -> None:
+        """Handle a shell message, then start the checkpoint its cell asked for."""
+        await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
+        if self._checkpoint_due:
+            self._checkpoint_due = False
+            self._checkpoint(tell_now=False)
 
     def _tell(self, lines: list[str]) -> None:
         """Show lines on stderr of the current cell."""
@@ -323,21 +349,31 @@ class DurableKernel(IPythonKernel):
         if self._saver is None:
             self._checkpoint()
             return self.last_result
+        # Let the checkpoint of the previous cell land first, under its own
+        # label; if this cell changed nothing since, it is simply refreshed.
+        self._saver.wait(timeout)
+        job = functools.partial(
+            self._checkpoint_job, cell=self._last_cell, execution_count=self.shell.execution_count
+        )
         with self._lock:
-            self._saver.request(self._checkpoint_job, cell_ended=False)
+            self._saver.request(job, cell_ended=False)
         if not self._saver.wait(timeout):
             return {"ok": False, "error": "timed out waiting for the checkpoint to be written"}
         return self.last_result
 
-    def _checkpoint_job(self, progress: Any = None) -> dict[str, Any]:
-        """Snapshot the namespace and commit it (in the child, or in the foreground)."""
+    def _checkpoint_job(self, progress: Any = None, *, cell: str, execution_count: int) -> dict[str, Any]:
+        """Snapshot the namespace and commit it (in the child, or in the foreground).
+
+        ``cell`` and ``execution_count`` label the checkpoint; they are bound
+        when it is asked for, since a coalesced one runs during a later cell.
+        """
         ns = self.shell.user_ns
         skip = {name: reason for name, (oid, reason) in self._stuck.items() if id(ns.get(name)) == oid}
         snap = snapshot(ns, self.names_to_save(), self.max_variable_bytes, skip=skip, progress=progress)
         done = self.notebook.commit(
             snap,
-            execution_count=max(self.shell.execution_count - 1, 0),
-            cell=self._last_cell,
+            execution_count=execution_count,
+            cell=cell,
             keep=self.keep_generations,
             writer=self._writer,
         )
@@ -352,18 +388,25 @@ class DurableKernel(IPythonKernel):
             "skipped": [[s.name, s.type, s.reason] for s in snap.skipped],
         }
 
-    def _checkpoint(self) -> None:
-        """Save the namespace now: never raises, never fails the cell."""
+    def _checkpoint(self, tell_now: bool = True) -> None:
+        """Save the namespace now: never raises, never fails the cell.
+
+        Warnings go to the current cell's stderr, or with ``tell_now=False``
+        (its reply is already sent) to the next cell's.
+        """
         background = self._saver is not None and self._room_to_fork()
+        job = functools.partial(
+            self._checkpoint_job, cell=self._last_cell, execution_count=max(self.shell.execution_count - 1, 0)
+        )
         with self._lock:
             try:
                 if background:
-                    self._saver.request(self._checkpoint_job)  # type: ignore[union-attr]
+                    self._saver.request(job)  # type: ignore[union-attr]
                     lines = self._messages
                     self._messages = []
                 else:
                     try:
-                        result = self._checkpoint_job()
+                        result = job()
                     except CheckpointError as exc:
                         result = {"ok": False, "error": str(exc)}
                     self._queue_result(result)
@@ -372,6 +415,9 @@ class DurableKernel(IPythonKernel):
             except Exception as exc:  # our bug or an OS refusal (fork): tell once, keep the cell
                 self.log.exception("checkpoint failed")
                 lines = self._note_failure(f"{type(exc).__name__}: {exc}")
+            if not tell_now:
+                self._messages[:0] = lines
+                return
         self._tell(lines)
 
     def _room_to_fork(self) -> bool:

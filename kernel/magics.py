@@ -24,7 +24,8 @@ HELP = """\
   save              checkpoint now and wait until it is committed
   list              the kept checkpoints, newest first, with what each cell changed
   restore ID        replace the namespace with checkpoint ID (the current state is saved first)
-  undo              go back to before the last cell that changed something; repeat to go further
+  undo              go back to the checkpoint before the newest; repeat to go further
+                    (cells that ran while a checkpoint was being written share one checkpoint)
   diff [A [B]]      variables added, removed or changed from checkpoint A to B (default: the last two)
   exclude NAME...   never save these names (patterns like tmp_* allowed); remembered for this notebook
   include NAME...   save these names again

@@ -171,8 +171,6 @@ def test_console_quit_and_start_again_in_the_same_folder_restores(tmp_path, cons
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_CHILD_SUBREAPER is Linux only")
-@pytest.mark.xfail(strict=True, reason="bug: kernel/kernel.py _still_running() takes the exited-but-unreaped "
-                   "(zombie) previous kernel for a live one: os.kill(pid, 0) succeeds on a zombie")
 def test_console_started_again_at_once_does_not_call_the_quit_kernel_another_writer(tmp_path, consoles):
     """Quit and start again at once, while the old kernel has exited but is not reaped yet.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,23 @@ def children_of(pid: int) -> list[int]:
 
 
 def checkpoint_child(kernel) -> int:
-    """The kernel's checkpoint child process (a fork of the kernel, so the same command line)."""
+    """The kernel's checkpoint child process (a fork of the kernel, so the same command line).
+
+    The kernel forks it just after sending the cell's reply, so it may take a moment to appear.
+    """
     cmdline = Path(f"/proc/{kernel.pid}/cmdline").read_bytes()
-    children = [c for c in children_of(kernel.pid) if Path(f"/proc/{c}/cmdline").read_bytes() == cmdline]
+    deadline = time.monotonic() + 10
+    while True:
+        children = []
+        for child in children_of(kernel.pid):
+            try:
+                if Path(f"/proc/{child}/cmdline").read_bytes() == cmdline:
+                    children.append(child)
+            except OSError:
+                pass
+        if children or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert len(children) == 1, f"expected one checkpoint child of {kernel.pid}, found {children}"
     return children[0]
 

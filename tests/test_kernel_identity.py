@@ -119,10 +119,5 @@ def test_jupyter_console_in_another_folder_starts_fresh(folder_story):
     assert user_variables(folder_story["console elsewhere"]) == []
 
 
-@pytest.mark.xfail(
-    reason="bug: kernel.py _restore sets execution_count from the folder's provisional checkpoint and "
-    "_switch_identity never resets it, so a new VS Code notebook continues the console's count",
-    strict=True,
-)
 def test_new_vscode_notebook_counts_cells_from_one_even_where_the_folder_has_console_state(folder_story):
     assert folder_story["a first cell"].execution_count == 1

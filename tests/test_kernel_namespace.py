@@ -46,11 +46,6 @@ def test_variables_bound_to_one_object_stay_one_object(session):
     holds(kernel, "a is b and a == ['shared']")
 
 
-@pytest.mark.xfail(
-    reason="bug: checkpoints/serialize.py keeps sharing through reducer_override, which the C pickler "
-    "never calls for list/dict/set/tuple, so a list held inside another variable is restored as a copy",
-    strict=True,
-)
 def test_container_shared_inside_another_variable_stays_shared(session):
     _, kernel = session
     holds(kernel, "table['rows'] is rows")

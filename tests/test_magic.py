@@ -68,6 +68,7 @@ def test_undo_after_dropna_brings_back_the_rows(kernel):
 def test_each_undo_goes_one_further_back(kernel):
     for value in (1, 2, 3):
         run(kernel, f"x = {value}")
+        wait_saved(kernel)  # cells run while a checkpoint is written are saved together
     run(kernel, "%checkpoint undo")
     assert kernel.value("x") == "2"
     run(kernel, "%checkpoint undo")

@@ -341,11 +341,6 @@ print(json.dumps({"growth": after - before, "skipped": [s.reason for s in snap.s
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an ndarray subclass (np.memmap) or a non-contiguous array is copied whole by numpy's "
-    "__reduce__ before max_variable_bytes is checked (serialize.py _Pickler)",
-)
 @pytest.mark.parametrize("kind", ["memmap", "broadcast"])
 def test_max_variable_bytes_stops_before_copying_any_large_array(kind, tmp_path):
     """A 256 MiB array over a 1 MiB limit must be refused without materialising 256 MiB (10 GiB in real life)."""
