@@ -155,7 +155,9 @@ def test_interrupt_while_a_checkpoint_is_being_written_loses_neither(sessions):
     kernel = sessions()
     # About a second to pickle and write: still in flight when the next cell is interrupted.
     assert kernel.run("blob = [{'i': i, 's': str(i)} for i in range(1_000_000)]")["status"] == "ok"
-    writing = kernel.checkpoint_children()
+    deadline = time.monotonic() + 5
+    while not (writing := kernel.checkpoint_children()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the kernel forks just after sending the reply
     msg_id = kernel.send(LOOP)
     wait_looping(kernel, msg_id)
     time.sleep(0.2)
