@@ -234,7 +234,7 @@ def _shared_containers(
     # history and other unsaved names, the running frame, our own list.
     ignored = {id(namespace), id(values), *(id(v) for v in unsaved)}
     for holder in gc.get_referrers(*values):
-        if id(holder) not in ignored and not isinstance(holder, types.FrameType):
+        if id(holder) not in ignored and not isinstance(holder, (types.FrameType, pickle.Pickler)):
             return containers
     return {}
 
@@ -308,6 +308,10 @@ def snapshot(
         except Exception as exc:  # any failure of any object's pickling hooks
             skipped.append(Skipped(name, tname, _reason(exc)))
             continue
+        finally:
+            # The pickler is in a cycle with its buffer callback; its memo would
+            # keep every object it saw alive (and "shared") until gc runs.
+            pickler.clear_memo()
         variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))
     return Snapshot(variables, skipped)
 
