@@ -18,7 +18,6 @@ import socket
 import sys
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -34,6 +33,7 @@ from durable_kernel.checkpoints import (
     load_or_create_key,
     snapshot,
 )
+from durable_kernel.checkpoints.maintenance import store_root
 
 PREFIX = "durable-kernel: "
 _IPYTHON_NAMES = frozenset({"In", "Out", "_", "__", "___", "_ih", "_oh", "_dh", "get_ipython", "exit", "quit"})
@@ -67,13 +67,6 @@ def _still_running(writer: dict[str, Any]) -> bool:
     except (OSError, IndexError):
         return True
     return state not in (b"Z", b"X")
-
-
-def default_root() -> Path:
-    """``durable_kernel/`` under Jupyter's data dir."""
-    from jupyter_core.paths import jupyter_data_dir
-
-    return Path(jupyter_data_dir()) / "durable_kernel"
 
 
 class DurableKernel(IPythonKernel):
@@ -151,8 +144,9 @@ class DurableKernel(IPythonKernel):
         self._stuck: dict[str, tuple[int, str]] = {}
         self._told: set[str] = set()
         self._writer = {"pid": os.getpid(), "host": socket.gethostname(), "id": uuid.uuid4().hex}
-        root = os.environ.get("DURABLE_KERNEL_DIR") or self.checkpoint_dir or default_root()
-        self.store = Store(Path(root).expanduser(), load_or_create_key())
+        # The environment variable wins over the config file, as documented.
+        root = store_root(os.environ.get("DURABLE_KERNEL_DIR") or self.checkpoint_dir or None)
+        self.store = Store(root, load_or_create_key())
         explicit = identity.from_environment()
         # Without an explicit identity, VS Code may still name the notebook
         # with a setup execute; until a user cell runs, the working folder is
