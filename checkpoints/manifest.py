@@ -122,7 +122,7 @@ def decode(raw: bytes, key: bytes, where: str) -> Manifest:
     signature, sep, body = rest.partition(b"\n")
     if not sep:
         raise CorruptCheckpoint(f"{where} is truncated")
-    if not signing.verify(key, body, signature.decode("ascii", "replace")):
+    if not signing.verify(key, body, signature):
         raise UntrustedCheckpoint(
             f"{where} is not signed with this user's key (changed or copied from elsewhere); it was not loaded"
         )

@@ -55,6 +55,10 @@ def sign(key: bytes, data: bytes) -> str:
     return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
-def verify(key: bytes, data: bytes, signature: str) -> bool:
+def verify(key: bytes, data: bytes, signature: bytes | str) -> bool:
     """Constant-time check of a signature made by :func:`sign`."""
-    return hmac.compare_digest(sign(key, data), signature)
+    # As bytes: compare_digest raises TypeError for a str with non-ASCII
+    # characters, and a damaged signature line may hold any byte at all.
+    if isinstance(signature, str):
+        signature = signature.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(sign(key, data).encode("ascii"), signature)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -50,6 +51,10 @@ _PARALLEL_HASH_BYTES = 8 << 20
 _WRITE_CHUNK = 64 << 20
 TMP_PREFIX = ".tmp-"
 _MANIFEST_SUFFIX = ".manifest"
+#: For files the store reads: a symlink is refused rather than followed, and a
+#: FIFO planted under a file's name opens at once instead of waiting forever
+#: for a writer (the caller then refuses it: it is not a regular file).
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def digest(data: Any) -> str:
@@ -151,6 +156,9 @@ class NotebookStore:
         self.dir = store.root / storage_key(identity)
         self.manifests_dir = self.dir / "manifests"
         self.blobs_dir = self.dir / "blobs"
+        #: generations this object found damaged while loading: the next commit
+        #: must not trust their blobs (see _commit_locked)
+        self._found_damaged: set[int] = set()
 
     # --- layout -------------------------------------------------------------
 
@@ -223,6 +231,13 @@ class NotebookStore:
         blobs = 0
         touched: set[Path] = set()
         entries = []
+        gens = self.generations()
+        # When the newest generation failed to load, a blob it shares with this
+        # state may be damaged on disk (same name and size, wrong bytes): check
+        # the bytes of blobs already there, this once, so that this state is
+        # durably saved; and write a new generation rather than refresh that one.
+        distrust = bool(gens) and gens[0] in self._found_damaged
+        put_blob = self._put_blob_checked if distrust else self._put_blob
         for var in snap.variables:
             entry: dict[str, Any] = {"name": var.name, "type": var.type, "kind": var.kind, "size": var.size}
             if var.kind != "pickle":
@@ -233,14 +248,14 @@ class NotebookStore:
             if len(var.payload) <= INLINE_MAX_BYTES:
                 entry["inline"] = base64.b64encode(var.payload).decode("ascii")
             else:
-                n = self._put_blob(entry["digest"], var.payload, touched)
+                n = put_blob(entry["digest"], var.payload, touched)
                 written += n
                 blobs += n > 0
             if var.buffers:
                 entry["buffers"] = []
                 for buf in var.buffers:
                     d = digest(buf)
-                    n = self._put_blob(d, buf, touched)
+                    n = put_blob(d, buf, touched)
                     written += n
                     blobs += n > 0
                     entry["buffers"].append({"digest": d, "size": buf.nbytes})
@@ -250,11 +265,11 @@ class NotebookStore:
         if touched:
             _fsync_dir(self.blobs_dir)
 
-        gens = self.generations()
         generation = (gens[0] + 1) if gens else 1
         skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
         previous = self._read_or_none(gens[0]) if gens else None
-        newest = previous if previous is not None and _same_state(previous, entries, skipped) else None
+        unchanged = previous is not None and not distrust and _same_state(previous, entries, skipped)
+        newest = previous if unchanged else None
         if newest is not None:
             # Nothing changed since the newest generation: refresh it in place
             # (time, execution count) rather than push real history out; it
@@ -288,15 +303,26 @@ class NotebookStore:
 
     def _put_blob(self, digest_hex: str, data: Any, touched: set[Path]) -> int:
         path = self._blob_path(digest_hex)
-        size = memoryview(data).nbytes
         try:
-            if path.stat().st_size == size:
-                return 0  # already stored: content-addressed, so identical
+            info = path.lstat()
         except FileNotFoundError:
-            pass
+            info = None
+        if info is not None and stat.S_ISREG(info.st_mode) and info.st_size == memoryview(data).nbytes:
+            return 0  # already stored: content-addressed, so identical (unless damaged on disk)
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            self._set_aside_locked(digest_hex, info)  # a rename cannot replace a directory
         _mkdir(path.parent)
         touched.add(path.parent)
         return _write_atomically(path, [data])
+
+    def _put_blob_checked(self, digest_hex: str, data: Any, touched: set[Path]) -> int:
+        """:meth:`_put_blob`, but a blob already there is read back and replaced unless intact."""
+        path = self._blob_path(digest_hex)
+        with contextlib.suppress(FileNotFoundError):
+            info = path.lstat()
+            if not self._blob_intact(digest_hex, memoryview(data).nbytes):
+                self._set_aside_locked(digest_hex, info)
+        return self._put_blob(digest_hex, data, touched)
 
     def _prune_locked(self, keep: int) -> None:
         """Drop generations beyond ``keep``, then blobs no kept manifest needs."""
@@ -311,12 +337,27 @@ class NotebookStore:
 
     def _blobs_named_by(self, generation: int) -> set[str]:
         # Unverified read: used only to decide what to keep, so a bad manifest
-        # can at worst keep a blob alive; it never gets a blob unpickled.
+        # can at worst keep a blob alive; it never gets a blob unpickled.  One
+        # that read_manifest refuses unread (not a regular file, or too big)
+        # can never load, so it needs nothing: skip it rather than read a huge
+        # file into memory, or wait on a FIFO, at every commit.
+        path = self._manifest_path(generation)
         try:
-            raw = self._manifest_path(generation).read_bytes()
+            with open(os.open(path, _READ_FLAGS), "rb") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode) or info.st_size > manifest_format.MAX_MANIFEST_BYTES:
+                    log.warning(
+                        "checkpoint %s: manifest is not a regular file or implausibly large; its blobs are not kept",
+                        generation,
+                    )
+                    return set()
+                raw = f.read()
+        except OSError:
+            return set()
+        try:
             body = raw.split(b"\n", 2)[2]
             return manifest_format.referenced_blobs(json.loads(body))
-        except (OSError, IndexError, ValueError, TypeError, KeyError, AttributeError):
+        except (IndexError, ValueError, TypeError, KeyError, AttributeError):
             return set()
 
     def _sweep(self, needed: set[str]) -> tuple[int, int]:
@@ -393,13 +434,17 @@ class NotebookStore:
         man = self.read_manifest(generation)
         where = f"checkpoint {generation}"
         entries = {}
-        for var in man.variables:
-            if var["kind"] == "pickle":
-                payload = self._payload(var, where)
-                buffers = [self._buffer(b, where, verify_buffers) for b in var.get("buffers", [])]
-                entries[var["name"]] = ("pickle", "", _constant((payload, buffers)))
-            else:
-                entries[var["name"]] = (var["kind"], var["target"], _constant((b"", [])))
+        try:
+            for var in man.variables:
+                if var["kind"] == "pickle":
+                    payload = self._payload(var, where)
+                    buffers = [self._buffer(b, where, verify_buffers) for b in var.get("buffers", [])]
+                    entries[var["name"]] = ("pickle", "", _constant((payload, buffers)))
+                else:
+                    entries[var["name"]] = (var["kind"], var["target"], _constant((b"", [])))
+        except CorruptCheckpoint:
+            self._found_damaged.add(generation)
+            raise
         types = {v["name"]: v.get("type", "?") for v in man.variables}
         values, failed = Loader(entries).load_all()
         not_restored = [Skipped(s.get("name", "?"), s.get("type", "?"), s.get("reason", "?")) for s in man.skipped]
@@ -432,36 +477,43 @@ class NotebookStore:
         return None, reasons
 
     def _payload(self, var: dict[str, Any], where: str) -> bytes:
+        found = None
         if "inline" in var:
             try:
                 payload = base64.b64decode(var["inline"], validate=True)
             except (ValueError, TypeError):
                 raise CorruptCheckpoint(f"{where}: variable {var['name']!r} is damaged") from None
         else:
-            payload = self._read_blob(var["digest"], where)
+            payload, found = self._read_blob(var, where)
         if digest(payload) != var["digest"]:
+            if found is not None:
+                self._set_aside(var["digest"], found)
             raise CorruptCheckpoint(f"{where}: variable {var['name']!r} does not match its digest")
         return payload
 
-    def _read_blob(self, digest_hex: str, where: str) -> bytes:
-        path = self._blob_path(digest_hex)
-        try:
-            if path.is_symlink():
-                raise CorruptCheckpoint(f"{where}: blob {digest_hex[:12]} is a symlink")
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise CorruptCheckpoint(f"{where}: blob {digest_hex[:12]} is missing") from None
+    def _read_blob(self, var: dict[str, Any], where: str) -> tuple[bytes, os.stat_result]:
+        """A payload blob's bytes, and what it was on disk (for :meth:`_set_aside`)."""
+        # The recorded size counts the payload and the buffers, so an honest
+        # payload is never bigger: refuse a bigger blob unread (it may be huge).
+        limit = var.get("size", 0)
+        fd, info = self._open_blob(var["digest"], where)
+        with open(fd, "rb") as f:
+            if info.st_size > limit:
+                raise CorruptCheckpoint(
+                    f"{where}: blob {var['digest'][:12]} has {info.st_size} bytes, "
+                    f"more than the manifest says ({limit})"
+                )
+            try:
+                return f.read(info.st_size + 1), info
+            except OSError as exc:
+                raise CorruptCheckpoint(
+                    f"{where}: blob {var['digest'][:12]} cannot be read: {exc.strerror or exc}"
+                ) from None
 
     def _buffer(self, buf: dict[str, Any], where: str, verify: bool) -> Any:
-        path = self._blob_path(buf["digest"])
-        if path.is_symlink():
-            raise CorruptCheckpoint(f"{where}: blob {buf['digest'][:12]} is a symlink")
+        fd, info = self._open_blob(buf["digest"], where)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CorruptCheckpoint(f"{where}: blob {buf['digest'][:12]} is missing") from None
-        try:
-            size = os.fstat(fd).st_size
+            size = info.st_size
             if size != buf["size"]:
                 raise CorruptCheckpoint(
                     f"{where}: blob {buf['digest'][:12]} has {size} bytes, expected {buf['size']} (truncated?)"
@@ -473,11 +525,101 @@ class NotebookStore:
                 # array without touching the stored blob, and pages are read
                 # only when used.
                 data = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            name = f"{where}: blob {buf['digest'][:12]}"
+            raise CorruptCheckpoint(f"{name} cannot be read: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
         if verify and digest(data) != buf["digest"]:
+            self._set_aside(buf["digest"], info)
             raise CorruptCheckpoint(f"{where}: blob {buf['digest'][:12]} does not match its digest")
         return data
+
+    def _open_blob(self, digest_hex: str, where: str) -> tuple[int, os.stat_result]:
+        """Open a blob for reading: ``(fd, its fstat)``; CorruptCheckpoint unless a regular file."""
+        path = self._blob_path(digest_hex)
+        name = f"{where}: blob {digest_hex[:12]}"
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{name} is missing") from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # ELOOP: what O_NOFOLLOW says of a symlink
+                raise CorruptCheckpoint(f"{name} cannot be read: {exc.strerror or exc}") from None
+            with contextlib.suppress(OSError):
+                self._set_aside(digest_hex, path.lstat())
+            raise CorruptCheckpoint(f"{name} is a symlink") from None
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise CorruptCheckpoint(f"{name} cannot be read: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            self._set_aside(digest_hex, info)
+            raise CorruptCheckpoint(f"{name} is not a regular file")
+        return fd, info
+
+    def _blob_intact(self, digest_hex: str, size: int) -> bool:
+        """True if the stored blob is a regular file holding exactly the bytes ``digest_hex`` names."""
+        try:
+            with open(os.open(self._blob_path(digest_hex), _READ_FLAGS), "rb") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+                    return False
+                if size == 0:
+                    return digest(b"") == digest_hex
+                with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as data:
+                    return digest(data) == digest_hex
+        except OSError:
+            return False
+
+    def _set_aside(self, digest_hex: str, found: os.stat_result) -> None:
+        """Move a blob found damaged while loading out of the way, so the next commit writes it again.
+
+        Only for proof that the file itself is bad (its bytes do not hash to
+        its name, or it is not a regular file), never for a size that differs
+        from what one manifest says: that manifest may be the wrong one, and
+        other generations may need the blob.  A blob of the wrong size needs
+        no help anyway: a commit rewrites a blob whose size is not the data's.
+
+        Only under the lock, so that no commit is deciding meanwhile that the
+        blob is already stored.  If the lock is busy the blob is left where it
+        is; when it belongs to the newest generation, the next commit checks
+        the bytes of the blobs it reuses anyway (see _commit_locked).
+        """
+        try:
+            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("could not set aside damaged blob %s: %s", digest_hex[:12], exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return
+        try:
+            self._set_aside_locked(digest_hex, found)
+        finally:
+            os.close(fd)
+
+    def _set_aside_locked(self, digest_hex: str, found: os.stat_result) -> None:
+        # Renamed to a temp name, which the next prune sweeps away; and only if
+        # it is still the file found damaged, never a good one written since.
+        path = self._blob_path(digest_hex)
+        try:
+            now = path.lstat()
+            if (now.st_dev, now.st_ino) != (found.st_dev, found.st_ino):
+                return
+            if stat.S_ISDIR(now.st_mode):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)  # the sweep deletes files only: leave no empty directory behind
+                    return
+            os.rename(path, path.with_name(f"{TMP_PREFIX}damaged-{secrets.token_hex(4)}"))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not set aside damaged blob %s: %s", digest_hex[:12], exc)
 
     def _check_safe(self, path: Path) -> None:
         """Refuse a store other users could have written into."""

@@ -13,7 +13,7 @@ Three generators, each counting the inputs it tried (printed as ``RELIABILITY fu
 The only exceptions allowed are ``CheckpointError`` subclasses; whatever loads must be
 exactly one committed generation; an evil pickle's sentinel file must never appear.
 Blobs that are directories, FIFOs or huge sparse files are covered by explicit tests
-(in test_reliability_hostile.py and below) rather than here, while they are open bugs.
+(in test_reliability_hostile.py and below) rather than here.
 
 ``DURABLE_FUZZ_EXAMPLES`` multiplies the number of inputs (default 1: CI's share);
 ``DURABLE_FUZZ_SEED`` picks the seed (default fixed, so runs are repeatable).
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, seed, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from conftest import wait_saved
@@ -41,29 +41,6 @@ KEY = b"fuzz-key-" * 8
 SESSION = "fuzz.ipynb"
 SCALE = float(os.environ.get("DURABLE_FUZZ_EXAMPLES", "1"))
 SEED = int(os.environ.get("DURABLE_FUZZ_SEED", "20261122"))
-
-
-def _non_ascii_signature_is_handled() -> bool:
-    """False while decode() lets a TypeError out for a signature line with a non-ASCII byte (an open bug)."""
-    try:
-        manifest_format.decode(manifest_format.MAGIC + b"\x80\n{}", KEY, "probe")
-    except CheckpointError:
-        return True
-    except TypeError:
-        return False
-    return True
-
-
-#: While the bug is open, inputs that hit it are set aside (``assume``) so the fuzz keeps
-#: covering everything else; test_non_ascii_signature_byte_is_refused_cleanly pins the bug.
-NON_ASCII_SIGNATURE_OK = _non_ascii_signature_is_handled()
-
-
-def hits_non_ascii_signature_bug(raw: bytes) -> bool:
-    if NON_ASCII_SIGNATURE_OK or not raw.startswith(manifest_format.MAGIC):
-        return False
-    signature = raw[len(manifest_format.MAGIC) :].partition(b"\n")[0]
-    return any(b >= 0x80 for b in signature)
 
 
 def examples(n: int) -> int:
@@ -155,7 +132,6 @@ def check_load(nb, sentinel: Path) -> str:
 def test_fuzz_manifest_decode_with_random_bytes(capsys):
     tried = 0
     refused = 0
-    set_aside = 0  # inputs that hit the open non-ASCII-signature bug (see its xfail test)
 
     @fuzz_settings(3000)
     @seed(SEED)
@@ -164,10 +140,7 @@ def test_fuzz_manifest_decode_with_random_bytes(capsys):
         body=st.binary(max_size=512),
     )
     def fuzz(prefix, body):
-        nonlocal tried, refused, set_aside
-        if hits_non_ascii_signature_bug(prefix + body):
-            set_aside += 1
-            assume(False)
+        nonlocal tried, refused
         tried += 1
         try:
             manifest_format.decode(prefix + body, KEY, "checkpoint 1")
@@ -182,7 +155,6 @@ def test_fuzz_manifest_decode_with_random_bytes(capsys):
         inputs=tried,
         refused=refused,
         other_exceptions=0,
-        set_aside_for_open_bug=set_aside,
         seed=SEED,
     )
 
@@ -249,14 +221,6 @@ def apply(nb, m: dict, outside: Path, sentinel: Path) -> None:
                 f.truncate(manifest_format.MAX_MANIFEST_BYTES + 1 + m["pos"])
 
 
-def _head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(200)
-    except OSError:
-        return b""
-
-
 def test_fuzz_store_with_mutated_files(template, tmp_path, capsys):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -264,7 +228,6 @@ def test_fuzz_store_with_mutated_files(template, tmp_path, capsys):
     (outside / "evil.pkl").write_bytes(evil_pickle(sentinel))
     outcomes: dict[str, int] = {}
     tried = 0
-    set_aside: list[int] = []  # inputs that hit the open non-ASCII-signature bug (see its xfail test)
 
     @fuzz_settings(1200)
     @seed(SEED)
@@ -275,9 +238,6 @@ def test_fuzz_store_with_mutated_files(template, tmp_path, capsys):
         nb = fresh_copy(template, tmp_path / "store")
         for m in mutations:
             apply(nb, m, outside, sentinel)
-        if any(hits_non_ascii_signature_bug(_head(p)) for p in nb.manifests_dir.glob("*.manifest")):
-            set_aside.append(1)
-            assume(False)
         outcome = check_load(nb, sentinel)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
@@ -285,11 +245,10 @@ def test_fuzz_store_with_mutated_files(template, tmp_path, capsys):
     report(
         "fuzz mutated store files",
         capsys,
-        inputs=tried - len(set_aside),
+        inputs=tried,
         outcomes=dict(sorted(outcomes.items())),
         other_exceptions=0,
         untrusted_code_ran=0,
-        set_aside_for_open_bug=len(set_aside),
         seed=SEED,
     )
 
@@ -422,11 +381,6 @@ def test_fuzz_signed_manifests_with_random_structure(template, tmp_path, capsys)
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: manifest.decode passes a non-ASCII signature to hmac.compare_digest, which raises TypeError "
-    "(not CheckpointError): one flipped bit in the newest manifest's signature line stops every fallback",
-)
 def test_non_ascii_signature_byte_is_refused_cleanly(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
     path = nb._manifest_path(3)
@@ -459,11 +413,6 @@ def test_buffer_with_a_huge_declared_size_is_refused(template, tmp_path):
     assert restored.manifest.generation == 2 and "expected" in reasons[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: store.py _read_blob reads a payload blob whole before checking its size against the manifest: "
-    "a huge (sparse) blob file raises MemoryError instead of falling back",
-)
 def test_payload_blob_far_larger_than_the_manifest_says_is_refused_unread(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
     big = next(v for v in nb.read_manifest(3).variables if v["name"] == "big")
@@ -473,11 +422,6 @@ def test_payload_blob_far_larger_than_the_manifest_says_is_refused_unread(templa
     assert restored.manifest.generation == 2, reasons
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: store.py _blobs_named_by (prune) reads every kept manifest whole, with no size limit: a huge "
-    "manifest file makes every later commit raise MemoryError (a 1 GiB one costs seconds per commit)",
-)
 def test_huge_manifest_among_the_kept_generations_does_not_stop_commits(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
     with open(nb._manifest_path(2), "r+b") as f:

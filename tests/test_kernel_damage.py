@@ -11,8 +11,6 @@ import base64
 import os
 import pickle
 
-import pytest
-
 from conftest import KernelPool, user_variables, wait_saved
 
 SESSION = "damage.ipynb"
@@ -156,11 +154,6 @@ def test_nothing_stored_starts_fresh_without_error(pool):
     assert user_variables(kernel) == ["x"]
 
 
-@pytest.mark.xfail(
-    reason="bug: store.py _put_blob treats any existing blob file of the right size as already stored, "
-    "so a corrupt blob is never rewritten and the same data computed again is never durably saved",
-    strict=True,
-)
 def test_data_computed_again_after_its_blob_was_corrupted_is_saved_again(pool):
     notebook = two_checkpoints(pool, f"data = {FIRST}")
     blob = blob_of(notebook, 1, "data")

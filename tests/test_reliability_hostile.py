@@ -184,12 +184,6 @@ except Exception as exc:
 """
 
 
-_NOT_REGULAR_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug: store.py _read_blob/_buffer open a blob without checking it is a regular file: a directory "
-    "raises IsADirectoryError (no fallback), a FIFO blocks the loader (and the kernel's start) forever",
-)
-
 #: where a process waits when it opens or reads a FIFO nobody writes to
 _FIFO_WAITS = {"wait_for_partner", "pipe_read", "pipe_wait", "pipe_read_wait"}
 
@@ -220,10 +214,10 @@ def _run_until_done_or_blocked_on_a_fifo(args: list[str]) -> tuple[str, bool]:
 @pytest.mark.parametrize(
     "kind, blob",
     [
-        pytest.param("directory", "payload", marks=_NOT_REGULAR_BUG),
-        pytest.param("fifo", "payload", marks=_NOT_REGULAR_BUG),
-        pytest.param("fifo", "buffer", marks=_NOT_REGULAR_BUG),
-        ("directory", "buffer"),  # refused today by its size check
+        ("directory", "payload"),
+        ("fifo", "payload"),
+        ("fifo", "buffer"),
+        ("directory", "buffer"),
     ],
 )
 def test_blob_that_is_not_a_regular_file_is_refused_and_falls_back(kind, blob, tmp_path):
@@ -235,11 +229,6 @@ def test_blob_that_is_not_a_regular_file_is_refused_and_falls_back(kind, blob, t
     assert result.get("generation") == 1, result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a blob replaced by a directory makes the kernel start empty ('restoring failed unexpectedly') "
-    "instead of falling back to the previous checkpoint (store.py _read_blob catches only FileNotFoundError)",
-)
 def test_kernel_falls_back_past_a_blob_that_is_a_directory(start_kernel, jupyter_dirs):
     nb = our_store(jupyter_dirs).notebook(SESSION)
     nb.commit(snapshot({"x": 1}), execution_count=1)

@@ -301,3 +301,53 @@ def test_unchanged_state_refreshes_the_newest_generation_instead_of_adding_one(s
     assert nb.generations() == [2, 1]
     newest = nb.read_manifest(2)
     assert newest.execution_count == 3 and newest.data["cell"] == "x = 2"
+
+
+def _flip_a_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size: only the bytes say it is damaged
+    path.write_bytes(bytes(raw))
+
+
+def test_blob_damaged_in_place_is_written_again_when_the_same_data_is_saved(store):
+    nb = store.notebook("a.ipynb")
+    big = list(range(20_000))
+    commit(nb, {"big": big}, count=1)
+    blob = nb._blob_path(nb.read_manifest(1).variables[0]["digest"])
+    _flip_a_byte(blob)
+    assert nb.load_latest() is None
+    assert not blob.exists()  # set aside: the next commit must not take it for stored
+    commit(nb, {"big": big}, count=2)
+    assert nb.generations() == [2, 1]  # a new generation, not the damaged one refreshed in place
+    assert store.notebook("a.ipynb").load_latest().values == {"big": big}
+    assert [p.name for p in blob.parent.iterdir()] == [blob.name]  # the damaged copy was swept
+
+
+def test_commit_after_a_damaged_load_checks_every_blob_it_reuses_once(store, monkeypatch):
+    nb = store.notebook("a.ipynb")
+    values = {"a": list(range(20_000)), "b": np.arange(100_000)}
+    commit(nb, values, count=1)
+    var_a, var_b = sorted(nb.read_manifest(1).variables, key=lambda v: v["name"])
+    for path in (nb._blob_path(var_a["digest"]), nb._blob_path(var_b["buffers"][0]["digest"])):
+        _flip_a_byte(path)
+    assert nb.load_latest() is None  # stops at the first damaged blob: the other is left in place
+    commit(nb, values, count=2)
+    restored = store.notebook("a.ipynb").load_latest().values
+    assert restored["a"] == values["a"] and (restored["b"] == values["b"]).all()
+
+    checked = []
+    monkeypatch.setattr(type(nb), "_blob_intact", lambda self, d, size: checked.append(d) or True)
+    commit(nb, {**values, "c": 3}, count=3)
+    assert checked == []  # once the newest generation is good, reused blobs are trusted unread
+
+
+def test_payload_blob_that_is_not_a_regular_file_falls_back(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"x": 1}, count=1)
+    commit(nb, {"big": list(range(20_000))}, count=2)
+    blob = nb._blob_path(nb.read_manifest(2).variables[0]["digest"])
+    blob.unlink()
+    blob.mkdir()
+    restored = nb.load_latest()
+    assert restored.values == {"x": 1}
+    assert "not a regular file" in restored.fallbacks[0]
