@@ -14,11 +14,11 @@ pickled is skipped with its reason and costs nobody else.  Sharing between
 variables is kept three ways: a variable that *is* another variable's object
 (``a = b = []``) is stored as an alias; a non-container object met inside one
 variable that is another variable's top-level object (an instance's notebook
-class, a shared array) is stored as a reference to that variable; and, only
-when some top-level list, dict, set or bytearray is held by something other
-than the namespace (``table = {"rows": rows}``), containers are shared the
-same way through ``persistent_id`` (which costs a Python call per object, so
-it is not paid when nothing is shared).  References to data point only to
+class, a shared array) is stored as a reference to that variable; and a
+variable found to hold another variable's list, dict, set or bytearray
+(``table = {"rows": rows}``) is pickled again with ``persistent_id`` so the
+container stays shared (a Python call per object, paid only by such
+variables; see :class:`_ContainerWatch`).  References to data point only to
 variables that come earlier in the namespace, so they never form a cycle the
 loader could not resolve; references to notebook classes and functions may
 point anywhere (those are pickled by dill, which never refers back).
@@ -29,7 +29,6 @@ references, so each variable loads once whatever the order.
 
 from __future__ import annotations
 
-import gc
 import importlib
 import io
 import pickle
@@ -215,28 +214,32 @@ class _SharingPickler(_Pickler):
 
 
 _CONTAINERS = (list, dict, set, bytearray)
-#: Past this many top-level containers, finding who holds them costs more than
-#: just sharing them all.
-_MAX_CONTAINERS_CHECKED = 256
+#: Past this many top-level containers, watching each one after every variable
+#: costs more than sharing them all.
+_MAX_CONTAINERS_WATCHED = 256
 
 
-def _shared_containers(
-    namespace: Mapping[str, Any], top_level: Mapping[int, tuple[str, int]], unsaved: Iterable[Any]
-) -> dict[int, tuple[str, int]]:
-    """The top-level containers, if any of them is held by something besides the namespace."""
-    containers = {oid: ref for oid, ref in top_level.items() if type(namespace[ref[0]]) in _CONTAINERS}
-    if not containers:
-        return {}
-    if len(containers) > _MAX_CONTAINERS_CHECKED:
-        return containers
-    values = [namespace[ref[0]] for ref in containers.values()]
-    # Holders that are not user data: the namespace itself, IPython's output
-    # history and other unsaved names, the running frame, our own list.
-    ignored = {id(namespace), id(values), *(id(v) for v in unsaved)}
-    for holder in gc.get_referrers(*values):
-        if id(holder) not in ignored and not isinstance(holder, (types.FrameType, pickle.Pickler)):
-            return containers
-    return {}
+class _ContainerWatch:
+    """Tells, after a fast pickle, whether it met an earlier variable's container.
+
+    The C pickler's memo holds a reference to every object it pickled, so
+    until the memo is cleared a top-level container met inside the variable
+    has one more reference than before: only such a variable is pickled again
+    with ``persistent_id`` sharing, and nobody else pays a Python call per object.
+    """
+
+    def __init__(self, namespace: Mapping[str, Any], containers: Mapping[int, tuple[str, int]]):
+        self.watched = [(namespace[name], position) for name, position in containers.values()]
+
+    def counts(self) -> list[int]:
+        """Reference counts now; take them just before a pickle (buffers kept since change them)."""
+        return [sys.getrefcount(obj) for obj, _ in self.watched]
+
+    def met_earlier(self, position: int, before: list[int]) -> bool:
+        """Did the pickle just made (memo still full) meet a container of a variable before ``position``?"""
+        return any(
+            pos < position and sys.getrefcount(obj) > count for (obj, pos), count in zip(self.watched, before)
+        )
 
 
 def _reason(exc: BaseException) -> str:
@@ -266,8 +269,9 @@ def snapshot(
     first_name: dict[int, tuple[str, int]] = {}
     for position, name in enumerate(names):
         first_name.setdefault(id(namespace[name]), (name, position))
-    saved = set(names)
-    containers = _shared_containers(namespace, first_name, (v for k, v in namespace.items() if k not in saved))
+    containers = {oid: ref for oid, ref in first_name.items() if type(namespace[ref[0]]) in _CONTAINERS}
+    share_all = len(containers) > _MAX_CONTAINERS_WATCHED
+    watch = _ContainerWatch(namespace, containers) if containers and not share_all else None
 
     variables: list[Variable] = []
     skipped: list[Skipped] = []
@@ -289,30 +293,37 @@ def snapshot(
             continue
         if progress is not None:
             progress(name)
-        buf = _Output(max_variable_bytes)
-        buffers: list[memoryview] = []
-        if containers:
-            pickler: _Pickler = _SharingPickler(buf, first_name, buffers, containers)
-        else:
-            pickler = _Pickler(buf, first_name, buffers)
-        pickler.current = id(value)
-        pickler.position = position
-        try:
-            pickler.dump(value)
-        except TooLarge as exc:
-            skipped.append(Skipped(name, tname, str(exc)))
-            continue
-        except RecursionError:
-            skipped.append(Skipped(name, tname, "nested too deeply to pickle (recursion limit)"))
-            continue
-        except Exception as exc:  # any failure of any object's pickling hooks
-            skipped.append(Skipped(name, tname, _reason(exc)))
-            continue
-        finally:
-            # The pickler is in a cycle with its buffer callback; its memo would
-            # keep every object it saw alive (and "shared") until gc runs.
-            pickler.clear_memo()
-        variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))
+        sharing = share_all
+        while True:
+            buf = _Output(max_variable_bytes)
+            buffers: list[memoryview] = []
+            if sharing:
+                pickler: _Pickler = _SharingPickler(buf, first_name, buffers, containers)
+            else:
+                pickler = _Pickler(buf, first_name, buffers)
+            pickler.current = id(value)
+            pickler.position = position
+            before = watch.counts() if watch is not None and not sharing else []
+            try:
+                pickler.dump(value)
+                again = bool(before) and watch.met_earlier(position, before)  # type: ignore[union-attr]
+            except TooLarge as exc:
+                skipped.append(Skipped(name, tname, str(exc)))
+                break
+            except RecursionError:
+                skipped.append(Skipped(name, tname, "nested too deeply to pickle (recursion limit)"))
+                break
+            except Exception as exc:  # any failure of any object's pickling hooks
+                skipped.append(Skipped(name, tname, _reason(exc)))
+                break
+            finally:
+                # Also breaks the pickler's cycle with its buffer callback,
+                # which would keep every object it saw alive until gc runs.
+                pickler.clear_memo()
+            if not again:
+                variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))
+                break
+            sharing = True  # it holds an earlier variable's list or dict: keep them one object
     return Snapshot(variables, skipped)
 
 

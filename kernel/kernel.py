@@ -17,6 +17,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -483,6 +484,12 @@ class DurableKernel(IPythonKernel):
 
     def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
         saver = getattr(self, "_saver", None)
-        if saver is not None and not saver.wait(self.shutdown_wait):
+        deadline = time.monotonic() + self.shutdown_wait
+        if threading.current_thread() is not threading.main_thread():
+            # A client may ask to shut down as soon as it has the last reply,
+            # a moment before the main thread forks that cell's checkpoint.
+            while self._checkpoint_due and time.monotonic() < deadline:
+                time.sleep(0.002)
+        if saver is not None and not saver.wait(max(deadline - time.monotonic(), 0.0)):
             self.log.warning("shutting down with a checkpoint still being written; the previous one is kept")
         return super().do_shutdown(restart)
