@@ -330,12 +330,16 @@ class NotebookStore:
         for gen in gens[max(keep, 1):]:
             with contextlib.suppress(FileNotFoundError):
                 self._manifest_path(gen).unlink()
-        needed: set[str] = set()
+        needed: set[str] | None = set()
         for gen in gens[: max(keep, 1)]:
-            needed |= self._blobs_named_by(gen)
+            named = self._blobs_named_by(gen)
+            if named is None:
+                needed = None  # cannot tell what it needs: keep every blob this time
+                break
+            needed |= named
         self._sweep(needed)
 
-    def _blobs_named_by(self, generation: int) -> set[str]:
+    def _blobs_named_by(self, generation: int) -> set[str] | None:
         # Unverified read: used only to decide what to keep, so a bad manifest
         # can at worst keep a blob alive; it never gets a blob unpickled.  One
         # that read_manifest refuses unread (not a regular file, or too big)
@@ -352,23 +356,30 @@ class NotebookStore:
                     )
                     return set()
                 raw = f.read()
-        except OSError:
+        except FileNotFoundError:
             return set()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink: never loads
+                return set()
+            # Unreadable just now (permissions, I/O error): it may still be a
+            # good checkpoint, so None tells the caller to delete no blob.
+            log.warning("checkpoint %s: manifest cannot be read (%s); keeping every blob", generation, exc)
+            return None
         try:
             body = raw.split(b"\n", 2)[2]
             return manifest_format.referenced_blobs(json.loads(body))
         except (IndexError, ValueError, TypeError, KeyError, AttributeError):
             return set()
 
-    def _sweep(self, needed: set[str]) -> tuple[int, int]:
-        """Delete unreferenced blobs and crash leftovers (under the lock)."""
+    def _sweep(self, needed: set[str] | None) -> tuple[int, int]:
+        """Delete unreferenced blobs and crash leftovers (under the lock); ``needed=None``: leftovers only."""
         removed = freed = 0
         for folder in (self.manifests_dir, *self._blob_folders()):
             for entry in os.scandir(folder):
                 if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
                     continue
                 stale = entry.name.startswith(TMP_PREFIX) or (
-                    folder != self.manifests_dir and entry.name not in needed
+                    folder != self.manifests_dir and needed is not None and entry.name not in needed
                 )
                 if stale:
                     with contextlib.suppress(FileNotFoundError):

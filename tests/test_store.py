@@ -129,6 +129,23 @@ def test_keeps_the_last_generations_and_their_blobs_only(store):
     assert nb.load(6).values["arr"][0] == 6
 
 
+def test_a_kept_manifest_that_cannot_be_read_for_now_keeps_every_blob(store, monkeypatch):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"arr": np.full(50_000, 1)}, count=1, keep=3)
+    unreadable = str(nb._manifest_path(1))
+    real_open = os.open
+
+    def open_with_an_io_error(path, flags, *args, **kwargs):
+        if str(path) == unreadable:
+            raise OSError(5, "Input/output error")  # EIO: the disk, for now; root ignores chmod 000
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_with_an_io_error)
+    commit(nb, {"arr": np.full(50_000, 2)}, count=2, keep=3)
+    monkeypatch.undo()
+    assert nb.load(1).values["arr"][0] == 1
+
+
 def test_files_are_private_to_the_user(store):
     nb = store.notebook("a.ipynb")
     commit(nb, {"arr": np.zeros(100_000)})
