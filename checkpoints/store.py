@@ -408,7 +408,11 @@ class NotebookStore:
         _write_atomically(self.dir / "settings.json", [json.dumps(settings, indent=1).encode()])
 
     def clear(self) -> int:
-        """Delete every generation of this notebook; returns bytes freed."""
+        """Delete every generation of this notebook; returns bytes freed.
+
+        Callers hold :meth:`locked` (as ``%checkpoint clear`` and
+        ``durable-kernel clear`` do), so no commit is half-way meanwhile.
+        """
         if not self.dir.exists():
             return 0
         freed = disk_usage(self.dir)
