@@ -232,7 +232,8 @@ class _ContainerWatch:
         self.watched = [(namespace[name], position) for name, position in containers.values()]
 
     def counts(self) -> list[int]:
-        """Reference counts now; take them just before a pickle (buffers kept since change them)."""
+        """Reference counts now, taken just before each pickle: buffers kept from earlier
+        variables hold references too, so one baseline for the whole snapshot would not do."""
         return [sys.getrefcount(obj) for obj, _ in self.watched]
 
     def met_earlier(self, position: int, before: list[int]) -> bool:
@@ -317,8 +318,8 @@ def snapshot(
                 skipped.append(Skipped(name, tname, _reason(exc)))
                 break
             finally:
-                # Also breaks the pickler's cycle with its buffer callback,
-                # which would keep every object it saw alive until gc runs.
+                # Let go of every object the memo holds now: the pickler sits in
+                # a cycle with its buffer callback and is only freed by gc.
                 pickler.clear_memo()
             if not again:
                 variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))

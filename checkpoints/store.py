@@ -57,10 +57,25 @@ _MANIFEST_SUFFIX = ".manifest"
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
+_hash_threads = blake3.blake3.AUTO
+
+
+def _hash_single_threaded_after_fork() -> None:
+    # blake3's thread pool is created once per process and its workers do not
+    # survive fork(): in a child of a process that already hashed in parallel
+    # (a kernel that verified a large restore), a parallel hash waits forever.
+    global _hash_threads
+    _hash_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_hash_single_threaded_after_fork)
+
+
 def digest(data: Any) -> str:
     """BLAKE3 hex digest of a bytes-like object."""
     view = memoryview(data)
-    threads = blake3.blake3.AUTO if view.nbytes >= _PARALLEL_HASH_BYTES else 1
+    threads = _hash_threads if view.nbytes >= _PARALLEL_HASH_BYTES else 1
     return blake3.blake3(view, max_threads=threads).hexdigest()
 
 

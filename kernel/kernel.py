@@ -290,8 +290,11 @@ class DurableKernel(IPythonKernel):
         """Handle a shell message, then start the checkpoint its cell asked for."""
         await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
         if self._checkpoint_due:
-            self._checkpoint_due = False
-            self._checkpoint(tell_now=False)
+            try:
+                self._checkpoint(tell_now=False)
+            finally:
+                # Only now: a shutdown waits on this flag, then on the child.
+                self._checkpoint_due = False
 
     def _tell(self, lines: list[str]) -> None:
         """Show lines on stderr of the current cell."""

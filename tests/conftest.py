@@ -75,7 +75,9 @@ def start_kernel(tmp_path: Path, jupyter_dirs: dict[str, str]):
 
 def wait_saved(kernel: Kernel, timeout: float = 60) -> None:
     """Wait until the kernel's last checkpoint is committed (a silent request: no new checkpoint)."""
-    out = kernel.execute(f"get_ipython().kernel.wait_for_checkpoint({timeout})", silent=True)
+    out = kernel.execute(
+        f"assert get_ipython().kernel.wait_for_checkpoint({timeout}), 'still saving after {timeout} s'", silent=True
+    )
     assert not out.error, out.error
 
 

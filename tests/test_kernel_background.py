@@ -213,3 +213,16 @@ def test_restored_memory_mapped_array_is_writable_without_changing_its_blob(pool
     assert kernel.value("arr[:12].tolist()") == repr([-2.0] * 10 + [20.0, 22.0])
     wait_saved(kernel)
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == original
+
+
+def test_checkpoint_after_restoring_a_large_array_completes(pool):
+    """Restoring verifies large buffers with blake3's thread pool, whose workers do not
+    survive fork(): the next checkpoint child must still finish (it once waited forever)."""
+    first = pool.start(session=SESSION)
+    run(first, "import numpy as np\nlarge = np.ones(1 << 22)")  # 32 MiB: hashed in parallel
+    wait_saved(first)
+    first.kill()
+    restored = pool.start(session=SESSION)
+    run(restored, "large = large + 1\nafter_restore = True")
+    done = run(restored, "k = get_ipython().kernel\nprint(k.wait_for_checkpoint(60), k.last_result.get('ok'))")
+    assert done.stdout == "True True\n", done.stdout

@@ -157,3 +157,17 @@ def test_second_user_cell_does_not_repeat_the_restore_notice(restored):
 def test_execution_count_continues_after_restore(restored):
     assert restored.first.execution_count == restored.last_count_before + 1
     assert restored.second.execution_count == restored.last_count_before + 2
+
+
+# --- the last cell before a shutdown ---------------------------------------------------
+
+
+def test_shutdown_sent_the_moment_the_last_reply_arrives_still_saves_that_cell(start_kernel):
+    """papermill and nbclient shut the kernel down as soon as the last cell's reply arrives,
+    a moment before the kernel forks that cell's checkpoint: the shutdown must wait for it."""
+    for attempt in range(5):  # a race: several tries make a miss likely to show
+        kernel = start_kernel(session="shutdown-race.ipynb")
+        # Touched pages make the fork take a few ms: a window a shutdown can fall into.
+        assert not kernel.execute(f"import numpy\nfill = numpy.ones(1 << 25)\nlast = {attempt}").error
+        kernel.shutdown()
+        assert start_kernel(session="shutdown-race.ipynb").value("last") == str(attempt)
