@@ -442,15 +442,20 @@ class NotebookStore:
         where = f"checkpoint {generation}"
         self._check_safe(path)
         try:
-            info = path.lstat()
-            if not stat.S_ISREG(info.st_mode):
-                raise CorruptCheckpoint(f"{where}: manifest is not a regular file (a symlink?)")
-            if info.st_size > manifest_format.MAX_MANIFEST_BYTES:
-                raise CorruptCheckpoint(f"{where}: manifest is implausibly large")
-            raw = path.read_bytes()
+            # Checked on the open file, not the name: nothing can be swapped in
+            # between the check and the read.
+            with open(os.open(path, _READ_FLAGS), "rb") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise CorruptCheckpoint(f"{where}: manifest is not a regular file")
+                if info.st_size > manifest_format.MAX_MANIFEST_BYTES:
+                    raise CorruptCheckpoint(f"{where}: manifest is implausibly large")
+                raw = f.read(manifest_format.MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{where} no longer exists") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # what O_NOFOLLOW says of a symlink
+                raise CorruptCheckpoint(f"{where}: manifest is not a regular file (a symlink)") from None
             raise CorruptCheckpoint(f"{where} cannot be read: {exc.strerror or exc}") from None
         return manifest_format.decode(raw, self.store.key, where)
 
