@@ -8,6 +8,8 @@ kind of value, or one thing the user is told, in that restored kernel.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import holds, wait_saved
@@ -161,13 +163,33 @@ def test_execution_count_continues_after_restore(restored):
 
 # --- the last cell before a shutdown ---------------------------------------------------
 
+#: On the kernel's PYTHONPATH: the memory check that runs after the reply is sent and before the
+#: fork takes half a second, so a shutdown sent as soon as the reply arrives lands in that gap.
+_SLOW_FORK = """
+import time
+import durable_kernel.background as background
 
-def test_shutdown_sent_the_moment_the_last_reply_arrives_still_saves_that_cell(start_kernel):
+_check = background.memory_for_fork
+
+def memory_for_fork(margin):
+    time.sleep(0.5)
+    return _check(margin)
+
+background.memory_for_fork = memory_for_fork
+"""
+
+
+def test_shutdown_sent_the_moment_the_last_reply_arrives_still_saves_that_cell(start_kernel, tmp_path):
     """papermill and nbclient shut the kernel down as soon as the last cell's reply arrives,
-    a moment before the kernel forks that cell's checkpoint: the shutdown must wait for it."""
-    for attempt in range(5):  # a race: several tries make a miss likely to show
-        kernel = start_kernel(session="shutdown-race.ipynb")
-        # Touched pages make the fork take a few ms: a window a shutdown can fall into.
-        assert not kernel.execute(f"import numpy\nfill = numpy.ones(1 << 25)\nlast = {attempt}").error
-        kernel.shutdown()
-        assert start_kernel(session="shutdown-race.ipynb").value("last") == str(attempt)
+    before the kernel has forked that cell's checkpoint: the shutdown must wait for it."""
+    inject = tmp_path / "slow-fork"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_SLOW_FORK)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
+    kernel = start_kernel(session="shutdown-race.ipynb", env=env)
+    # Saving it takes a second, far longer than the kernel takes to exit if nobody waits.
+    slow = "import time\nclass SlowToSave:\n    def __reduce__(self):\n        time.sleep(1)\n" \
+        "        return (str, ('the cell just before the shutdown',))\nlast = SlowToSave()"
+    assert not kernel.execute(slow).error
+    kernel.shutdown()
+    assert start_kernel(session="shutdown-race.ipynb").value("last") == "'the cell just before the shutdown'"
