@@ -188,13 +188,20 @@ class NotebookStore:
             _mkdir(path)
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold this notebook's lock: one committer or pruner at a time."""
+    def locked(self, wait: bool = True) -> Iterator[bool]:
+        """Hold this notebook's lock: one committer or pruner at a time.
+
+        With ``wait=False`` it yields False at once if someone else holds it.
+        """
         self._ensure_dirs()
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
 
@@ -360,22 +367,12 @@ class NotebookStore:
         # that read_manifest refuses unread (not a regular file, or too big)
         # can never load, so it needs nothing: skip it rather than read a huge
         # file into memory, or wait on a FIFO, at every commit.
-        path = self._manifest_path(generation)
         try:
-            with open(os.open(path, _READ_FLAGS), "rb") as f:
-                info = os.fstat(f.fileno())
-                if not stat.S_ISREG(info.st_mode) or info.st_size > manifest_format.MAX_MANIFEST_BYTES:
-                    log.warning(
-                        "checkpoint %s: manifest is not a regular file or implausibly large; its blobs are not kept",
-                        generation,
-                    )
-                    return set()
-                raw = f.read()
-        except FileNotFoundError:
+            raw = self._manifest_bytes(generation)
+        except CorruptCheckpoint as exc:
+            log.warning("%s; its blobs are not kept", exc)
             return set()
         except OSError as exc:
-            if exc.errno == errno.ELOOP:  # a symlink: never loads
-                return set()
             # Unreadable just now (permissions, I/O error): it may still be a
             # good checkpoint, so None tells the caller to delete no blob.
             log.warning("checkpoint %s: manifest cannot be read (%s); keeping every blob", generation, exc)
@@ -438,26 +435,37 @@ class NotebookStore:
 
     def read_manifest(self, generation: int) -> Manifest:
         """Read and verify one generation's manifest (nothing is unpickled)."""
-        path = self._manifest_path(generation)
         where = f"checkpoint {generation}"
-        self._check_safe(path)
+        self._check_safe(self._manifest_path(generation))
         try:
-            # Checked on the open file, not the name: nothing can be swapped in
-            # between the check and the read.
-            with open(os.open(path, _READ_FLAGS), "rb") as f:
-                info = os.fstat(f.fileno())
-                if not stat.S_ISREG(info.st_mode):
-                    raise CorruptCheckpoint(f"{where}: manifest is not a regular file")
-                if info.st_size > manifest_format.MAX_MANIFEST_BYTES:
-                    raise CorruptCheckpoint(f"{where}: manifest is implausibly large")
-                raw = f.read(manifest_format.MAX_MANIFEST_BYTES + 1)
+            raw = self._manifest_bytes(generation)
+        except OSError as exc:
+            raise CorruptCheckpoint(f"{where} cannot be read: {exc.strerror or exc}") from None
+        return manifest_format.decode(raw, self.store.key, where)
+
+    def _manifest_bytes(self, generation: int) -> bytes:
+        """A manifest's raw bytes, unverified.
+
+        CorruptCheckpoint for one that can never load (gone, a symlink, not a
+        regular file, too big), checked on the open file so nothing can be
+        swapped in between; OSError for one that cannot be read just now.
+        """
+        where = f"checkpoint {generation}"
+        try:
+            fd = os.open(self._manifest_path(generation), _READ_FLAGS)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{where} no longer exists") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # what O_NOFOLLOW says of a symlink
                 raise CorruptCheckpoint(f"{where}: manifest is not a regular file (a symlink)") from None
-            raise CorruptCheckpoint(f"{where} cannot be read: {exc.strerror or exc}") from None
-        return manifest_format.decode(raw, self.store.key, where)
+            raise
+        with open(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise CorruptCheckpoint(f"{where}: manifest is not a regular file")
+            if info.st_size > manifest_format.MAX_MANIFEST_BYTES:
+                raise CorruptCheckpoint(f"{where}: manifest is implausibly large")
+            return f.read(manifest_format.MAX_MANIFEST_BYTES + 1)
 
     def load(self, generation: int, verify_buffers: bool = True) -> Restored:
         """Verify one generation completely, then unpickle it.
@@ -624,19 +632,11 @@ class NotebookStore:
         the bytes of the blobs it reuses anyway (see _commit_locked).
         """
         try:
-            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with self.locked(wait=False) as held:
+                if held:
+                    self._set_aside_locked(digest_hex, found)
         except OSError as exc:
             log.warning("could not set aside damaged blob %s: %s", digest_hex[:12], exc)
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return
-        try:
-            self._set_aside_locked(digest_hex, found)
-        finally:
-            os.close(fd)
 
     def _set_aside_locked(self, digest_hex: str, found: os.stat_result) -> None:
         # Renamed to a temp name, which the next prune sweeps away; and only if

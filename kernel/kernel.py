@@ -347,6 +347,7 @@ class DurableKernel(IPythonKernel):
         if self._saver is None:
             self._checkpoint()
             return self.last_result
+        deadline = None if timeout is None else time.monotonic() + timeout
         # Let the checkpoint of the previous cell land first, under its own
         # label; if this cell changed nothing since, it is simply refreshed.
         self._saver.wait(timeout)
@@ -355,7 +356,8 @@ class DurableKernel(IPythonKernel):
         )
         with self._lock:
             self._saver.request(job, cell_ended=False)
-        if not self._saver.wait(timeout):
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._saver.wait(remaining):
             return {"ok": False, "error": "timed out waiting for the checkpoint to be written"}
         return self.last_result
 
