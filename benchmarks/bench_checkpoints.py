@@ -389,11 +389,11 @@ def checkpoint_files(store_root: Path, jupyter_data: Path) -> tuple[list[Path], 
     nb = Store(store_root, key).notebook(SESSION)
     gen = nb.generations()[0]
     man = nb.read_manifest(gen)
-    files = [nb._manifest_path(gen)]
+    files = [nb.manifest_path(gen)]
     raw = files[0].read_bytes()
     data = json.loads(raw.split(b"\n", 2)[2])
     del man
-    files += [nb._blob_path(d) for d in sorted(manifest_format.referenced_blobs(data))]
+    files += [nb.blob_path(d) for d in sorted(manifest_format.referenced_blobs(data))]
     return files, sum(p.stat().st_size for p in files)
 
 

@@ -10,14 +10,15 @@ from .errors import (
     CheckpointError,
     CorruptCheckpoint,
     IncompatibleCheckpoint,
+    KeyProblem,
     SaveError,
     UnsafeStore,
     UntrustedCheckpoint,
 )
-from .manifest import SCHEMA_VERSION, Manifest
-from .serialize import Skipped, Snapshot, Variable, snapshot
+from .manifest import SCHEMA_VERSION, Manifest, printable, storage_key
+from .serialize import NotRestored, Skipped, Snapshot, Variable, snapshot
 from .signing import default_key_path, load_or_create_key
-from .store import CommitResult, NotebookStore, Restored, Store, disk_usage, storage_key
+from .store import CommitResult, NotebookStore, Restored, Store, disk_usage
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -25,7 +26,9 @@ __all__ = [
     "CommitResult",
     "CorruptCheckpoint",
     "IncompatibleCheckpoint",
+    "KeyProblem",
     "Manifest",
+    "NotRestored",
     "NotebookStore",
     "Restored",
     "SaveError",
@@ -38,6 +41,7 @@ __all__ = [
     "default_key_path",
     "disk_usage",
     "load_or_create_key",
+    "printable",
     "snapshot",
     "storage_key",
 ]

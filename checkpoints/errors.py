@@ -29,3 +29,7 @@ class IncompatibleCheckpoint(CheckpointError):
 
 class UnsafeStore(CheckpointError):
     """The store's folders or files can be written by other users: refuse to load."""
+
+
+class KeyProblem(CheckpointError):
+    """The signing key can be neither read nor created; the message says how to fix it."""

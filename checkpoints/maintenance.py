@@ -14,22 +14,21 @@ never loses a blob it just wrote.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
 import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import manifest as manifest_format
-from .errors import CheckpointError, UnsafeStore
-from .manifest import Manifest
-from .signing import default_key_path, load_or_create_key
-from .store import TMP_PREFIX, NotebookStore, Store, disk_usage, storage_key
+from .errors import CheckpointError, KeyProblem, UnsafeStore
+from .files import TMP_PREFIX, check_private, fsync_dir, make_private_dirs, write_atomically
+from .manifest import Manifest, printable, storage_key
+from .signing import default_key_path, read_key
+from .store import NotebookStore, Store, disk_usage
 
 #: A temp file beside settings.json (written without the lock) is only taken
 #: for a crash leftover once its writer is gone or it is this old.
@@ -62,24 +61,24 @@ def open_store(root: str | os.PathLike[str] | None = None) -> Store:
 
     A missing key is not created (reading the store should leave no trace);
     then no manifest verifies, which is the truth: none was signed by a key
-    this user still has.
+    this user still has.  A key that cannot be read is said in
+    ``Store.key_problem`` rather than raised, so the store can still be listed.
     """
-    if default_key_path().exists():
-        key = load_or_create_key()
-    else:
+    problem = None
+    try:
+        key = read_key(default_key_path())
+    except KeyProblem as exc:
+        key, problem = None, str(exc)
+    if key is None:
         key = secrets.token_hex(32).encode()
-    return Store(store_root(root), key)
+    return Store(store_root(root), key, key_problem=problem)
 
 
 def notebook_at(store: Store, folder: Path, identity: str | None = None) -> NotebookStore:
     """A :class:`NotebookStore` for one notebook folder, whatever identity it was stored under."""
     if identity is not None and storage_key(identity) == folder.name:
         return store.notebook(identity)
-    nb = store.notebook(identity or "")
-    nb.dir = folder
-    nb.manifests_dir = folder / "manifests"
-    nb.blobs_dir = folder / "blobs"
-    return nb
+    return store.notebook_at(folder, identity)
 
 
 # --- what is stored --------------------------------------------------------------
@@ -109,8 +108,8 @@ class NotebookInfo:
 
     @property
     def label(self) -> str:
-        """The identity, or a placeholder naming the folder when it is unknown."""
-        return self.identity if self.identity is not None else f"(unknown: folder {self.key})"
+        """The identity, printable, or a placeholder naming the folder when it is unknown."""
+        return printable(self.identity, 500) if self.identity is not None else f"(unknown: folder {self.key})"
 
     @property
     def variables(self) -> int | None:
@@ -159,7 +158,7 @@ def describe(store: Store, folder: Path) -> NotebookInfo:
     if newest is not None:
         last = float(newest.created)
     else:
-        last = max([_mtime(nb._manifest_path(g)) for g in gens] or [_mtime(folder)])
+        last = max([_mtime(nb.manifest_path(g)) for g in gens] or [_mtime(folder)])
     return NotebookInfo(
         folder=folder,
         identity=newest.identity if newest is not None else None,
@@ -176,7 +175,7 @@ def notebooks(store: Store) -> list[NotebookInfo]:
     found = []
     for folder in store.notebook_dirs():
         info = describe(store, folder)
-        if info.generations or _blob_names(notebook_at(store, folder)):
+        if info.generations or notebook_at(store, folder).blob_names():
             found.append(info)
     return sorted(found, key=lambda i: i.last_used, reverse=True)
 
@@ -216,54 +215,10 @@ def find(store: Store, name: str) -> NotebookInfo:
 # --- garbage -------------------------------------------------------------------------
 
 
-def _blob_names(nb: NotebookStore) -> set[str]:
-    names = set()
-    for folder in nb._blob_folders():
-        with contextlib.suppress(OSError):
-            names |= {e.name for e in os.scandir(folder) if not e.name.startswith(TMP_PREFIX)}
-    return names
-
-
-def needed_blobs(nb: NotebookStore) -> tuple[set[str], list[str]]:
-    """Blobs the kept manifests name, and one line per manifest that could not be read.
-
-    Deliberately unverified: this decides what to keep, so an untrusted
-    manifest keeps its blobs (clearing the notebook is how to drop those).
-    While any manifest cannot be parsed at all, the caller must keep every blob.
-    """
-    needed: set[str] = set()
-    unreadable: list[str] = []
-    for gen in nb.generations():
-        try:
-            raw = nb._manifest_path(gen).read_bytes()
-        except FileNotFoundError:
-            continue  # pruned meanwhile: it needs nothing any more
-        except OSError as exc:
-            unreadable.append(f"checkpoint {gen} cannot be read: {exc.strerror or exc}")
-            continue
-        try:
-            data = json.loads(raw.split(b"\n", 2)[2])
-            schema = data.get("schema")
-            if not isinstance(schema, int) or schema > manifest_format.SCHEMA_VERSION:
-                raise ValueError(f"schema {schema!r} unknown to this version")
-            needed |= manifest_format.referenced_blobs(data)
-        except (IndexError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            unreadable.append(f"checkpoint {gen} cannot be parsed ({exc})")
-    return needed, unreadable
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def _stale_top_level_tmp(nb: NotebookStore, now: float) -> list[tuple[Path, int]]:
     """Temp files beside settings.json whose writer is gone (settings are written without the lock)."""
+    from .liveness import pid_alive
+
     found = []
     try:
         entries = list(os.scandir(nb.dir))
@@ -277,32 +232,21 @@ def _stale_top_level_tmp(nb: NotebookStore, now: float) -> list[tuple[Path, int]
         except FileNotFoundError:
             continue
         pid_text = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
-        writer_alive = pid_text.isdigit() and _pid_alive(int(pid_text))
+        writer_alive = pid_text.isdigit() and pid_alive(int(pid_text))
         if not writer_alive or now - info.st_mtime > STALE_TMP_SECONDS:
             found.append((Path(entry.path), info.st_size))
     return found
 
 
 def garbage(nb: NotebookStore, now: float | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    """What :func:`collect` would remove now: ``([(path, bytes)], unreadable manifests)``."""
+    """What :func:`collect` would remove now: ``([(path, bytes)], manifests that could not be read)``.
+
+    The same plan a commit's prune executes; while a manifest cannot be read,
+    every blob is kept (only crash leftovers are listed).
+    """
     now = time.time() if now is None else now
-    needed, unreadable = needed_blobs(nb)
-    found: list[tuple[Path, int]] = []
-    for folder in (nb.manifests_dir, *nb._blob_folders()):
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            if not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-                continue
-            tmp = entry.name.startswith(TMP_PREFIX)
-            orphan = folder != nb.manifests_dir and entry.name not in needed and not unreadable
-            if tmp or orphan:
-                with contextlib.suppress(FileNotFoundError):
-                    found.append((Path(entry.path), entry.stat(follow_symlinks=False).st_size))
-    found += _stale_top_level_tmp(nb, now)
-    return found, unreadable
+    needed, unreadable = nb.blobs_needed()
+    return nb.sweep_plan(needed) + _stale_top_level_tmp(nb, now), unreadable
 
 
 @dataclass
@@ -328,50 +272,25 @@ class Collected:
         }
 
 
-def check_safe(store: Store, folder: Path | None = None) -> None:
-    """Refuse to delete in a store other users could have rearranged (symlinks, shared folders)."""
-    paths = [store.root]
-    if folder is not None:
-        paths += [folder, folder / "manifests", folder / "blobs"]
-    for path in paths:
-        try:
-            info = path.lstat()
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(info.st_mode) and path != store.root:
-            raise UnsafeStore(f"{path} is a symlink; refusing to delete anything through it")
-        mode = path.stat().st_mode
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise UnsafeStore(
-                f"{path} can be written by other users; refusing to delete anything in it "
-                f"(fix it with: chmod go-w {path})"
-            )
-
-
 def collect(store: Store, info: NotebookInfo) -> Collected:
     """Garbage-collect one notebook under its lock: unreferenced blobs, crash leftovers."""
-    check_safe(store, info.folder)
     nb = notebook_at(store, info.folder, info.identity)
-    now = time.time()
-    with nb.locked():
-        needed, unreadable = needed_blobs(nb)
-        if unreadable:
-            needed |= _blob_names(nb)  # keep every blob: we cannot tell what that manifest needs
-        files, freed = nb._sweep(needed)
-        for path, size in _stale_top_level_tmp(nb, now):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                files += 1
-                freed += size
-        for folder in nb._blob_folders():
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
+    nb.check_safe_to_delete()
+    try:
+        with nb.locked(create=False):
+            found, unreadable = garbage(nb)
+            files, freed = nb.remove(found)
+            for folder in nb.blob_folders():
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+    except FileNotFoundError:  # cleared meanwhile: nothing left to collect
+        return Collected(info, 0, 0)
     return Collected(info, files, freed, unreadable)
 
 
 def collect_all(store: Store) -> list[Collected]:
     """:func:`collect` for every notebook folder in the store."""
-    check_safe(store)
+    check_private(store.root)
     results = []
     for folder in store.notebook_dirs():
         info = describe(store, folder)
@@ -415,7 +334,7 @@ def usage(store: Store) -> list[Usage]:
         info = describe(store, folder)
         nb = notebook_at(store, folder, info.identity)
         blob_bytes = blob_count = 0
-        for sub in nb._blob_folders():
+        for sub in nb.blob_folders():
             with contextlib.suppress(OSError):
                 for entry in os.scandir(sub):
                     with contextlib.suppress(OSError):
@@ -461,14 +380,17 @@ def clear(store: Store, info: NotebookInfo) -> int:
     Its remembered settings (names never to save) are kept: forgetting them
     could make a kernel write a variable the user excluded on purpose.
     """
-    check_safe(store, info.folder)
     nb = notebook_at(store, info.folder, info.identity)
+    nb.check_safe_to_delete()
     settings = nb.read_settings()
-    with nb.locked():
-        freed = nb.clear()
-        if settings:
-            nb.write_settings(settings)
-            freed -= disk_usage(nb.dir)
+    try:
+        with nb.locked(create=False):
+            freed = nb.clear()
+            if settings:
+                nb.write_settings(settings)
+                freed -= disk_usage(nb.dir)
+    except FileNotFoundError:  # cleared by someone else meanwhile
+        return 0
     return max(freed, 0)
 
 
@@ -477,4 +399,129 @@ def free_space(path: Path) -> int | None:
     for candidate in (path, *path.parents):
         with contextlib.suppress(OSError):
             return shutil.disk_usage(candidate).free
+    return None
+
+
+# --- notebooks that moved ------------------------------------------------------------
+
+
+@dataclass
+class Moved:
+    """What :func:`move` did."""
+
+    source: str
+    target: str
+    #: checkpoint ids in the target that came from the source, oldest first
+    generations: list[int]
+    #: checkpoints left in the source because they do not verify with this key
+    left_behind: int = 0
+
+
+def move(store: Store, source: NotebookStore, target_identity: str) -> Moved:
+    """Move a notebook's checkpoints to another identity (a renamed or moved notebook).
+
+    Every checkpoint of ``source`` that verifies is signed again for the new
+    identity and numbered after the target's own newest, so the moved state
+    becomes the target's newest (the target's older checkpoints stay, older).
+    Blobs are hard-linked (copied across file systems) before any manifest is
+    written and the source is deleted last, so a crash at any instant leaves
+    the state loadable from one place or the other.  Checkpoints that do not
+    verify (another key) are left where they are.  Both notebooks are locked.
+    """
+    target = store.notebook(target_identity)
+    label = source.identity or source.dir.name
+    if source.dir == target.dir:
+        return Moved(label, target_identity, [])
+    source.check_safe_to_delete()
+    target.check_safe()
+    first, second = sorted((source, target), key=lambda nb: nb.dir.name)
+    with first.locked(create=first is target), second.locked(create=second is target):
+        manifests = []
+        left = 0
+        for gen in sorted(source.generations()):
+            try:
+                manifests.append(source.read_manifest(gen))
+            except CheckpointError:
+                left += 1
+        if not manifests:
+            raise CheckpointError(f"{printable(label)} has no checkpoint this user's key can verify; nothing moved")
+        touched = set()
+        for name in sorted(set().union(*(m.blob_digests() for m in manifests))):
+            src, dst = source.blob_path(name), target.blob_path(name)
+            if dst.exists() or not src.exists():
+                continue
+            make_private_dirs(dst.parent)
+            try:
+                os.link(src, dst)
+            except OSError:
+                write_atomically(dst, [src.read_bytes()])
+            touched.add(dst.parent)
+        for folder in touched:
+            fsync_dir(folder)
+        base = max(target.generations(), default=0)
+        moved = []
+        for offset, man in enumerate(manifests, start=1):
+            data = {**man.data, "identity": target_identity, "generation": base + offset}
+            # The link changed the files' change time: their stamps would only
+            # make the next commit check them, so say that plainly.
+            for var in data["variables"]:
+                var.pop("stamp", None)
+                for buf in var.get("buffers", []):
+                    buf.pop("stamp", None)
+            write_atomically(target.manifest_path(base + offset), [manifest_format.encode(data, store.key)])
+            moved.append(base + offset)
+        fsync_dir(target.manifests_dir)
+        settings = source.read_settings()
+        if settings.get("exclude"):
+            merged = target.read_settings()
+            merged["exclude"] = list(dict.fromkeys([*merged.get("exclude", []), *settings["exclude"]]))
+            target.write_settings(merged)
+        if left:
+            for man in manifests:
+                with contextlib.suppress(FileNotFoundError):
+                    source.manifest_path(man.generation).unlink()
+        else:
+            source.clear()
+    return Moved(label, target_identity, moved, left)
+
+
+@dataclass
+class Stored:
+    """A notebook's newest verified checkpoint, as a scan for moved notebooks sees it."""
+
+    folder: Path
+    identity: str
+    created: float
+    writer: dict[str, Any]
+
+
+def newest_checkpoints(store: Store) -> list[Stored]:
+    """Each notebook's newest checkpoint that verifies, newest first (manifests only, no sizes)."""
+    found = []
+    for folder in store.notebook_dirs():
+        man = newest_verified(store.notebook_at(folder))
+        if man is not None:
+            writer = man.data.get("writer")
+            found.append(Stored(folder, man.identity, float(man.created), writer if isinstance(writer, dict) else {}))
+    return sorted(found, key=lambda s: s.created, reverse=True)
+
+
+def orphans(stored: list[Stored], identity: str) -> list[Stored]:
+    """Notebooks whose file is gone (an absolute path that no longer exists), likeliest
+    first: same file name as ``identity``, then the most recently saved."""
+    base = os.path.basename(identity)
+    gone = [
+        s for s in stored
+        if s.identity != identity and os.path.isabs(s.identity) and not os.path.exists(s.identity)
+    ]
+    return sorted(gone, key=lambda s: (os.path.basename(s.identity) != base, -s.created))
+
+
+def newest_verified(nb: NotebookStore) -> Manifest | None:
+    """The newest checkpoint of ``nb`` that verifies, or None."""
+    for gen in nb.generations():
+        try:
+            return nb.read_manifest(gen)
+        except CheckpointError:
+            continue
     return None

@@ -14,19 +14,31 @@ The signature is checked before the JSON is even parsed.  The JSON holds::
     execution_count   the cell count when the state was taken
     identity          the notebook as the user knows it (path or session name)
     cell              first line of the cell that produced this state
-    writer            {"pid", "host", "id"} of the kernel that wrote it
+    writer            {"pid", "host", "id", "kernel"?, "seq"?} of the kernel that wrote it
+                      ("kernel": its connection file's name, which survives a restart;
+                      "seq": which of that kernel's checkpoints this is)
     versions          {"python", "dill", "durable_kernel", "packages": {...}}
-    variables         [{name, type, kind, size, digest?, inline?, buffers?, target?}]
+    variables         [{name, type, kind, size, digest?, inline?, stamp?, buffers?, target?}]
     skipped           [{name, type, reason}]
 
 A variable of kind ``pickle`` has its payload either ``inline`` (base64, for
 small ones) or in the blob ``digest``; ``buffers`` lists the digests and sizes
-of its out-of-band buffers, in pickle order.
+of its out-of-band buffers, in pickle order.  ``stamp`` (on a variable for its
+payload blob, on each buffer for its own) is ``[inode, ctime_ns]`` of the blob
+file as committed: a file whose stamp is unchanged has not been written since,
+so it can be reused or mapped without hashing it again; any other is checked.
+
+The signature binds the checkpoint to its place: a manifest whose
+``generation`` differs from its file name, or whose ``identity`` does not hash
+to the notebook folder it sits in, is refused (a copy from another notebook,
+or an old checkpoint renamed as the newest).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +50,8 @@ SCHEMA_VERSION = 1
 MAGIC = b"durable-kernel-manifest\n"
 #: Manifests larger than this are refused unread: no honest one comes close.
 MAX_MANIFEST_BYTES = 1 << 30
+#: Latest plausible ``created`` time (the year 9999): later, NaN or negative is malformed.
+_MAX_TIME = 253402300799.0
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -110,12 +124,49 @@ def referenced_blobs(data: dict[str, Any]) -> set[str]:
 
 def encode(data: dict[str, Any], key: bytes) -> bytes:
     """Serialize and sign a manifest's JSON object."""
-    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII: identities and cell text may hold lone surrogates (a path or a
+    # session name that is not UTF-8), which JSON escapes but UTF-8 cannot encode.
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     return MAGIC + signing.sign(key, body).encode() + b"\n" + body
 
 
-def decode(raw: bytes, key: bytes, where: str) -> Manifest:
-    """Verify and parse a manifest file's bytes; ``where`` names it in errors."""
+def body_of(raw: bytes) -> bytes:
+    """The JSON part of a manifest file's bytes, unverified (b"" if there is none)."""
+    parts = raw.split(b"\n", 2)
+    return parts[2] if len(parts) == 3 else b""
+
+
+def decode(
+    raw: bytes,
+    key: bytes,
+    where: str,
+    *,
+    generation: int | None = None,
+    folder: str | None = None,
+) -> Manifest:
+    """Verify and parse a manifest file's bytes; ``where`` names it in errors.
+
+    ``generation`` (the number in its file name) and ``folder`` (the name of
+    the notebook folder it sits in) must match what the signed JSON says.
+    """
+    data = signed_data(raw, key, where, generation=generation, folder=folder)
+    _validate(data, where)
+    return Manifest(data)
+
+
+def signed_data(
+    raw: bytes,
+    key: bytes,
+    where: str,
+    *,
+    generation: int | None = None,
+    folder: str | None = None,
+) -> dict[str, Any]:
+    """The JSON object of a manifest signed with ``key``, of this schema, in its place.
+
+    Checks everything :func:`decode` does except the shape of each entry, so
+    retention can tell cheaply which checkpoints are this user's own.
+    """
     if not raw.startswith(MAGIC):
         raise CorruptCheckpoint(f"{where} is not a durable-kernel manifest")
     rest = raw[len(MAGIC):]
@@ -124,21 +175,17 @@ def decode(raw: bytes, key: bytes, where: str) -> Manifest:
         raise CorruptCheckpoint(f"{where} is truncated")
     if not signing.verify(key, body, signature):
         raise UntrustedCheckpoint(
-            f"{where} is not signed with this user's key (changed or copied from elsewhere); it was not loaded"
+            f"{where} is not signed with this user's key (the key changed, or it was copied from elsewhere); "
+            "it was not loaded"
         )
     try:
         data = json.loads(body)
     except ValueError as exc:
         raise CorruptCheckpoint(f"{where} is not valid JSON: {exc}") from None
-    _validate(data, where)
-    return Manifest(data)
-
-
-def _validate(data: Any, where: str) -> None:
     if not isinstance(data, dict):
         raise CorruptCheckpoint(f"{where}: manifest is not a JSON object")
     schema = data.get("schema")
-    if not isinstance(schema, int):
+    if not isinstance(schema, int) or isinstance(schema, bool):
         raise CorruptCheckpoint(f"{where}: manifest has no schema version")
     if schema > SCHEMA_VERSION:
         raise IncompatibleCheckpoint(
@@ -147,6 +194,35 @@ def _validate(data: Any, where: str) -> None:
         )
     if schema < SCHEMA_VERSION:
         raise IncompatibleCheckpoint(f"{where} uses old schema {schema}, which this version cannot read")
+    found_gen, identity = data.get("generation"), data.get("identity")
+    if generation is not None and found_gen != generation:
+        raise UntrustedCheckpoint(
+            f"{where} says it is checkpoint {found_gen}: an older checkpoint renamed or copied "
+            "over a newer one; it was not loaded"
+        )
+    if folder is not None and (not isinstance(identity, str) or storage_key(identity) != folder):
+        raise UntrustedCheckpoint(
+            f"{where} belongs to another notebook ({printable(str(identity))}) and was copied here; "
+            "it was not loaded"
+        )
+    return data
+
+
+def storage_key(identity: str) -> str:
+    """The folder name for a notebook identity: a hash, never the path itself."""
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe to print on one line: control characters, escape codes and
+    undecodable bytes shown as escapes, long text cut."""
+    out = "".join(
+        ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else repr(ch)[1:-1] for ch in text
+    )
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def _validate(data: dict[str, Any], where: str) -> None:
     expected = {
         "generation": int,
         "created": (int, float),
@@ -156,8 +232,10 @@ def _validate(data: Any, where: str) -> None:
         "skipped": list,
     }
     for name, kind in expected.items():
-        if not isinstance(data.get(name), kind):
+        if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
             raise CorruptCheckpoint(f"{where}: manifest field {name!r} is missing or malformed")
+    if not (math.isfinite(data["created"]) and 0 <= data["created"] <= _MAX_TIME):
+        raise CorruptCheckpoint(f"{where}: manifest field 'created' is not a plausible time")
     for item in data["skipped"]:
         if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("name", "type", "reason"))):
             raise CorruptCheckpoint(f"{where}: manifest entry {str(item)[:80]!r} is malformed")
@@ -171,12 +249,19 @@ def _validate(data: Any, where: str) -> None:
         if ok and var["kind"] == "pickle":
             ok = isinstance(var.get("digest"), str) and bool(_DIGEST.match(var["digest"]))
             ok = ok and isinstance(var.get("inline", ""), str) and isinstance(var.get("buffers", []), list)
+            ok = ok and _stamp_ok(var.get("stamp"))
             ok = ok and all(
                 isinstance(b, dict) and isinstance(b.get("digest"), str) and _DIGEST.match(b["digest"])
-                and isinstance(b.get("size"), int) and b["size"] >= 0
+                and isinstance(b.get("size"), int) and b["size"] >= 0 and _stamp_ok(b.get("stamp"))
                 for b in var.get("buffers", [])
             )
         elif ok:
             ok = isinstance(var.get("target"), str)
         if not ok:
             raise CorruptCheckpoint(f"{where}: manifest entry {str(var)[:80]!r} is malformed")
+
+
+def _stamp_ok(stamp: Any) -> bool:
+    return stamp is None or (
+        isinstance(stamp, list) and len(stamp) == 2 and all(type(x) is int for x in stamp)
+    )

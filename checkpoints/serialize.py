@@ -29,9 +29,11 @@ references, so each variable loads once whatever the order.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import pickle
+import resource
 import sys
 import types
 from dataclasses import dataclass, field
@@ -57,10 +59,15 @@ class Variable:
     payload: bytes = b""
     buffers: list[memoryview] = field(default_factory=list)
     target: str = ""
+    #: for a variable carried forward unloaded (see :class:`NotRestored`): its
+    #: manifest entry in the checkpoint it came from, stored again as it is
+    stored: dict[str, Any] | None = None
 
     @property
     def size(self) -> int:
         """Bytes this variable takes in the store (before deduplication)."""
+        if self.stored is not None:
+            return int(self.stored.get("size", 0))
         return len(self.payload) + sum(b.nbytes for b in self.buffers)
 
 
@@ -83,6 +90,31 @@ class Snapshot:
     @property
     def size(self) -> int:
         return sum(v.size for v in self.variables)
+
+
+class NotRestored:
+    """Stands in the namespace for a variable whose saved data could not be loaded.
+
+    Its data verified but could not be unpickled (a module that is not
+    installed, a class that no longer exists).  Checkpoints keep storing the
+    saved bytes unchanged for as long as the name holds this placeholder, so
+    the variable comes back once the cause is fixed and the kernel restarts;
+    reassigning or deleting the name lets it go.  Part of the file format:
+    checkpoints may reference ``durable_kernel.checkpoints.serialize.NotRestored``.
+    """
+
+    __slots__ = ("name", "type", "reason", "advice", "entry")
+
+    def __init__(self, name: str, type: str, reason: str, advice: str, entry: dict[str, Any]):
+        self.name, self.type, self.reason, self.advice, self.entry = name, type, reason, advice, entry
+
+    def __repr__(self) -> str:
+        return f"<{self.name} was not restored ({self.type}): {self.reason}. {self.advice}>"
+
+    def __getattr__(self, attribute: str) -> Any:
+        raise AttributeError(
+            f"{self.name} was not restored ({self.reason}), so it has no attribute {attribute!r}. {self.advice}"
+        )
 
 
 def type_name(obj: Any) -> str:
@@ -135,9 +167,11 @@ class _Output(io.BytesIO):
     refused after its first frames over the limit, not after 10 GiB of copies.
     """
 
-    def __init__(self, limit: int | None):
+    def __init__(self, limit: int | None, memory: int | None = None):
         super().__init__()
         self.limit = limit
+        #: bytes of memory the pickle itself may take (out-of-band buffers take none)
+        self.memory = memory
         self.out_of_band = 0
 
     def write(self, data: Any) -> int:  # type: ignore[override]
@@ -148,6 +182,8 @@ class _Output(io.BytesIO):
     def check(self) -> None:
         if self.limit is not None and self.tell() + self.out_of_band > self.limit:
             raise TooLarge(f"larger than max_variable_bytes ({self.limit} bytes)")
+        if self.memory is not None and self.tell() > self.memory:
+            raise TooLarge("not enough free memory to save it")
 
 
 class _Pickler(pickle.Pickler):
@@ -256,16 +292,64 @@ def snapshot(
     max_variable_bytes: int | None = None,
     skip: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    stop_on: tuple[type[BaseException], ...] = (),
+    memory_budget: int | None = None,
 ) -> Snapshot:
     """Pickle ``names`` (default: all) of ``namespace``, one variable at a time.
 
-    Never raises for a bad variable: it goes to ``Snapshot.skipped`` with the
-    reason, and the others are saved.  ``skip`` maps names not to even try to
-    the reason to report; ``progress(name)`` is called before each variable is
-    pickled (so a caller can tell which one hangs).
+    Never raises for a bad variable, whatever its pickling hooks raise
+    (``SystemExit`` and ``GeneratorExit`` included): it goes to
+    ``Snapshot.skipped`` with the reason, and the others are saved.  Only
+    ``KeyboardInterrupt`` and the ``stop_on`` exception types propagate.
+    ``skip`` maps names not to even try to the reason to report;
+    ``progress(name)`` is called before each variable is pickled (so a caller
+    can tell which one hangs).  ``memory_budget`` bounds the bytes all pickles
+    together may take in memory (buffers that leave the pickle out-of-band
+    take none): a variable that does not fit is skipped.
     """
-    skip = skip or {}
+    with _recursion_within_stack():
+        return _snapshot(namespace, names, max_variable_bytes, skip or {}, progress, stop_on, memory_budget)
+
+
+@contextlib.contextmanager
+def _recursion_within_stack():
+    """Cap the recursion limit at what the C stack can hold while pickling.
+
+    The C pickler recurses on the C stack, guarded only by the recursion
+    limit: a user who raised it (to build deep structures) would otherwise
+    get a segmentation fault instead of a RecursionError for a deep object.
+    """
+    previous = sys.getrecursionlimit()
+    try:
+        stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    except (OSError, ValueError):
+        stack = -1
+    if stack <= 0 or stack == resource.RLIM_INFINITY:
+        stack = 8 << 20
+    # About 800 bytes of C stack per nesting level in the worst case measured
+    # (nested instances); keep half the stack for the frames below us.
+    safe = max(1000, min(stack // 1600, 50_000))
+    if previous <= safe:
+        yield
+        return
+    sys.setrecursionlimit(safe)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
+
+
+def _snapshot(
+    namespace: Mapping[str, Any],
+    names: Iterable[str] | None,
+    max_variable_bytes: int | None,
+    skip: Mapping[str, str],
+    progress: Callable[[str], None] | None,
+    stop_on: tuple[type[BaseException], ...],
+    memory_budget: int | None,
+) -> Snapshot:
     names = list(namespace) if names is None else list(names)
+    in_memory = 0
     # id of each top-level object -> (its first name, that name's position)
     first_name: dict[int, tuple[str, int]] = {}
     for position, name in enumerate(names):
@@ -286,6 +370,9 @@ def snapshot(
         if owner != name:
             variables.append(Variable(name, tname, "alias", target=owner))
             continue
+        if type(value) is NotRestored:
+            variables.append(Variable(name, value.type, "pickle", stored=value.entry))
+            continue
         if isinstance(value, types.ModuleType):
             if sys.modules.get(value.__name__) is value:
                 variables.append(Variable(name, tname, "module", target=value.__name__))
@@ -296,7 +383,7 @@ def snapshot(
             progress(name)
         sharing = share_all
         while True:
-            buf = _Output(max_variable_bytes)
+            buf = _Output(max_variable_bytes, None if memory_budget is None else memory_budget - in_memory)
             buffers: list[memoryview] = []
             if sharing:
                 pickler: _Pickler = _SharingPickler(buf, first_name, buffers, containers)
@@ -314,7 +401,9 @@ def snapshot(
             except RecursionError:
                 skipped.append(Skipped(name, tname, "nested too deeply to pickle (recursion limit)"))
                 break
-            except Exception as exc:  # any failure of any object's pickling hooks
+            except (KeyboardInterrupt, *stop_on):
+                raise
+            except BaseException as exc:  # any failure of any object's pickling hooks, SystemExit too
                 skipped.append(Skipped(name, tname, _reason(exc)))
                 break
             finally:
@@ -323,6 +412,7 @@ def snapshot(
                 pickler.clear_memo()
             if not again:
                 variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))
+                in_memory += len(variables[-1].payload)
                 break
             sharing = True  # it holds an earlier variable's list or dict: keep them one object
     return Snapshot(variables, skipped)

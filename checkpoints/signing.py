@@ -3,15 +3,26 @@
 A manifest names every blob by its BLAKE3 digest, so one HMAC-SHA256 over the
 manifest vouches for every byte of the checkpoint: nothing whose signature or
 digest fails is ever unpickled.
+
+Whoever holds the key can make checkpoints this user's kernels will load, so
+it must stay private: it is created 0600, a key other users can read is made
+private again (with a warning), and one owned by another user is refused.
+Moving state to another machine or user means moving this file too (see the
+README).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import stat
 from pathlib import Path
+
+from .errors import KeyProblem
+from .files import make_private_dirs
 
 KEY_FILENAME = "durable_kernel_secret"
 
@@ -23,30 +34,88 @@ def default_key_path() -> Path:
     return Path(jupyter_data_dir()) / KEY_FILENAME
 
 
-def load_or_create_key(path: Path | None = None) -> bytes:
-    """Read the signing key, creating it (mode 0600) on first use."""
+def load_or_create_key(path: Path | None = None, warnings: list[str] | None = None) -> bytes:
+    """Read the signing key, creating it (mode 0600) on first use.
+
+    Raises :class:`KeyProblem` with a message that says how to fix it when the
+    key can be neither read nor created (a read-only data dir, a folder in its
+    place, another user's file).  ``warnings`` collects what the user should
+    know although the key is usable (it was readable by others).
+    """
     path = Path(path) if path is not None else default_key_path()
+    key = read_key(path, warnings)
+    if key is not None:
+        return key
     try:
-        return _read_key(path)
+        make_private_dirs(path.parent)
+        return _create_key(path, warnings)
+    except OSError as exc:
+        raise KeyProblem(
+            f"cannot create the signing key {path} ({exc.strerror or exc}); make {path.parent} writable, "
+            "or point JUPYTER_DATA_DIR at a writable folder"
+        ) from None
+
+
+def read_key(path: Path, warnings: list[str] | None = None) -> bytes | None:
+    """The key stored at ``path``; None if there is none yet (or only an empty file,
+    which a full disk can leave behind and which never signed anything)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = secrets.token_hex(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another kernel created it first: use theirs
-        return _read_key(path)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
+        return None
+    except OSError as exc:
+        raise KeyProblem(f"cannot read the signing key {path} ({exc.strerror or exc}); {_fix(path)}") from None
+    with open(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyProblem(f"the signing key {path} is not a regular file; {_fix(path)}")
+        if info.st_uid != os.geteuid():
+            raise KeyProblem(
+                f"the signing key {path} belongs to another user (uid {info.st_uid}), who could forge "
+                f"checkpoints with it; {_fix(path)}"
+            )
+        key = f.read(4096).strip()
+        if key and info.st_mode & 0o077:
+            os.fchmod(f.fileno(), 0o600)
+            if warnings is not None:
+                warnings.append(
+                    f"the signing key {path} was readable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+                    "it is private (0600) now. Anyone who copied it meanwhile could forge checkpoints: to be "
+                    "safe, delete it and restart (existing checkpoints will then no longer load)."
+                )
+    if not key:
+        with contextlib.suppress(OSError):
+            path.unlink()  # an empty key is a failed first start, not a secret
+        return None
     return key
 
 
-def _read_key(path: Path) -> bytes:
-    key = path.read_bytes().strip()
-    if not key:
-        raise FileNotFoundError(path)
+def _fix(path: Path) -> str:
+    return f"remove or fix it (rm -r '{path}'), or point JUPYTER_DATA_DIR at another folder"
+
+
+def _create_key(path: Path, warnings: list[str] | None) -> bytes:
+    # Written to a temp file and linked into place: the key file never exists
+    # half-written (a full disk at the first start once left an empty one that
+    # stopped every later start), and link() fails if another kernel won the race.
+    key = secrets.token_hex(32).encode()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another kernel created it first: use theirs
+            theirs = read_key(path, warnings)
+            if theirs is None:
+                raise
+            return theirs
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return key
 
 

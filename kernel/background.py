@@ -1,19 +1,29 @@
-"""Checkpoints in a forked child, as Redis does BGSAVE.
+"""Checkpoints in forked children, as Redis does BGSAVE.
 
 ``fork()`` gives the child a copy-on-write image of the namespace as it stood
 when the cell ended; the child pickles and writes it while the kernel goes
-straight back to the user.  One child at a time: a checkpoint asked for while
-one runs is remembered (not queued) and taken, of the newest state, as soon as
-the running one ends and no cell is executing.
+straight back to the user.  Every cell that ends forks at once, so its state
+is captured at that instant, but children write one at a time: a new child
+first waits until every earlier one has exited.  A child still waiting when
+yet another cell ends is superseded (killed before it did anything), so at
+most two exist: one writing, one waiting with the newest state.
+
+Children outlive their kernel on purpose: a restart or shutdown never loses
+the checkpoint of a cell whose reply was sent.  Each child runs in a session
+of its own (a client's signal to the kernel's process group does not reach
+it), closes its copies of the kernel's sockets (so a restarted kernel can bind
+its ports again), holds the notebook's ``saving`` lock until it exits (the
+next kernel waits on it before restoring) and stops itself after
+``timeout`` seconds of work even when no kernel is left to stop it.
 
 The child never touches zmq, IOPub or the kernel's output streams (its
-stdout/stderr go to the kernel log's file descriptor), runs with gc disabled,
-dies with the kernel (``PR_SET_PDEATHSIG``) and leaves through ``os._exit``.
+stdout/stderr go to the kernel log's file descriptor), runs with gc disabled
+and leaves through ``os._exit``.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import gc
 import json
 import logging
@@ -21,28 +31,22 @@ import mmap
 import os
 import select
 import signal
+import stat
 import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from .memory import available_memory, oom_kills
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _MAX_RESULT_BYTES = 1 << 20
 _PROGRESS_BYTES = 4096
 
-
-def _meminfo_bytes(path: str, field: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+Job = Callable[[Callable[[str], None]], dict[str, Any]]
 
 
 def memory_for_fork(margin: int) -> tuple[bool, int, int]:
@@ -51,13 +55,23 @@ def memory_for_fork(margin: int) -> tuple[bool, int, int]:
     The child touches every Python object it pickles (reference counts), and
     the kernel copies every page it writes while the child runs; half the
     kernel's resident size plus ``margin`` bytes is a safe bound in practice.
-    Where /proc is absent, assume room.
+    ``available`` is the least of the machine's free memory and what the
+    container's memory limits (cgroup v1 or v2) leave.  Where nothing is
+    known, assume room.
     """
-    available = _meminfo_bytes("/proc/meminfo", "MemAvailable")
-    rss = _meminfo_bytes("/proc/self/status", "VmRSS")
-    if available is None or rss is None:
-        return True, available or 0, rss or 0
-    return available >= rss // 2 + margin, available, rss
+    mem = available_memory()
+    rss = _rss()
+    if mem.available is None or rss is None:
+        return True, mem.available or 0, rss or 0
+    return mem.available >= rss // 2 + margin, mem.available, rss
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def fork_supported() -> bool:
@@ -65,15 +79,24 @@ def fork_supported() -> bool:
     return hasattr(os, "fork") and sys.platform != "darwin"
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # parent died before prctl took effect
-        os._exit(1)
+def _close_inherited_sockets(keep: set[int]) -> None:
+    """Close the child's copies of the kernel's sockets.
+
+    A child that outlives its kernel would otherwise keep the kernel's
+    listening ports bound, and the restarted kernel, given the same ports by
+    its client, could not bind them.  Closing a copy does not affect the
+    kernel's own sockets, nor a user's connection.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd in keep or fd <= 2:
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
 
 
 def _quiet_child_io() -> None:
@@ -81,74 +104,75 @@ def _quiet_child_io() -> None:
     original = getattr(sys.stderr, "_original_stdstream_copy", None)
     target = original if original is not None else os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
-        try:
+        with contextlib.suppress(OSError):
             os.dup2(target, fd)
-        except OSError:
-            pass
-    stream = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115 - lives until _exit
+    stream = open(2, "w", closefd=False, buffering=1)  # lives until _exit
     sys.stdout = sys.stderr = stream
 
 
+@dataclass
+class _Child:
+    pid: int
+    result_fd: int
+    #: read end of a pipe only this child holds open for writing: EOF once it exits
+    baton_fd: int
+    #: where the child writes the name of the variable it is pickling
+    progress: mmap.mmap
+    started: float
+    superseded: bool = False
+    chunks: list[bytes] = field(default_factory=list)
+
+
 class BackgroundSaver:
-    """Runs checkpoint jobs in forked children, one at a time, coalescing.
+    """Runs checkpoint jobs in forked children, one writing at a time, newest state winning.
 
     ``job(progress)`` is called in the child and returns a JSON-able dict; it
     calls ``progress(name)`` as it starts on each variable.  ``on_result`` is
     called in the kernel (from a watcher thread) with that dict, or with
-    ``{"ok": False, "error": ...}`` if the child failed, was killed, or ran
-    longer than ``timeout`` seconds (then ``"stuck_on"`` names the variable it
-    was working on).
+    ``{"ok": False, "error": ...}`` if the child failed, crashed, was killed,
+    or ran longer than ``timeout`` seconds (then ``"stuck_on"`` names the
+    variable it was working on).
     """
 
     def __init__(self, on_result: Callable[[dict[str, Any]], None], timeout: float | None = None):
         self._on_result = on_result
         self.timeout = timeout
-        # Shared with every child: where it writes the name of the variable it
-        # is pickling, without a system call per variable.
-        self._progress = mmap.mmap(-1, _PROGRESS_BYTES)
         self._lock = threading.Condition()
-        self._pid: int | None = None
-        self._read_fd: int | None = None
-        self._started = 0.0
-        self._pending: Callable[[Callable[[str], None]], dict[str, Any]] | None = None
-        self._executing = False
+        self._children: list[_Child] = []
         self._watcher: threading.Thread | None = None
+        # Wakes the watcher when a child is added.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
 
     @property
     def running(self) -> bool:
+        """True while any checkpoint child is alive (writing or waiting to)."""
         with self._lock:
-            return self._pid is not None
+            return bool(self._children)
 
-    def cell_started(self) -> None:
-        """A cell began: the namespace is no longer at a consistent point."""
-        with self._lock:
-            self._executing = True
+    def request(self, job: Job, keep_fds: list[int] | None = None) -> str:
+        """Fork a child that saves the state as it is now, after every earlier child.
 
-    def request(self, job: Callable[[Callable[[str], None]], dict[str, Any]], cell_ended: bool = True) -> str:
-        """Checkpoint now if no child runs, else remember to (newest state wins).
-
-        Call at a consistent point: a cell just ended (``cell_ended``), or a
-        cell asks for a checkpoint of itself mid-way.  Returns ``"started"`` or
-        ``"coalesced"``.
+        Call at a consistent point (a cell just ended, or a cell asks for a
+        checkpoint of itself).  A child that is still waiting for its turn is
+        superseded.  ``keep_fds`` are handed to the child and closed here.
+        Returns ``"started"``, or ``"queued"`` if an earlier child still runs.
         """
         with self._lock:
-            if cell_ended:
-                self._executing = False
-            if self._pid is not None:
-                self._pending = job
-                return "coalesced"
-            self._pending = None
-            self._fork_locked(job)
-            return "started"
+            for child in self._children[1:]:
+                if not child.superseded:  # waiting for its turn: nothing written yet
+                    child.superseded = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGKILL)
+            earlier = [c.baton_fd for c in self._children]
+            self._fork_locked(job, earlier, keep_fds or [])
+            return "queued" if earlier else "started"
 
     def wait(self, timeout: float | None) -> bool:
-        """Wait until no child runs and nothing is pending. False on timeout."""
+        """Wait until no child is alive. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._pid is not None or self._pending is not None:
-                if self._pid is None and self._pending is not None:
-                    job, self._pending = self._pending, None
-                    self._fork_locked(job)
+            while self._children:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -157,29 +181,39 @@ class BackgroundSaver:
 
     # --- internals --------------------------------------------------------
 
-    def _fork_locked(self, job: Callable[[Callable[[str], None]], dict[str, Any]]) -> None:
-        read_fd, write_fd = os.pipe()
-        parent = os.getpid()
-        self._progress[:4] = b"\0\0\0\0"
+    def _fork_locked(self, job: Job, earlier: list[int], keep_fds: list[int]) -> None:
+        result_r, result_w = os.pipe()
+        baton_r, baton_w = os.pipe()
+        progress = mmap.mmap(-1, _PROGRESS_BYTES)
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork() in a threaded process; the child
             # only pickles, writes files and _exits, touching no other thread's locks.
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
         if pid == 0:  # child: never returns
-            self._child(job, write_fd, parent, self._progress)
-        os.close(write_fd)
-        self._pid, self._read_fd, self._started = pid, read_fd, time.monotonic()
+            os.close(result_r)
+            os.close(baton_r)
+            self._child(job, result_w, earlier, {result_w, baton_w, *keep_fds}, progress, self.timeout)
+        os.close(result_w)
+        os.close(baton_w)
+        for fd in keep_fds:
+            os.close(fd)
+        self._children.append(_Child(pid, result_r, baton_r, progress, time.monotonic()))
         self._lock.notify_all()
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
         if self._watcher is None:
-            # One long-lived watcher: PR_SET_PDEATHSIG fires when the *thread*
-            # that forked exits, so the thread that forks again must not end.
             self._watcher = threading.Thread(target=self._watch, name="durable-checkpoint-watcher", daemon=True)
             self._watcher.start()
 
     @staticmethod
     def _child(
-        job: Callable[[Callable[[str], None]], dict[str, Any]], write_fd: int, parent: int, progress: mmap.mmap
+        job: Job,
+        write_fd: int,
+        earlier: list[int],
+        keep: set[int],
+        progress: mmap.mmap,
+        timeout: float | None,
     ) -> None:
         status = 1
 
@@ -190,9 +224,24 @@ class BackgroundSaver:
 
         try:
             gc.disable()
-            _die_with_parent(parent)
+            os.setsid()  # a signal to the kernel's process group does not end a checkpoint
+            # When memory runs out (a container's limit), the OOM killer must
+            # take this child, never the kernel holding the user's state.
+            with contextlib.suppress(OSError):
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write("1000")
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the user's cell
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
             _quiet_child_io()
+            _close_inherited_sockets(keep | set(earlier))
+            for fd in earlier:  # one writer at a time, in the order the states were taken
+                with contextlib.suppress(OSError):
+                    while os.read(fd, 4096):
+                        pass
+            if timeout:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.setitimer(signal.ITIMER_REAL, timeout)
             try:
                 result = job(report)
                 status = 0
@@ -200,55 +249,72 @@ class BackgroundSaver:
                 log.exception("background checkpoint failed")
                 result = {"ok": False, "error": str(exc) or type(exc).__name__}
             data = json.dumps(result, default=str).encode()[:_MAX_RESULT_BYTES]
-            while data:
-                data = data[os.write(write_fd, data):]
+            with contextlib.suppress(OSError):  # the kernel may be gone: the commit is what counts
+                while data:
+                    data = data[os.write(write_fd, data):]
         finally:
             os._exit(status)
 
     def _watch(self) -> None:
         while True:
             with self._lock:
-                while self._pid is None:
-                    self._lock.wait()
-                pid, read_fd, started = self._pid, self._read_fd, self._started
-            chunks = []
-            deadline = None if not self.timeout else started + self.timeout
-            timed_out = False
-            while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready, _, _ = select.select([read_fd], [], [], wait)
-                if not ready:
-                    timed_out = True
-                    os.kill(pid, signal.SIGKILL)
-                    break
-                chunk = os.read(read_fd, 65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            os.close(read_fd)
-            _, status = os.waitpid(pid, 0)
-            if timed_out:
-                size = int.from_bytes(self._progress[:4], "little")
-                stuck = self._progress[4 : 4 + size].decode("utf-8", "replace")
-                result = {
-                    "ok": False,
-                    "error": f"the checkpoint took longer than {self.timeout:g} s"
-                    + (f" while saving {stuck!r}" if stuck else ""),
-                    "stuck_on": stuck,
-                }
-            else:
-                result = _parse_result(b"".join(chunks), status)
-            result.setdefault("wall_seconds", time.monotonic() - started)
+                children = {c.result_fd: c for c in self._children}
+            ready, _, _ = select.select([self._wake_r, *children], [], [])
+            for fd in ready:
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    continue
+                child = children[fd]
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    child.chunks.append(chunk)
+                    continue
+                self._finish(child)
+
+    def _finish(self, child: _Child) -> None:
+        os.close(child.result_fd)
+        oom_before = oom_kills()
+        _, status = os.waitpid(child.pid, 0)
+        if child.superseded:
+            result = None
+        else:
+            result = _parse_result(b"".join(child.chunks), status)
+            if not result.get("ok") and os.WIFSIGNALED(status):
+                result.update(self._explain_death(child, status, oom_before))
+            result.setdefault("wall_seconds", time.monotonic() - child.started)
+        if result is not None:
             try:
                 self._on_result(result)
             except Exception:
                 log.exception("checkpoint result handler failed")
-            with self._lock:
-                self._pid = self._read_fd = None
-                if self._pending is not None and not self._executing:
-                    job, self._pending = self._pending, None
-                    self._fork_locked(job)
-                self._lock.notify_all()
+        with self._lock:
+            os.close(child.baton_fd)
+            child.progress.close()
+            self._children.remove(child)
+            self._lock.notify_all()
+
+    def _explain_death(self, child: _Child, status: int, oom_before: int | None) -> dict[str, Any]:
+        size = int.from_bytes(child.progress[:4], "little")
+        on = child.progress[4 : 4 + size].decode("utf-8", "replace")
+        where = f" while saving {on!r}" if on else ""
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGALRM:
+            return {"error": f"the checkpoint took longer than {self.timeout:g} s{where}", "stuck_on": on,
+                    "stuck_reason": f"saving it took longer than {self.timeout:g} s"}
+        if sig == signal.SIGKILL:
+            after = oom_kills()
+            mem = available_memory()
+            if oom_before is not None and after is not None and after > oom_before or (
+                mem.limit is not None and mem.available is not None and mem.available < mem.limit // 10
+            ):
+                return {"error": f"the checkpoint process was killed for lack of memory ({mem.describe()})",
+                        "out_of_memory": True}
+            return {"error": "the checkpoint process was killed (SIGKILL)"}
+        if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE):
+            name = signal.Signals(sig).name
+            return {"error": f"the checkpoint process crashed ({name}){where}", "stuck_on": on,
+                    "stuck_reason": f"saving it crashed the checkpoint process ({name})"}
+        return {}
 
 
 def _parse_result(raw: bytes, status: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from . import humanize
 
-COMMANDS = {"install", "demo", "list", "show", "clear", "gc", "du"}
+COMMANDS = {"install", "demo", "list", "show", "clear", "gc", "du", "mv"}
 
 _STORE_EPILOG = "The store is --dir if given, else $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir."
 _NOTEBOOK_EPILOG = (
@@ -49,7 +49,7 @@ class _CommandError(Exception):
 
 
 def _generation(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a checkpoint id (a number; 'durable-kernel show NOTEBOOK' lists the kept ones)"
         )
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON for scripts (sizes in bytes, unix times)")
 
     def store_command(name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
-        epilog = _STORE_EPILOG + ("\n" + _NOTEBOOK_EPILOG if name in ("show", "clear") else "")
+        epilog = _STORE_EPILOG + ("\n" + _NOTEBOOK_EPILOG if name in ("show", "clear", "mv") else "")
         return sub.add_parser(
             name, help=help, description=description, parents=[common],
             epilog=f"{epilog}\n\nExample:\n  {example}",
@@ -141,6 +141,16 @@ def _parser() -> argparse.ArgumentParser:
         "durable-kernel gc",
     )
     gc.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed; remove nothing")
+
+    mv = store_command(
+        "mv", "move a notebook's checkpoints to its new path (after moving or renaming the notebook)",
+        "Give the checkpoints stored for OLD to NEW, as after 'mv OLD NEW' of the notebook file: a kernel "
+        "started for NEW then restores them. They become NEW's newest checkpoints (NEW's own, if any, stay as "
+        "older ones). Checkpoints this user's key cannot verify stay under OLD.",
+        "durable-kernel mv ~/work/Untitled.ipynb ~/work/analysis.ipynb",
+    )
+    mv.add_argument("old", metavar="OLD", help="the notebook's old path (or identity, as 'durable-kernel list' shows it)")
+    mv.add_argument("new", metavar="NEW", help="its new path")
 
     store_command(
         "du", "disk use by notebook",
@@ -201,7 +211,9 @@ def _store_command(args: argparse.Namespace) -> int:
         raise _CommandError(f"{store.root} is not a folder")
     if args.dir and not store.root.exists():
         raise _CommandError(f"{store.root} does not exist")
-    handler = {"list": _list, "show": _show, "clear": _clear, "gc": _gc, "du": _du}[args.command]
+    if store.key_problem:
+        print(f"warning: {store.key_problem}; no checkpoint can be verified", file=sys.stderr)
+    handler = {"list": _list, "show": _show, "clear": _clear, "gc": _gc, "du": _du, "mv": _mv}[args.command]
     result = handler(store, args)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
@@ -221,8 +233,7 @@ def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[s
     return lines
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+_plural = humanize.plural
 
 
 def _list(store, args: argparse.Namespace) -> Any:
@@ -432,4 +443,25 @@ def _du(store, args: argparse.Namespace) -> Any:
           + (f"; {humanize.size(free)} free on that disk" if free is not None else "") + ".")
     if reclaimable:
         print(f"'durable-kernel gc' would free {humanize.size(reclaimable)}.")
+    return None
+
+
+def _mv(store, args: argparse.Namespace) -> Any:
+    from durable_kernel.checkpoints import maintenance, printable
+
+    info = maintenance.find(store, args.old)
+    source = maintenance.notebook_at(store, info.folder, info.identity)
+    new = args.new if not os.path.isabs(args.old) and args.old == info.identity and not os.path.exists(args.new) \
+        else os.path.abspath(os.path.expanduser(args.new))
+    if os.path.isabs(info.identity or "") or os.path.sep in args.new or args.new.endswith(".ipynb"):
+        new = os.path.abspath(os.path.expanduser(args.new)) if os.path.isabs(info.identity or "") else new
+    moved = maintenance.move(store, source, new)
+    if args.json:
+        return {"store": str(store.root), "from": moved.source, "to": moved.target,
+                "checkpoints": moved.generations, "left_behind": moved.left_behind}
+    print(f"Moved {_plural(len(moved.generations), 'checkpoint')} from {printable(moved.source)} to "
+          f"{printable(moved.target)}.")
+    if moved.left_behind:
+        print(f"{_plural(moved.left_behind, 'checkpoint')} this user's key cannot verify stayed under "
+              f"{printable(moved.source)}.", file=sys.stderr)
     return None

@@ -50,3 +50,8 @@ def names(items: list[str], limit: int = 20) -> str:
     if len(items) > limit:
         shown += f" and {len(items) - limit} more"
     return shown
+
+
+def plural(n: int, word: str) -> str:
+    """``1 variable``, ``3 variables``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage
+from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, printable
+from durable_kernel.checkpoints.maintenance import NoSuchNotebook
 from durable_kernel.checkpoints.manifest import diff, fingerprint
 
 from . import humanize
@@ -24,12 +25,14 @@ HELP = """\
   save              checkpoint now and wait until it is committed
   list              the kept checkpoints, newest first, with what each cell changed
   restore ID        replace the namespace with checkpoint ID (the current state is saved first)
+  restore ID NAME...  bring back only these variables from checkpoint ID
   undo              go back to the checkpoint before the newest; repeat to go further
                     (cells that ran while a checkpoint was being written share one checkpoint)
   diff [A [B]]      variables added, removed or changed from checkpoint A to B (default: the last two)
   exclude NAME...   never save these names (patterns like tmp_* allowed); remembered for this notebook
   include NAME...   save these names again
-  clear             delete this notebook's checkpoints
+  clear             delete this notebook's checkpoints: a restart then starts empty
+  adopt OLD         bring here the state saved for notebook OLD (this notebook was moved or renamed)
   off | on          pause or resume saving for this kernel
 """
 
@@ -71,9 +74,11 @@ class CheckpointMagics(Magics):
             raise UsageError(f"%checkpoint: unknown command {args.command!r}. Try %checkpoint --help")
         if args.command != "undo":
             self._undo_to = None
+        if self.kernel.notebook is None:
+            raise UsageError(f"%checkpoint: checkpoints are off for this kernel: {self.kernel.off_reason}")
         try:
             handler(args.args)
-        except CheckpointError as exc:
+        except (CheckpointError, NoSuchNotebook) as exc:
             raise UsageError(f"%checkpoint {args.command}: {exc}") from None
 
     # --- helpers -------------------------------------------------------------
@@ -83,7 +88,7 @@ class CheckpointMagics(Magics):
         return self.kernel.notebook
 
     def _manifest(self, text: str) -> Manifest:
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise UsageError(f"%checkpoint: {text!r} is not a checkpoint id; %checkpoint list shows the ids")
         gen = int(text)
         if gen not in self.notebook.generations():
@@ -113,7 +118,7 @@ class CheckpointMagics(Magics):
     def _do_status(self, args: list[str]) -> None:
         self._no_args(args, "status")
         k = self.kernel
-        lines = [f"Notebook:     {k.identity}", f"Store:        {self.notebook.dir}"]
+        lines = [f"Notebook:     {k.shown_identity}", f"Store:        {self.notebook.dir}"]
         manifests = self._manifests()
         if manifests:
             m = manifests[0]
@@ -186,11 +191,31 @@ class CheckpointMagics(Magics):
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
     def _do_restore(self, args: list[str]) -> None:
-        if len(args) != 1:
-            raise UsageError("%checkpoint restore takes one checkpoint id; %checkpoint list shows them")
+        if not args:
+            raise UsageError("%checkpoint restore takes a checkpoint id (and names); %checkpoint list shows the ids")
         target = self._manifest(args[0])
+        names = args[1:]
+        if names:
+            stored = {v["name"] for v in target.variables}
+            unknown = [n for n in names if n not in stored]
+            if unknown:
+                raise UsageError(f"%checkpoint restore: checkpoint {target.generation} has no {', '.join(unknown)}")
         self._save_and_wait()  # so this restore can itself be undone
-        self._restore(target, f"Restored checkpoint {target.generation}")
+        if names:
+            self._restore_names(target, names)
+        else:
+            self._restore(target, f"Restored checkpoint {target.generation}")
+
+    def _restore_names(self, target: Manifest, names: list[str]) -> None:
+        restored = self.notebook.load(target.generation, self.kernel.verify_on_restore)
+        back = {n: restored.values[n] for n in names if n in restored.values}
+        self.shell.user_ns.update(back)
+        if back:
+            print(f"Restored {', '.join(back)} from checkpoint {target.generation} "
+                  f"(In [{target.execution_count}], {humanize.ago(target.created)}).")
+        missing = [f"{s.name} ({s.reason})" for s in restored.not_restored if s.name in names]
+        if missing:
+            print(f"Not restored: {humanize.names(missing, 10)}")
 
     def _restore(self, target: Manifest, what: str) -> None:
         restored = self.notebook.load(target.generation, self.kernel.verify_on_restore)
@@ -267,18 +292,32 @@ class CheckpointMagics(Magics):
 
     def _do_clear(self, args: list[str]) -> None:
         self._no_args(args, "clear")
-        self.kernel.wait_for_checkpoint(self.kernel.shutdown_wait)
+        self.kernel.wait_for_checkpoint(self.kernel.restore_wait)
         count = len(self.notebook.generations())
         settings = self.notebook.read_settings()
         with self.notebook.locked():
             freed = self.notebook.clear()
         if settings:
             self.notebook.write_settings(settings)
+        self.kernel.forget_current_state()
         print(
-            f"Removed {count} checkpoint{'s' if count != 1 else ''} ({humanize.size(freed)}) for {self.kernel.identity}."
+            f"Removed {humanize.plural(count, 'checkpoint')} ({humanize.size(freed)}) for {self.kernel.shown_identity}. "
+            "A restart now starts with an empty namespace: the variables you have now are not saved again "
+            "unless you assign them anew; new variables are saved as usual."
         )
-        if self.kernel.enabled:
-            print("The current variables are saved again after this cell; %checkpoint off stops that.")
+
+    def _do_adopt(self, args: list[str]) -> None:
+        if len(args) != 1:
+            raise UsageError("%checkpoint adopt takes the old notebook's path (as 'durable-kernel list' shows it)")
+        moved = self.kernel.adopt(args[0])
+        if not moved.generations:
+            print("Nothing to adopt.")
+            return
+        newest = self.notebook.read_manifest(moved.generations[-1])
+        print(f"Adopted {humanize.plural(len(moved.generations), 'checkpoint')} of {printable(moved.source)}.")
+        if moved.left_behind:
+            print(f"{humanize.plural(moved.left_behind, 'checkpoint')} this user's key cannot verify stayed behind.")
+        self._restore(newest, f"Restored its newest, checkpoint {newest.generation}")
 
     def _do_off(self, args: list[str]) -> None:
         self._no_args(args, "off")

@@ -229,7 +229,7 @@ def test_show_bad_inputs_are_one_line(store, tmp_path):
     one_line_error(run("show", str(tmp_path / "nb.ipynb"), "--generation", "x"), 2, "not a checkpoint id")
     one_line_error(run("show"), 2, "NOTEBOOK")
     # A tampered manifest is refused (its signature no longer matches), not shown.
-    path = nb._manifest_path(1)
+    path = nb.manifest_path(1)
     path.write_bytes(path.read_bytes().replace(b'"a"', b'"A"'))
     one_line_error(run("show", str(tmp_path / "nb.ipynb"), "--generation", "1"), 1, "not signed with this user's key")
     one_line_error(run("show", str(tmp_path / "nb.ipynb")), 1, "no readable checkpoint")
@@ -303,7 +303,7 @@ def _make_garbage(store: Store):
     nb.commit(snapshot({"shared": shared, "extra": only_new}), execution_count=2)
     nb.commit(snapshot({"shared": shared, "extra": only_new, "x": 1}), execution_count=3)
     # A crash between dropping generation 1's manifest and sweeping its blobs:
-    nb._manifest_path(1).unlink()
+    nb.manifest_path(1).unlink()
     leftovers = [
         nb.manifests_dir / ".tmp-123-abcd",
         next(p for p in nb.blobs_dir.iterdir() if p.is_dir()) / ".tmp-123-beef",
@@ -356,7 +356,7 @@ def test_gc_frees_orphans_and_temp_files_and_keeps_every_needed_blob(store):
 def test_gc_keeps_all_blobs_while_a_manifest_cannot_be_parsed(store):
     nb, _ = _make_garbage(store)
     before = _blob_files(nb)
-    nb._manifest_path(2).write_bytes(b"durable-kernel-manifest\nff\n{truncated")
+    nb.manifest_path(2).write_bytes(b"durable-kernel-manifest\nff\n{truncated")
     result = ok("gc")
     assert "Removed 3 files" in result.stdout  # the temp files only
     assert "kept all its data because checkpoint 2 cannot be parsed" in result.stderr

@@ -350,7 +350,7 @@ def test_fuzz_signed_manifests_with_random_structure(template, tmp_path, capsys)
         nonlocal tried
         tried += 1
         nb = fresh_copy(template, tmp_path / "store")
-        path = nb._manifest_path(gen)
+        path = nb.manifest_path(gen)
         data = json.loads(path.read_bytes().split(b"\n", 2)[2])
         for c in changes:
             change_structure(data, c)
@@ -383,7 +383,7 @@ def test_fuzz_signed_manifests_with_random_structure(template, tmp_path, capsys)
 
 def test_non_ascii_signature_byte_is_refused_cleanly(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
-    path = nb._manifest_path(3)
+    path = nb.manifest_path(3)
     raw = bytearray(path.read_bytes())
     raw[len(manifest_format.MAGIC)] |= 0x80  # one bit of the signature line flips
     path.write_bytes(bytes(raw))
@@ -396,7 +396,7 @@ def test_non_ascii_signature_byte_is_refused_cleanly(template, tmp_path):
 
 def test_manifest_past_the_size_limit_is_refused_unread(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
-    with open(nb._manifest_path(3), "r+b") as f:
+    with open(nb.manifest_path(3), "r+b") as f:
         f.truncate(manifest_format.MAX_MANIFEST_BYTES + 1)  # sparse: nothing is allocated
     restored, reasons = nb.load_latest_with_reasons()
     assert restored.manifest.generation == 2 and "implausibly large" in reasons[0]
@@ -404,7 +404,7 @@ def test_manifest_past_the_size_limit_is_refused_unread(template, tmp_path):
 
 def test_buffer_with_a_huge_declared_size_is_refused(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
-    path = nb._manifest_path(3)
+    path = nb.manifest_path(3)
     data = json.loads(path.read_bytes().split(b"\n", 2)[2])
     arr = next(v for v in data["variables"] if v["name"] == "arr")
     arr["buffers"][0]["size"] = 1 << 62
@@ -416,7 +416,7 @@ def test_buffer_with_a_huge_declared_size_is_refused(template, tmp_path):
 def test_payload_blob_far_larger_than_the_manifest_says_is_refused_unread(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
     big = next(v for v in nb.read_manifest(3).variables if v["name"] == "big")
-    with open(nb._blob_path(big["digest"]), "r+b") as f:
+    with open(nb.blob_path(big["digest"]), "r+b") as f:
         f.truncate(1 << 40)  # 1 TiB, sparse
     restored, reasons = nb.load_latest_with_reasons()
     assert restored.manifest.generation == 2, reasons
@@ -424,7 +424,7 @@ def test_payload_blob_far_larger_than_the_manifest_says_is_refused_unread(templa
 
 def test_huge_manifest_among_the_kept_generations_does_not_stop_commits(template, tmp_path):
     nb = fresh_copy(template, tmp_path / "store")
-    with open(nb._manifest_path(2), "r+b") as f:
+    with open(nb.manifest_path(2), "r+b") as f:
         f.truncate(1 << 40)  # 1 TiB, sparse
     nb.commit(snapshot({"x": 4}), execution_count=4, keep=5)
     assert nb.load_latest().values == {"x": 4}
@@ -443,8 +443,8 @@ def test_kernel_starts_and_falls_back_over_a_store_full_of_hostile_files(start_k
     nb.commit(snapshot({"good": "gen 1"}), execution_count=1, keep=20)
     for gen in range(2, 9):
         nb.commit(snapshot({"good": f"gen {gen}", "big": list(range(20_000 + gen))}), execution_count=gen, keep=20)
-    manifests = {gen: nb._manifest_path(gen) for gen in range(2, 9)}
-    blob = {gen: nb._blob_path(nb.read_manifest(gen).variables[1]["digest"]) for gen in range(2, 9)}
+    manifests = {gen: nb.manifest_path(gen) for gen in range(2, 9)}
+    blob = {gen: nb.blob_path(nb.read_manifest(gen).variables[1]["digest"]) for gen in range(2, 9)}
     raw = bytearray(manifests[8].read_bytes())
     raw[-3] ^= 1
     manifests[8].write_bytes(bytes(raw))  # flipped byte

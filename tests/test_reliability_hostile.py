@@ -39,7 +39,7 @@ def our_store(jupyter_dirs) -> Store:
 def signed_gen2(nb, key: bytes, change) -> Path:
     """Write checkpoint 2 as a copy of a real one with ``change(data)`` applied, signed with ``key``."""
     nb.commit(snapshot({"x": 2}), execution_count=2)
-    path = nb._manifest_path(2)
+    path = nb.manifest_path(2)
     data = json.loads(path.read_bytes().split(b"\n", 2)[2])
     change(data)
     path.write_bytes(manifest_format.encode(data, key))
@@ -64,10 +64,10 @@ def plant(case: str, nb, tmp_path: Path, sentinel: Path) -> str:
     if case == "evil blob":
         nb.commit(snapshot({"x": 2, "big": list(range(20_000))}), execution_count=2)
         big = next(v for v in nb.read_manifest(2).variables if v["name"] == "big")
-        nb._blob_path(big["digest"]).write_bytes(evil_pickle(sentinel))
+        nb.blob_path(big["digest"]).write_bytes(evil_pickle(sentinel))
         return "does not match its digest"
     if case == "evil pickle as manifest":
-        nb._manifest_path(2).write_bytes(evil_pickle(sentinel))
+        nb.manifest_path(2).write_bytes(evil_pickle(sentinel))
         return "is not a durable-kernel manifest"
     if case == "evil inline, unsigned":
         path = signed_gen2(nb, b"", _evil_inline(sentinel))
@@ -84,7 +84,7 @@ def plant(case: str, nb, tmp_path: Path, sentinel: Path) -> str:
         big = next(v for v in nb.read_manifest(2).variables if v["name"] == "big")
         target = elsewhere / "evil.pkl"
         target.write_bytes(evil_pickle(sentinel))
-        blob = nb._blob_path(big["digest"])
+        blob = nb.blob_path(big["digest"])
         blob.unlink()
         blob.symlink_to(target)
         return "is a symlink"
@@ -92,7 +92,7 @@ def plant(case: str, nb, tmp_path: Path, sentinel: Path) -> str:
         # checkpoint 2 is a symlink to a manifest elsewhere (one another key signed, holding a trap)
         other = Store(elsewhere, OTHER_KEY).notebook(SESSION)
         other.commit(snapshot({"x": 2, "trap": Evil(str(sentinel))}), execution_count=2)
-        nb._manifest_path(2).symlink_to(other._manifest_path(1))
+        nb.manifest_path(2).symlink_to(other.manifest_path(1))
         return "not a regular file"
     if case == "newer schema":
         signed_gen2(nb, nb.store.key, lambda d: d.update(schema=manifest_format.SCHEMA_VERSION + 1))
@@ -121,7 +121,7 @@ def test_planted_checkpoint_never_runs_and_the_kernel_falls_back(case, start_ker
     nb = our_store(jupyter_dirs).notebook(SESSION)
     nb.commit(snapshot({"x": 1}), execution_count=1)
     expected = plant(case, nb, tmp_path, sentinel)
-    assert 2 in nb.generations() or nb._manifest_path(2).is_symlink()
+    assert 2 in nb.generations() or nb.manifest_path(2).is_symlink()
     kernel = start_kernel(session=SESSION)
     assert kernel.value("x") == "1"
     assert "could not be used" in kernel.banner and expected in kernel.banner, kernel.banner
@@ -168,7 +168,7 @@ nb.commit(snapshot({"x": 2, "big": list(range(20000)), "arr": np.ones(100000)}),
 man = nb.read_manifest(2)
 big = next(v for v in man.variables if v["name"] == "big")["digest"]
 arr = next(v for v in man.variables if v["name"] == "arr")["buffers"][0]["digest"]
-path = nb._blob_path(big if sys.argv[3] == "payload" else arr)
+path = nb.blob_path(big if sys.argv[3] == "payload" else arr)
 path.unlink()
 if sys.argv[2] == "directory":
     path.mkdir()
@@ -234,7 +234,7 @@ def test_kernel_falls_back_past_a_blob_that_is_a_directory(start_kernel, jupyter
     nb.commit(snapshot({"x": 1}), execution_count=1)
     nb.commit(snapshot({"x": 2, "big": list(range(20_000))}), execution_count=2)
     big = next(v for v in nb.read_manifest(2).variables if v["name"] == "big")
-    path = nb._blob_path(big["digest"])
+    path = nb.blob_path(big["digest"])
     path.unlink()
     path.mkdir()
     kernel = start_kernel(session=SESSION)

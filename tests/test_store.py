@@ -132,7 +132,7 @@ def test_keeps_the_last_generations_and_their_blobs_only(store):
 def test_a_kept_manifest_that_cannot_be_read_for_now_keeps_every_blob(store, monkeypatch):
     nb = store.notebook("a.ipynb")
     commit(nb, {"arr": np.full(50_000, 1)}, count=1, keep=3)
-    unreadable = str(nb._manifest_path(1))
+    unreadable = str(nb.manifest_path(1))
     real_open = os.open
 
     def open_with_an_io_error(path, flags, *args, **kwargs):
@@ -173,20 +173,28 @@ def test_manifest_records_what_the_issue_asks(store):
 
 
 def _newest_manifest(nb) -> Path:
-    return nb._manifest_path(nb.generations()[0])
+    return nb.manifest_path(nb.generations()[0])
 
 
-def test_truncated_blob_falls_back_to_the_previous_generation(store):
+def test_truncated_blob_costs_only_its_variable(store):
     nb = store.notebook("a.ipynb")
-    commit(nb, {"arr": np.zeros(100_000)}, count=1)
-    commit(nb, {"arr": np.ones(100_000)}, count=2)
-    newest_blob = nb._blob_path(nb.read_manifest(2).variables[0]["buffers"][0]["digest"])
+    commit(nb, {"arr": np.zeros(100_000), "kept": 1}, count=1)
+    commit(nb, {"arr": np.ones(100_000), "kept": 2}, count=2)
+    newest_blob = nb.blob_path(nb.read_manifest(2).variables[0]["buffers"][0]["digest"])
     with open(newest_blob, "r+b") as f:
         f.truncate(100)
     restored = nb.load_latest()
-    assert restored.manifest.generation == 1
-    assert (restored.values["arr"] == 0).all()
-    assert "truncated" in restored.fallbacks[0]
+    assert restored.manifest.generation == 2
+    assert restored.values == {"kept": 2}
+    assert "truncated" in restored.damaged["arr"]
+
+
+def test_an_older_intact_version_of_a_damaged_variable_is_found(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"arr": np.zeros(100_000)}, count=1)
+    commit(nb, {"arr": np.ones(100_000)}, count=2)
+    os.truncate(nb.blob_path(nb.read_manifest(2).variables[0]["buffers"][0]["digest"]), 100)
+    assert nb.older_copies(["arr"], newer_than=2) == {"arr": 1}
 
 
 def test_flipped_manifest_byte_is_caught_by_the_signature(store):
@@ -208,8 +216,9 @@ def test_blob_with_wrong_content_is_never_unpickled(store, tmp_path):
     digest = nb.read_manifest(1).variables[0]["digest"]
     sentinel = tmp_path / "pwned"
     evil = pickle.dumps(_Evil(str(sentinel)))
-    nb._blob_path(digest).write_bytes(evil)
-    assert nb.load_latest() is None
+    nb.blob_path(digest).write_bytes(evil)
+    restored = nb.load_latest()
+    assert restored.values == {} and "does not match its digest" in restored.damaged["big"]
     assert not sentinel.exists()
 
 
@@ -330,41 +339,50 @@ def test_blob_damaged_in_place_is_written_again_when_the_same_data_is_saved(stor
     nb = store.notebook("a.ipynb")
     big = list(range(20_000))
     commit(nb, {"big": big}, count=1)
-    blob = nb._blob_path(nb.read_manifest(1).variables[0]["digest"])
+    blob = nb.blob_path(nb.read_manifest(1).variables[0]["digest"])
     _flip_a_byte(blob)
-    assert nb.load_latest() is None
+    assert "big" in nb.load_latest().damaged
     assert not blob.exists()  # set aside: the next commit must not take it for stored
     commit(nb, {"big": big}, count=2)
-    assert nb.generations() == [2, 1]  # a new generation, not the damaged one refreshed in place
     assert store.notebook("a.ipynb").load_latest().values == {"big": big}
     assert [p.name for p in blob.parent.iterdir()] == [blob.name]  # the damaged copy was swept
 
 
-def test_commit_after_a_damaged_load_checks_every_blob_it_reuses_once(store, monkeypatch):
+def test_a_blob_changed_on_disk_is_checked_and_written_again_by_the_next_commit_without_any_load(store):
+    """One flipped byte in a blob that later cells reuse: the commit notices (its file changed
+    since it was recorded), says which variable it repaired, and the store loads again."""
     nb = store.notebook("a.ipynb")
     values = {"a": list(range(20_000)), "b": np.arange(100_000)}
     commit(nb, values, count=1)
     var_a, var_b = sorted(nb.read_manifest(1).variables, key=lambda v: v["name"])
-    for path in (nb._blob_path(var_a["digest"]), nb._blob_path(var_b["buffers"][0]["digest"])):
+    for path in (nb.blob_path(var_a["digest"]), nb.blob_path(var_b["buffers"][0]["digest"])):
         _flip_a_byte(path)
-    assert nb.load_latest() is None  # stops at the first damaged blob: the other is left in place
-    commit(nb, values, count=2)
-    restored = store.notebook("a.ipynb").load_latest().values
-    assert restored["a"] == values["a"] and (restored["b"] == values["b"]).all()
-
-    checked = []
-    monkeypatch.setattr(type(nb), "_blob_intact", lambda self, d, size: checked.append(d) or True)
-    commit(nb, {**values, "c": 3}, count=3)
-    assert checked == []  # once the newest generation is good, reused blobs are trusted unread
+    result = commit(nb, {**values, "c": 3}, count=2)
+    assert result.repaired == ["a", "b"]
+    restored = store.notebook("a.ipynb").load_latest(verify_buffers=True)
+    assert restored.values["a"] == values["a"] and (restored.values["b"] == values["b"]).all()
 
 
-def test_payload_blob_that_is_not_a_regular_file_falls_back(store):
+def test_reused_blobs_whose_files_are_unchanged_are_not_read_again(store, monkeypatch):
+    from durable_kernel.checkpoints import store as store_module
+
+    nb = store.notebook("a.ipynb")
+    values = {"a": list(range(20_000)), "b": np.arange(100_000)}
+    commit(nb, values, count=1)
+    read = []
+    real = store_module._file_digest
+    monkeypatch.setattr(store_module, "_file_digest", lambda path, size: read.append(path) or real(path, size))
+    commit(nb, {**values, "c": 3}, count=2)
+    assert read == []
+
+
+def test_payload_blob_that_is_not_a_regular_file_costs_only_its_variable(store):
     nb = store.notebook("a.ipynb")
     commit(nb, {"x": 1}, count=1)
-    commit(nb, {"big": list(range(20_000))}, count=2)
-    blob = nb._blob_path(nb.read_manifest(2).variables[0]["digest"])
+    commit(nb, {"x": 1, "big": list(range(20_000))}, count=2)
+    blob = nb.blob_path(nb.read_manifest(2).variables[1]["digest"])
     blob.unlink()
     blob.mkdir()
     restored = nb.load_latest()
     assert restored.values == {"x": 1}
-    assert "not a regular file" in restored.fallbacks[0]
+    assert "not a regular file" in restored.damaged["big"]
