@@ -369,14 +369,16 @@ class NotebookStore:
         except (CheckpointError, OSError):
             return None
 
-    def _prune_locked(self, keep: int, signed: dict[int, dict[str, Any] | None]) -> None:
+    def _prune_locked(self, keep: int, signed: dict[int, dict[str, Any] | None] | None = None) -> None:
         """Drop verified generations beyond ``keep``, then blobs no kept manifest needs.
 
         ``signed`` maps each generation to its verified JSON (None: it does not
-        verify).  A manifest that does not verify (another key, a newer schema,
+        verify); read here if not given.  A manifest that does not verify (another key, a newer schema,
         unreadable just now) neither counts nor is deleted: it may be good with
         the right key or version, and so are the blobs it names.
         """
+        if signed is None:
+            signed = {gen: self._signed_or_none(gen) for gen in self.generations()}
         verified = [gen for gen in sorted(signed, reverse=True) if signed[gen] is not None]
         for gen in verified[max(keep, 1):]:
             with contextlib.suppress(FileNotFoundError):

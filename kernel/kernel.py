@@ -313,8 +313,8 @@ class DurableKernel(IPythonKernel):
         kernel ran): move the state saved under the old name to the new one."""
         assert self.store is not None and self.notebook is not None
         kernel = self._writer["kernel"]
-        if not kernel:
-            return []
+        if not kernel or not self._identity_final:
+            return []  # a provisional identity (VS Code has not named the notebook yet) follows nothing
         mine = maintenance.newest_verified(self.notebook)
         if mine is not None and mine.data.get("writer", {}).get("kernel") == kernel:
             return []  # a plain restart: the newest state is already this notebook's

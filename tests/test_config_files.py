@@ -6,9 +6,10 @@ config dir and an IPython dir of its own (so the user's real ``~/.jupyter`` and
 variable the option is about and one it is not, commits the checkpoint, kills
 the kernel with SIGKILL and starts it again with the same config.
 
-The files README.md names that a kernel does not read today are marked
-``xfail(strict=True)``, with the reason; once the kernel reads them the test
-passes, strict turns that into a failure, and the mark is to be removed.
+Until issue 9, only ``ipython_config.py`` was read: the app's name made
+IPython look for ``durable_kernel_config.py`` instead of
+``ipython_kernel_config.py``, and no kernel reads Jupyter's config dir unless
+it is told to (``kernelapp.DurableKernelApp.load_config_file``).
 """
 
 from __future__ import annotations
@@ -62,29 +63,14 @@ def assert_exclude_is_honoured(pool, config_file: str) -> None:
     holds(restarted, "'secret_token' not in globals()")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernel never reads the Jupyter config dir: IPKernelApp is not a JupyterApp, and its config "
-    "search path is the IPython profile, sys.prefix/etc/ipython, /usr/local/etc/ipython and /etc/ipython",
-)
 def test_exclude_in_ipython_kernel_config_py_in_the_jupyter_config_dir_is_honoured(pool):
     assert_exclude_is_honoured(pool, f"{JUPYTER_CONFIG_DIR}/ipython_kernel_config.py")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DurableKernelApp.name is 'durable-kernel', so IPython's config_file_name default makes the kernel "
-    "look for durable_kernel_config.py in the profile instead of ipython_kernel_config.py",
-)
 def test_exclude_in_ipython_kernel_config_py_in_the_ipython_profile_is_honoured(pool):
     assert_exclude_is_honoured(pool, f"{IPYTHON_PROFILE}/ipython_kernel_config.py")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernel never reads the Jupyter config dir (see above); jupyter_config.py is read by "
-    "Jupyter applications (jupyter server, jupyter lab), not by kernels",
-)
 def test_exclude_in_jupyter_config_py_in_the_jupyter_config_dir_is_honoured(pool):
     assert_exclude_is_honoured(pool, f"{JUPYTER_CONFIG_DIR}/jupyter_config.py")
 

@@ -11,7 +11,7 @@ import base64
 import os
 import pickle
 
-from conftest import KernelPool, user_variables, wait_saved
+from conftest import KernelPool, holds, user_variables, wait_saved
 
 SESSION = "damage.ipynb"
 FIRST = "b'first ' * 10_000"  # bigger than what a manifest keeps inline: stored as a blob file
@@ -58,7 +58,7 @@ def blob_of(notebook, generation: int, name: str):
     return notebook.blobs_dir / var["digest"][:2] / var["digest"]
 
 
-def assert_fell_back_to_first(kernel, reason: str) -> None:
+def assert_fell_back_to_first(kernel, reason: str) -> None:  # for damage to a manifest
     """The previous generation came back, and the user was told why the newest did not."""
     expected = f"durable-kernel: the newest checkpoint could not be used (checkpoint 2{reason}"
     first_cell = kernel.execute("pass")
@@ -68,16 +68,30 @@ def assert_fell_back_to_first(kernel, reason: str) -> None:
     assert "restored the one before it (checkpoint 1)." in first_cell.stderr
 
 
-def test_truncated_blob_in_newest_checkpoint_falls_back_to_the_previous_one(pool):
-    notebook = two_checkpoints(pool, f"kept = 'kept'\ndata = {FIRST}", f"data = {SECOND}")
+def assert_only_data_lost_and_its_older_copy_offered(kernel, reason: str) -> None:
+    """The newest checkpoint came back but for ``data``, whose damage is named, with the
+    command that brings back its intact older version from checkpoint 1 (which works)."""
+    first_cell = kernel.execute("pass")
+    damaged = f"durable-kernel: not restored: data (its saved data is damaged ({reason}))"
+    offer = "durable-kernel: an older version of data is intact in checkpoint 1: '%checkpoint restore 1 data' brings it back."
+    for told in (kernel.banner, first_cell.stderr):
+        assert damaged in told and offer in told, told
+    assert "data" not in user_variables(kernel)
+    out = kernel.execute("%checkpoint restore 1 data")
+    assert not out.error, out.error
+    assert kernel.value("data") == repr(eval(FIRST))
+
+
+def test_truncated_blob_in_newest_checkpoint_costs_only_its_variable(pool):
+    notebook = two_checkpoints(pool, f"kept = 'kept'\ndata = {FIRST}", f"data = {SECOND}\nnewer = 2")
     blob = blob_of(notebook, 2, "data")
     os.truncate(blob, blob.stat().st_size // 2)
     kernel = pool.start(session=SESSION)
-    assert_fell_back_to_first(kernel, ": variable 'data' does not match its digest")
-    assert kernel.value("kept") == "'kept'"
+    assert_only_data_lost_and_its_older_copy_offered(kernel, "variable 'data' does not match its digest")
+    assert kernel.value("(kept, newer)") == "('kept', 2)"
 
 
-def test_truncated_array_buffer_in_newest_checkpoint_falls_back_to_the_previous_one(pool):
+def test_truncated_array_buffer_in_newest_checkpoint_costs_only_its_variable(pool):
     notebook = two_checkpoints(
         pool,
         f"import numpy as np\ndata = {FIRST}\nvec = np.ones(100_000)",
@@ -88,7 +102,10 @@ def test_truncated_array_buffer_in_newest_checkpoint_falls_back_to_the_previous_
     path = notebook.blobs_dir / buffer["digest"][:2] / buffer["digest"]
     os.truncate(path, 1000)
     kernel = pool.start(session=SESSION)
-    assert_fell_back_to_first(kernel, f": blob {buffer['digest'][:12]} has 1000 bytes, expected 800000 (truncated?)")
+    holds(kernel, "'vec' not in dir() and data == " + SECOND)
+    assert f"not restored: vec (its saved data is damaged (blob {buffer['digest'][:12]} has 1000 bytes, " \
+        "expected 800000 (truncated?)))" in kernel.banner, kernel.banner
+    assert kernel.execute("%checkpoint restore 1 vec").error == ""
     assert kernel.value("float(vec.sum())") == "100000.0"
 
 
@@ -130,20 +147,20 @@ def test_planted_pickle_in_a_blob_file_is_never_unpickled(pool, tmp_path):
     blob_of(notebook, 2, "data").write_bytes(planted_pickle(sentinel))
     kernel = pool.start(session=SESSION)
     assert not sentinel.exists()
-    assert_fell_back_to_first(kernel, ": variable 'data' does not match its digest")
+    assert_only_data_lost_and_its_older_copy_offered(kernel, "variable 'data' does not match its digest")
+    assert not sentinel.exists()
 
 
-def test_only_checkpoint_damaged_starts_fresh_and_says_so(pool):
-    notebook = two_checkpoints(pool, f"data = {FIRST}")
+def test_only_copy_damaged_says_so_and_restores_the_rest(pool):
+    notebook = two_checkpoints(pool, f"data = {FIRST}\nother = 1")
     os.truncate(blob_of(notebook, 1, "data"), 10)
     kernel = pool.start(session=SESSION)
     first_cell = kernel.execute("pass")
     assert not first_cell.error
-    assert first_cell.stderr.splitlines() == [
-        f"durable-kernel: no checkpoint for {SESSION} could be loaded; starting with an empty namespace.",
-        "durable-kernel:   checkpoint 1: variable 'data' does not match its digest",
+    assert first_cell.stderr.splitlines()[1:] == [
+        "durable-kernel: not restored: data (its saved data is damaged (variable 'data' does not match its digest))",
     ]
-    assert user_variables(kernel) == []
+    assert user_variables(kernel) == ["other"]
 
 
 def test_nothing_stored_starts_fresh_without_error(pool):
@@ -161,7 +178,7 @@ def test_data_computed_again_after_its_blob_was_corrupted_is_saved_again(pool):
     raw[100] ^= 0xFF  # one flipped bit on disk, same size
     blob.write_bytes(bytes(raw))
     kernel = pool.start(session=SESSION)
-    assert "could be loaded; starting with an empty namespace" in kernel.banner
+    assert "not restored: data (its saved data is damaged" in kernel.banner
     assert not kernel.execute(f"data = {FIRST}").error  # the user runs the notebook again
     wait_saved(kernel)
     kernel.kill()

@@ -2,7 +2,9 @@
 
 A store holds a good checkpoint 1 (``x = 1``) and a planted checkpoint 2.  Every
 planted malicious pickle would run ``touch <sentinel>`` if unpickled: the sentinel
-must never appear, the kernel must start, fall back to checkpoint 1 and say why.
+must never appear, the kernel must start and say why.  A planted manifest makes
+it fall back to checkpoint 1; a planted blob costs only the variable stored in
+it (the rest of checkpoint 2 comes back).
 (Flipped bytes, truncated blobs, another key's manifest and newer schemas at the
 library level are in test_store.py; random ones in test_fuzz_loader.py.)
 """
@@ -116,20 +118,23 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_planted_checkpoint_never_runs_and_the_kernel_falls_back(case, start_kernel, jupyter_dirs, tmp_path, capsys):
+def test_planted_checkpoint_never_runs_and_the_kernel_says_why(case, start_kernel, jupyter_dirs, tmp_path, capsys):
     sentinel = tmp_path / "untrusted-code-ran"
     nb = our_store(jupyter_dirs).notebook(SESSION)
     nb.commit(snapshot({"x": 1}), execution_count=1)
     expected = plant(case, nb, tmp_path, sentinel)
     assert 2 in nb.generations() or nb.manifest_path(2).is_symlink()
     kernel = start_kernel(session=SESSION)
-    assert kernel.value("x") == "1"
-    assert "could not be used" in kernel.banner and expected in kernel.banner, kernel.banner
+    blob_case = "blob" in case
+    assert kernel.value("x") == ("2" if blob_case else "1")
+    told = "not restored: big (its saved data is damaged" if blob_case else "could not be used"
+    assert told in kernel.banner and expected in kernel.banner, kernel.banner
     assert kernel.value("'trap' in globals() or 'big' in globals()") == "False"
     kernel.execute("y = 2")
     wait_saved(kernel)
     assert not sentinel.exists()
-    report(f"planted: {case}", capsys, kernel_started=True, fell_back_to=1, untrusted_code_ran=int(sentinel.exists()))
+    report(f"planted: {case}", capsys, kernel_started=True, restored=2 if blob_case else 1,
+           untrusted_code_ran=int(sentinel.exists()))
 
 
 @pytest.mark.parametrize("mode", [0o770, 0o707])
@@ -176,7 +181,9 @@ else:
     os.mkfifo(path, 0o600)
 try:
     restored, reasons = nb.load_latest_with_reasons()
-    print(json.dumps({"generation": restored.manifest.generation if restored else None, "reasons": reasons}))
+    print(json.dumps({"generation": restored.manifest.generation if restored else None, "reasons": reasons,
+                      "restored": sorted(restored.values) if restored else [],
+                      "damaged": sorted(restored.damaged) if restored else []}))
 except CheckpointError as exc:
     print(json.dumps({"error": "CheckpointError: %s" % exc}))
 except Exception as exc:
@@ -220,16 +227,18 @@ def _run_until_done_or_blocked_on_a_fifo(args: list[str]) -> tuple[str, bool]:
         ("directory", "buffer"),
     ],
 )
-def test_blob_that_is_not_a_regular_file_is_refused_and_falls_back(kind, blob, tmp_path):
+def test_blob_that_is_not_a_regular_file_is_refused_and_costs_only_its_variable(kind, blob, tmp_path):
     out, blocked = _run_until_done_or_blocked_on_a_fifo(
         [sys.executable, "-c", NON_REGULAR, str(tmp_path / "store"), kind, blob]
     )
     assert not blocked, f"loading a store whose {blob} blob is a {kind} blocked forever"
     result = json.loads(out)
-    assert result.get("generation") == 1, result
+    lost = "big" if blob == "payload" else "arr"
+    assert result.get("generation") == 2, result
+    assert result["damaged"] == [lost] and lost not in result["restored"] and "x" in result["restored"], result
 
 
-def test_kernel_falls_back_past_a_blob_that_is_a_directory(start_kernel, jupyter_dirs):
+def test_kernel_restores_the_rest_past_a_blob_that_is_a_directory(start_kernel, jupyter_dirs):
     nb = our_store(jupyter_dirs).notebook(SESSION)
     nb.commit(snapshot({"x": 1}), execution_count=1)
     nb.commit(snapshot({"x": 2, "big": list(range(20_000))}), execution_count=2)
@@ -238,4 +247,5 @@ def test_kernel_falls_back_past_a_blob_that_is_a_directory(start_kernel, jupyter
     path.unlink()
     path.mkdir()
     kernel = start_kernel(session=SESSION)
-    assert kernel.value("x") == "1", kernel.banner
+    assert kernel.value("x") == "2", kernel.banner
+    assert "not restored: big (its saved data is damaged (blob" in kernel.banner and "is not a regular file" in kernel.banner
