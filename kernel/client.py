@@ -35,6 +35,7 @@ class Kernel:
         extra_arguments: list[str] | None = None,
         startup_timeout: float = 60,
         log_file: str | None = None,
+        **start_kwargs: Any,
     ):
         self.km = KernelManager(kernel_name=kernel_name)
         full_env = {**os.environ, **(env or {})}
@@ -42,7 +43,8 @@ class Kernel:
         # The kernel's own log (its stderr) goes to log_file, or nowhere.
         self._log = open(log_file or os.devnull, "ab")  # noqa: SIM115 - closed in close()
         self.km.start_kernel(
-            env=full_env, cwd=cwd, extra_arguments=extra_arguments or [], stderr=self._log, stdout=self._log
+            env=full_env, cwd=cwd, extra_arguments=extra_arguments or [], stderr=self._log, stdout=self._log,
+            **start_kwargs,
         )
         self.kc = self.km.client()
         self.kc.start_channels()
@@ -107,6 +109,13 @@ class Kernel:
         os.kill(self.pid, signal.SIGKILL)
         self.km.provisioner.process.wait(timeout=30)  # type: ignore[union-attr]
         self.close()
+
+    def restart(self) -> None:
+        """Kernel -> Restart as JupyterLab and jupyter_client do it: a shutdown request, the
+        client's default wait (then its signals), a new kernel on the same ports."""
+        self.km.restart_kernel(now=False)
+        self.kc.wait_for_ready(timeout=120)
+        self.info = self._kernel_info()
 
     def shutdown(self) -> None:
         """A clean shutdown, as a client's restart or close does."""
