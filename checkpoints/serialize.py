@@ -111,6 +111,10 @@ class NotRestored:
     def __repr__(self) -> str:
         return f"<{self.name} was not restored ({self.type}): {self.reason}. {self.advice}>"
 
+    def __reduce__(self) -> Any:
+        # Met inside another variable (``items = [df]``): kept as this placeholder.
+        return (NotRestored, (self.name, self.type, self.reason, self.advice, self.entry))
+
     def __getattr__(self, attribute: str) -> Any:
         raise AttributeError(
             f"{self.name} was not restored ({self.reason}), so it has no attribute {attribute!r}. {self.advice}"
@@ -371,7 +375,7 @@ def _snapshot(
             variables.append(Variable(name, tname, "alias", target=owner))
             continue
         if type(value) is NotRestored:
-            variables.append(Variable(name, value.type, "pickle", stored=value.entry))
+            variables.append(Variable(name, value.type, value.entry.get("kind", "pickle"), stored=value.entry))
             continue
         if isinstance(value, types.ModuleType):
             if sys.modules.get(value.__name__) is value:

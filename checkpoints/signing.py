@@ -61,14 +61,15 @@ def read_key(path: Path, warnings: list[str] | None = None) -> bytes | None:
     which a full disk can leave behind and which never signed anything)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # not created yet (creating it says what stands in the way)
     except OSError as exc:
         raise KeyProblem(f"cannot read the signing key {path} ({exc.strerror or exc}); {_fix(path)}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise KeyProblem(f"the signing key {path} is not a regular file; {_fix(path)}")
     with open(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyProblem(f"the signing key {path} is not a regular file; {_fix(path)}")
         if info.st_uid != os.geteuid():
             raise KeyProblem(
                 f"the signing key {path} belongs to another user (uid {info.st_uid}), who could forge "

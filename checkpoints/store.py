@@ -758,6 +758,8 @@ class _BlobWriter:
     def carry(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         """A manifest entry of an earlier checkpoint, kept as it was (its blobs still there)."""
         out = dict(entry)
+        if entry.get("kind") != "pickle":  # a module or an alias: a name, no data
+            return out
         digests = [] if "inline" in entry else [(entry["digest"], entry.get("size", 0), out)]
         out["buffers"] = [dict(b) for b in entry.get("buffers", [])]
         digests += [(b["digest"], b["size"], b) for b in out["buffers"]]

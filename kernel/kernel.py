@@ -88,13 +88,11 @@ def _time_limit(seconds: float | None):
 
 
 def _advice(reasons: list[str]) -> str:
-    """What to do about variables whose saved data could not be unpickled."""
+    """What to do about variables whose saved data could not be unpickled: ``install pandas and
+    restart the kernel to get it back``."""
     modules = sorted({m.group(1) for r in reasons for m in [_MISSING_MODULE.search(r)] if m})
     fix = f"install {' and '.join(modules)}" if modules else "fix the cause"
-    return (
-        f"To get {'it' if len(reasons) == 1 else 'them'} back, {fix} and restart the kernel; until then "
-        "the saved data is kept (assign or del the name to let it go)."
-    )
+    return f"{fix} and restart the kernel to get {'it' if len(reasons) == 1 else 'them'} back"
 
 
 class DurableKernel(IPythonKernel):
@@ -283,7 +281,10 @@ class DurableKernel(IPythonKernel):
         if restored is not None:
             reasons_by_name = {s.name: s.reason for s in restored.not_restored}
             placeholders = {
-                name: NotRestored(name, entry.get("type", "?"), reasons_by_name[name], _advice([reasons_by_name[name]]), entry)
+                name: NotRestored(
+                    name, entry.get("type", "?"), reasons_by_name[name],
+                    _advice([reasons_by_name[name]]).capitalize() + "; until then its saved data is kept.", entry,
+                )
                 for name, entry in restored.unloaded.items()
             }
             self.shell.user_ns.update(restored.values)
@@ -374,9 +375,11 @@ class DurableKernel(IPythonKernel):
             lines.append(f"{PREFIX}not restored: {humanize.names(missing, 10)}")
         if restored.unloaded:
             reasons_by_name = {s.name: s.reason for s in restored.not_restored}
+            kept = sorted(restored.unloaded)
             lines.append(
-                f"{PREFIX}{humanize.names(sorted(restored.unloaded))}: "
-                + _advice([reasons_by_name[n] for n in restored.unloaded])
+                f"{PREFIX}{humanize.names(kept)} {'is' if len(kept) == 1 else 'are'} kept as saved: "
+                + _advice([reasons_by_name[n] for n in kept])
+                + " (assign or del a name to let it go)."
             )
         if restored.damaged:
             assert self.notebook is not None
