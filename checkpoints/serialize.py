@@ -160,6 +160,10 @@ def _defined_in_notebook(obj: Any) -> bool:
     return found is not obj
 
 
+#: How often (in bytes of pickle written) a foreground save asks how much memory is left.
+_MEMORY_CHECK_BYTES = 1 << 20
+
+
 class TooLarge(Exception):
     """A variable grew past ``max_variable_bytes`` while being pickled."""
 
@@ -171,11 +175,15 @@ class _Output(io.BytesIO):
     refused after its first frames over the limit, not after 10 GiB of copies.
     """
 
-    def __init__(self, limit: int | None, memory: int | None = None):
+    def __init__(self, limit: int | None, memory_left: Callable[[], int | None] | None = None):
         super().__init__()
         self.limit = limit
-        #: bytes of memory the pickle itself may take (out-of-band buffers take none)
-        self.memory = memory
+        #: bytes the process may still allocate (None: unknown); asked every _MEMORY_CHECK_BYTES
+        #: written, so what the pickler's memo takes counts too, not only the pickle itself
+        self.memory_left = memory_left
+        # Not for the first MiB: small variables always fit, even when the
+        # allocator holds on to memory a failed big one freed.
+        self._next_memory_check = _MEMORY_CHECK_BYTES
         self.out_of_band = 0
 
     def write(self, data: Any) -> int:  # type: ignore[override]
@@ -186,8 +194,11 @@ class _Output(io.BytesIO):
     def check(self) -> None:
         if self.limit is not None and self.tell() + self.out_of_band > self.limit:
             raise TooLarge(f"larger than max_variable_bytes ({self.limit} bytes)")
-        if self.memory is not None and self.tell() > self.memory:
-            raise TooLarge("not enough free memory to save it")
+        if self.memory_left is not None and self.tell() >= self._next_memory_check:
+            self._next_memory_check = self.tell() + _MEMORY_CHECK_BYTES
+            left = self.memory_left()
+            if left is not None and left <= 0:
+                raise TooLarge("not enough free memory to save it")
 
 
 class _Pickler(pickle.Pickler):
@@ -297,7 +308,7 @@ def snapshot(
     skip: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
     stop_on: tuple[type[BaseException], ...] = (),
-    memory_budget: int | None = None,
+    memory_left: Callable[[], int | None] | None = None,
 ) -> Snapshot:
     """Pickle ``names`` (default: all) of ``namespace``, one variable at a time.
 
@@ -307,12 +318,13 @@ def snapshot(
     ``KeyboardInterrupt`` and the ``stop_on`` exception types propagate.
     ``skip`` maps names not to even try to the reason to report;
     ``progress(name)`` is called before each variable is pickled (so a caller
-    can tell which one hangs).  ``memory_budget`` bounds the bytes all pickles
-    together may take in memory (buffers that leave the pickle out-of-band
-    take none): a variable that does not fit is skipped.
+    can tell which one hangs).  ``memory_left()`` says how many more bytes
+    may be allocated (None: unknown): a variable whose pickling would bring
+    that to zero is skipped ("not enough free memory"), so saving in a
+    container near its memory limit never gets the process killed.
     """
     with _recursion_within_stack():
-        return _snapshot(namespace, names, max_variable_bytes, skip or {}, progress, stop_on, memory_budget)
+        return _snapshot(namespace, names, max_variable_bytes, skip or {}, progress, stop_on, memory_left)
 
 
 @contextlib.contextmanager
@@ -350,10 +362,9 @@ def _snapshot(
     skip: Mapping[str, str],
     progress: Callable[[str], None] | None,
     stop_on: tuple[type[BaseException], ...],
-    memory_budget: int | None,
+    memory_left: Callable[[], int | None] | None,
 ) -> Snapshot:
     names = list(namespace) if names is None else list(names)
-    in_memory = 0
     # id of each top-level object -> (its first name, that name's position)
     first_name: dict[int, tuple[str, int]] = {}
     for position, name in enumerate(names):
@@ -387,7 +398,7 @@ def _snapshot(
             progress(name)
         sharing = share_all
         while True:
-            buf = _Output(max_variable_bytes, None if memory_budget is None else memory_budget - in_memory)
+            buf = _Output(max_variable_bytes, memory_left)
             buffers: list[memoryview] = []
             if sharing:
                 pickler: _Pickler = _SharingPickler(buf, first_name, buffers, containers)
@@ -416,7 +427,6 @@ def _snapshot(
                 pickler.clear_memo()
             if not again:
                 variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))
-                in_memory += len(variables[-1].payload)
                 break
             sharing = True  # it holds an earlier variable's list or dict: keep them one object
     return Snapshot(variables, skipped)

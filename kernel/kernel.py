@@ -602,11 +602,11 @@ class DurableKernel(IPythonKernel):
         notebook, cell, writer = self.notebook, self._last_cell, {**self._writer, "seq": self._seq}
         skip = self._skipped_now()
 
-        def job(progress: Any = None, memory_budget: int | None = None, stop_on: tuple = ()) -> dict[str, Any]:
+        def job(progress: Any = None, memory_left: Any = None, stop_on: tuple = ()) -> dict[str, Any]:
             assert notebook is not None
             snap = snapshot(
                 self.shell.user_ns, self.names_to_save(), self.max_variable_bytes, skip=skip,
-                progress=progress, stop_on=stop_on, memory_budget=memory_budget,
+                progress=progress, stop_on=stop_on, memory_left=memory_left,
             )
             done = notebook.commit(
                 snap, execution_count=execution_count, cell=cell, keep=self.keep_generations, writer=writer
@@ -668,11 +668,13 @@ class DurableKernel(IPythonKernel):
         def progress(name: str) -> None:
             current[0] = name
 
-        mem = available_memory()
-        budget = None if mem.available is None else max(mem.available - _FOREGROUND_RESERVE, 0)
+        def memory_left() -> int | None:
+            available = available_memory().available
+            return None if available is None else available - _FOREGROUND_RESERVE
+
         try:
             with _time_limit(self.checkpoint_timeout or None):
-                result = job(progress, memory_budget=budget, stop_on=(_TookTooLong,))
+                result = job(progress, memory_left=memory_left, stop_on=(_TookTooLong,))
         except CheckpointError as exc:
             result = {"ok": False, "error": str(exc)}
         except _TookTooLong:
@@ -745,6 +747,11 @@ class DurableKernel(IPythonKernel):
                 humanize.size(result.get("bytes_written", 0)),
                 result.get("seconds", 0.0),
             )
+            ns = self.shell.user_ns
+            for name, _, reason in result.get("skipped", []):
+                if reason.startswith("not enough free memory") and name in ns:
+                    # Trying again after every cell would only bring the container to its limit again.
+                    self._stuck[name] = (id(ns[name]), f"{reason}; it is skipped until it is reassigned")
             skipped = {name: f"{tname}: {reason}" for name, tname, reason in result.get("skipped", [])}
             new = [f"{n} ({r})" for n, r in skipped.items() if self._reported_skips.get(n) != r]
             self._reported_skips = skipped
