@@ -231,6 +231,6 @@ def test_durable_kernel_mv_moves_the_state_to_the_new_path(start_kernel, tmp_pat
     wait_saved(kernel)
     kernel.shutdown()
     done = subprocess.run([sys.executable, "-m", "durable_kernel", "mv", str(old), str(new)],
-                          capture_output=True, text=True, env={**os.environ, **jupyter_dirs})
+                          capture_output=True, text=True, env={**os.environ, **jupyter_dirs}, timeout=60)
     assert done.returncode == 0 and f"to {new}" in done.stdout, done
     assert start_kernel(session=str(new)).value("nums") == "[1, 2, 3]"

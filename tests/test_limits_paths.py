@@ -151,12 +151,12 @@ def test_crash_leftovers_do_not_stop_saves_on_a_small_disk(start_kernel, tmp_pat
             folder.mkdir(exist_ok=True)
             (folder / f".tmp-99999{i}-dead").write_bytes(b"\0" * (22 * MiB))  # 66 MiB a crash left behind
         kernel = start_kernel(session="leftovers.ipynb", env=env)
-        assert not kernel.execute("import numpy as np\narr = np.ones(100 * 2**20 // 8)").error  # 100 MiB
+        assert not kernel.execute("import numpy as np\narr = np.ones(150 * 2**20 // 8)").error  # 150 MiB
         wait_saved(kernel)
         told = kernel.execute("pass").stderr
         assert "checkpoint not saved" not in told, told
         kernel.kill()
-        holds(start_kernel(session="leftovers.ipynb", env=env), "arr.sum() == 100 * 2**20 // 8")
+        holds(start_kernel(session="leftovers.ipynb", env=env), "arr.sum() == 150 * 2**20 // 8")
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
     report("66 MiB of crash leftovers on a 200 MiB disk", capsys, rounds=1, lost=0, untrusted_code_ran=0)

@@ -430,21 +430,27 @@ def test_a_key_readable_by_others_is_made_private_and_the_user_told(start_kernel
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
-def test_gc_while_notebooks_are_cleared_never_fails(start_kernel, jupyter_dirs):
-    store = the_store(jupyter_dirs)
+def test_gc_while_notebooks_are_cleared_never_fails(jupyter_dirs, capsys):
+    """``durable-kernel clear --all`` deleting folders while ``gc`` waits for their locks and walks them."""
+    import numpy as np
     from durable_kernel.checkpoints import snapshot
 
+    store = the_store(jupyter_dirs)
     failures = []
-    for round_ in range(15):
-        for i in range(4):
-            store.notebook(f"n{i}.ipynb").commit(snapshot({"data": list(range(5000 + round_))}), execution_count=1)
-        gc = subprocess.Popen([sys.executable, "-m", "durable_kernel", "gc"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, **jupyter_dirs})
-        clear = cli(jupyter_dirs, "clear", "--all")
-        out, err = gc.communicate(timeout=60)
+    rounds = 12
+    for round_ in range(rounds):
+        for i in range(3):  # many blob folders: deleting them takes a while
+            arrays = {f"a{j}": np.full(10_000, float(j + 1000 * round_)) for j in range(400)}
+            store.notebook(f"n{i}.ipynb").commit(snapshot(arrays), execution_count=1)
+        clear = subprocess.Popen([sys.executable, "-m", "durable_kernel", "clear", "--all"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **jupyter_dirs})
+        time.sleep(0.02 * round_)
+        gc = cli(jupyter_dirs, "gc")
+        _, clear_err = clear.communicate(timeout=60)
         if gc.returncode != 0 or clear.returncode != 0:
-            failures.append((gc.returncode, err, clear.stderr))
+            failures.append((gc.returncode, gc.stderr.strip(), clear_err.strip()))
     assert failures == []
+    report("gc while clear --all runs", capsys, rounds=rounds, failed=len(failures))
 
 
 @pytest.mark.parametrize("command", ["gc", "du", "list"])
