@@ -9,10 +9,12 @@ insertion does that for the tests; the benchmark adds it itself).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -420,3 +422,23 @@ def run_storm(
         kernel.close()
     result.seconds = round(time.monotonic() - started, 1)
     return result
+
+
+# --- small real disks -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str):
+    """A real tmpfs of ``size`` (``"200m"``) at ``path``, unmounted afterwards; skips the test where
+    mounting is refused (not root, no mount namespace)."""
+    import pytest
+
+    path.mkdir(exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

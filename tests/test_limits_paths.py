@@ -7,8 +7,6 @@ real tmpfs (both skipped, with the reason, where this machine refuses them).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from cgroup_support import memory_cgroup
 from conftest import holds, wait_saved
 from durable_kernel.checkpoints import Store, load_or_create_key
-from reliability_support import report
+from reliability_support import mounted_tmpfs, report
 
 MiB = 1 << 20
 FOREGROUND = ["--DurableKernel.background=False"]
@@ -134,13 +132,7 @@ def _stderr_of(kernel, msg_id: str) -> str:
 
 
 def test_crash_leftovers_do_not_stop_saves_on_a_small_disk(start_kernel, tmp_path, jupyter_dirs, capsys):
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,mode=0700", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
-    try:
+    with mounted_tmpfs(tmp_path / "small-disk", "200m") as disk:
         env = {"DURABLE_KERNEL_DIR": str(disk / "store")}
         kernel = start_kernel(session="leftovers.ipynb", env=env)
         assert not kernel.execute("x = 1").error
@@ -157,6 +149,4 @@ def test_crash_leftovers_do_not_stop_saves_on_a_small_disk(start_kernel, tmp_pat
         assert "checkpoint not saved" not in told, told
         kernel.kill()
         holds(start_kernel(session="leftovers.ipynb", env=env), "arr.sum() == 150 * 2**20 // 8")
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
     report("66 MiB of crash leftovers on a 200 MiB disk", capsys, rounds=1, lost=0, untrusted_code_ran=0)

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from conftest import holds, user_variables, wait_saved
-from durable_kernel.checkpoints import Store, load_or_create_key, storage_key
+from durable_kernel.checkpoints import Store, load_or_create_key
 from durable_kernel.checkpoints import manifest as manifest_format
-from reliability_support import evil_pickle, report
+from reliability_support import mounted_tmpfs, report
 
 SESSION = "trust.ipynb"
 OTHER_UID = 65534  # nobody
@@ -42,6 +42,15 @@ def cli(jupyter_dirs, *args: str, timeout: float = 60) -> subprocess.CompletedPr
                           env={**os.environ, **jupyter_dirs}, timeout=timeout)
 
 
+def saved_and_killed(start_kernel, code: str, session: str = SESSION, **kwargs) -> None:
+    """A kernel runs ``code``, its checkpoint is committed, and it is killed with SIGKILL."""
+    kernel = start_kernel(session=session, **kwargs)
+    out = kernel.execute(code)
+    assert not out.error, out.error
+    wait_saved(kernel)
+    kernel.kill()
+
+
 def needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to make files owned by another user")
@@ -53,10 +62,7 @@ def needs_root() -> None:
 def test_checkpoints_signed_with_a_key_that_is_gone_survive_retention_until_the_key_is_back(
     start_kernel, jupyter_dirs, capsys
 ):
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("precious = 'hours of work'").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "precious = 'hours of work'")
     key = key_path(jupyter_dirs)
     key.rename(key.with_name("key-aside"))  # a changed or lost key
     kernel = start_kernel(session=SESSION)
@@ -154,22 +160,13 @@ def test_an_empty_key_file_left_by_a_full_disk_does_not_stop_later_starts(start_
     key = key_path(jupyter_dirs)
     key.parent.mkdir(parents=True)
     key.touch(mode=0o600)  # what a full disk at the very first start left behind
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("x = 1").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "x = 1")
     assert start_kernel(session=SESSION).value("x") == "1"
     assert cli(jupyter_dirs, "list").returncode == 0
 
 
 def test_a_full_disk_at_the_first_start_leaves_no_broken_key(start_kernel, tmp_path, jupyter_dirs, capsys):
-    disk = tmp_path / "data-disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
-    try:
+    with mounted_tmpfs(tmp_path / "data-disk", "1m") as disk:
         filler = disk / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -192,8 +189,6 @@ def test_a_full_disk_at_the_first_start_leaves_no_broken_key(start_kernel, tmp_p
         wait_saved(kernel)
         kernel.kill()
         assert start_kernel(session=SESSION, env=env).value("x") == "2"
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
     report("full disk at the first start", capsys, rounds=1, lost=0, untrusted_code_ran=0, kernel_started=True)
 
 
@@ -278,10 +273,7 @@ def test_an_older_checkpoint_renamed_as_the_newest_is_refused(start_kernel, jupy
 
 def test_a_store_folder_owned_by_another_user_is_refused(start_kernel, jupyter_dirs):
     needs_root()
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("x = 1").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "x = 1")
     root = Path(jupyter_dirs["DURABLE_KERNEL_DIR"])
     os.chown(root, OTHER_UID, OTHER_UID)
     os.chmod(root, 0o755)
@@ -291,10 +283,7 @@ def test_a_store_folder_owned_by_another_user_is_refused(start_kernel, jupyter_d
 
 
 def test_a_blobs_folder_others_can_write_is_refused(start_kernel, jupyter_dirs):
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("x = 1").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "x = 1")
     blobs = the_store(jupyter_dirs).notebook(SESSION).blobs_dir
     os.chmod(blobs, 0o777)
     kernel = start_kernel(session=SESSION)
@@ -303,10 +292,7 @@ def test_a_blobs_folder_others_can_write_is_refused(start_kernel, jupyter_dirs):
 
 def test_a_blob_another_user_planted_is_never_mapped_nor_reused(start_kernel, jupyter_dirs, capsys):
     needs_root()
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("import numpy as np\narr = np.zeros(1 << 17)").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "import numpy as np\narr = np.zeros(1 << 17)")
     nb = the_store(jupyter_dirs).notebook(SESSION)
     var = next(v for v in nb.read_manifest(nb.generations()[0]).variables if v["name"] == "arr")
     blob = nb.blob_path(var["buffers"][0]["digest"])
@@ -323,10 +309,7 @@ def test_a_blob_another_user_planted_is_never_mapped_nor_reused(start_kernel, ju
 def test_bytes_substituted_in_a_blob_are_not_loaded_nor_signed_again_without_verify_on_restore(
     start_kernel, jupyter_dirs, capsys
 ):
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("import numpy as np\narr = np.zeros(1 << 17)").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "import numpy as np\narr = np.zeros(1 << 17)")
     nb = the_store(jupyter_dirs).notebook(SESSION)
     var = next(v for v in nb.read_manifest(nb.generations()[0]).variables if v["name"] == "arr")
     blob = nb.blob_path(var["buffers"][0]["digest"])
@@ -364,10 +347,7 @@ def test_an_excluded_variable_never_reaches_the_store_through_the_cell_text(star
 
 
 def test_a_file_named_with_a_unicode_digit_among_manifests_is_ignored(start_kernel, jupyter_dirs):
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("x = 1").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "x = 1")
     nb = the_store(jupyter_dirs).notebook(SESSION)
     (nb.manifests_dir / "\u00b2.manifest").write_bytes(b"x")
     kernel = start_kernel(session=SESSION)
@@ -381,10 +361,7 @@ def test_a_file_named_with_a_unicode_digit_among_manifests_is_ignored(start_kern
 
 @pytest.mark.parametrize("created", [1e300, -1e18, math.nan])
 def test_a_signed_checkpoint_with_an_impossible_time_does_not_stop_the_kernel(created, start_kernel, jupyter_dirs):
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("x = 1").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "x = 1")
     nb = the_store(jupyter_dirs).notebook(SESSION)
     data = json.loads(manifest_format.body_of(nb.manifest_path(1).read_bytes()))
     data.update(generation=2, created=created)
@@ -455,10 +432,7 @@ def test_gc_while_notebooks_are_cleared_never_fails(jupyter_dirs, capsys):
 
 @pytest.mark.parametrize("command", ["gc", "du", "list"])
 def test_a_fifo_planted_as_a_manifest_does_not_hang_the_terminal_commands(command, start_kernel, jupyter_dirs):
-    kernel = start_kernel(session=SESSION)
-    assert not kernel.execute("x = 1").error
-    wait_saved(kernel)
-    kernel.kill()
+    saved_and_killed(start_kernel, "x = 1")
     nb = the_store(jupyter_dirs).notebook(SESSION)
     os.mkfifo(nb.manifest_path(7), 0o600)
     done = cli(jupyter_dirs, command, timeout=60)
