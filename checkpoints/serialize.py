@@ -128,7 +128,16 @@ def type_name(obj: Any) -> str:
     return f"{module}.{getattr(t, '__qualname__', t.__name__)}"
 
 
-def _loads_dill(data: bytes) -> Any:
+# --- what stored pickles reference: part of the file format --------------------------------------
+#
+# A checkpoint's pickles call these by their module path when they load, so their
+# names and meaning are frozen: renaming one would make every user's checkpoints
+# unloadable.  The underscored names are how checkpoints written by 0.1 refer to
+# the same functions; they stay for as long as such checkpoints may exist.
+
+
+def load_dill(data: bytes) -> Any:
+    """Rebuild a function or class defined in a notebook (pickled by dill)."""
     import dill
 
     return dill.loads(data)
@@ -144,7 +153,8 @@ def _dumps_dill(obj: Any) -> bytes:
     return dill.dumps(obj, protocol=5, recurse=False, byref=False)
 
 
-def _import_module(name: str) -> types.ModuleType:
+def import_module(name: str) -> types.ModuleType:
+    """A module met inside a variable, imported again by its name."""
     return importlib.import_module(name)
 
 
@@ -227,7 +237,7 @@ class _Pickler(pickle.Pickler):
         ref = self._top_level.get(id(obj))
         if ref is not None and id(obj) != self.current:
             if ref[1] < self.position or isinstance(obj, (types.FunctionType, type)):
-                return _variable_ref, (ref[0],)
+                return variable, (ref[0],)
         numpy = sys.modules.get("numpy")
         if numpy is not None and self._file.limit is not None and isinstance(obj, numpy.ndarray):
             # numpy's __reduce__ copies a memmap or a non-contiguous array
@@ -238,9 +248,9 @@ class _Pickler(pickle.Pickler):
             finally:
                 self._file.out_of_band -= obj.nbytes
         if isinstance(obj, types.ModuleType):
-            return _import_module, (obj.__name__,)
+            return import_module, (obj.__name__,)
         if isinstance(obj, (types.FunctionType, type)) and _defined_in_notebook(obj):
-            return _loads_dill, (_dumps_dill(obj),)
+            return load_dill, (_dumps_dill(obj),)
         return NotImplemented
 
 
@@ -437,11 +447,17 @@ def _snapshot(
 _active_loader: "Loader | None" = None
 
 
-def _variable_ref(name: str) -> Any:
-    """Resolve a reference to another variable while a :class:`Loader` runs."""
+def variable(name: str) -> Any:
+    """Another variable of the same checkpoint, met inside this one (resolved while a :class:`Loader` runs)."""
     if _active_loader is None:
         raise pickle.UnpicklingError(f"reference to variable {name!r} outside a restore")
     return _active_loader.get(name)
+
+
+# How checkpoints written by 0.1 (schema 1) name the functions above: never remove.
+_loads_dill = load_dill
+_import_module = import_module
+_variable_ref = variable
 
 
 class _MissingVariable(Exception):
@@ -452,7 +468,7 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, str):
             raise pickle.UnpicklingError("unsupported persistent id")
-        return _variable_ref(pid)
+        return variable(pid)
 
 
 class Loader:
