@@ -260,10 +260,10 @@ class BenchKernel:
     """A kernel through jupyter_client, with execute timed from request sent to reply and idle received."""
 
     def __init__(self, name: str, env: dict[str, str], log_file: Path, first_cell: str = "1 + 1"):
-        from durable_kernel.client import Kernel
+        from durable_kernel.testing import KernelProcess
 
         started = time.perf_counter()
-        self.k = Kernel(name, env=env, log_file=str(log_file), startup_timeout=KERNEL_TIMEOUT)
+        self.k = KernelProcess(name, env=env, log_file=str(log_file), startup_timeout=KERNEL_TIMEOUT)
         self.kc = self.k.kc
         first = self.run(first_cell)
         self.start_to_first_result = time.perf_counter() - started
@@ -382,11 +382,12 @@ def stock_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
 def checkpoint_files(store_root: Path, jupyter_data: Path) -> tuple[list[Path], int]:
     """Files (manifest + blobs) of the newest checkpoint of SESSION, and their bytes."""
-    from durable_kernel.checkpoints import Store, load_or_create_key
+    from durable_kernel.checkpoints.location import open_store
     from durable_kernel.checkpoints import manifest as manifest_format
 
-    key = load_or_create_key(jupyter_data / "durable_kernel_secret")
-    nb = Store(store_root, key).notebook(SESSION)
+    nb = open_store(environ={"DURABLE_KERNEL_DIR": str(store_root), "JUPYTER_DATA_DIR": str(jupyter_data)}).notebook(
+        SESSION
+    )
     gen = nb.generations()[0]
     man = nb.read_manifest(gen)
     files = [nb.manifest_path(gen)]

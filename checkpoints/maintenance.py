@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest as manifest_format
-from .errors import CheckpointError, KeyProblem, UnsafeStore
+from .errors import CheckpointError, UnsafeStore
 from .files import TMP_PREFIX, check_private, fsync_dir, make_private_dirs, write_atomically
 from .manifest import Manifest, printable, storage_key
-from .signing import default_key_path, read_key
 from .store import NotebookStore, Store, disk_usage
 
 #: A temp file beside settings.json (written without the lock) is only taken
@@ -41,37 +39,6 @@ class NoSuchNotebook(LookupError):
 
 
 # --- opening the store ---------------------------------------------------------
-
-
-def store_root(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Where the checkpoints are: ``explicit``, else ``$DURABLE_KERNEL_DIR``,
-    else ``durable_kernel/`` under Jupyter's data dir (as the kernel decides)."""
-    if explicit:
-        return Path(explicit).expanduser()
-    env = os.environ.get("DURABLE_KERNEL_DIR")
-    if env:
-        return Path(env).expanduser()
-    from jupyter_core.paths import jupyter_data_dir
-
-    return Path(jupyter_data_dir()) / "durable_kernel"
-
-
-def open_store(root: str | os.PathLike[str] | None = None) -> Store:
-    """The store at :func:`store_root`, with this user's signing key.
-
-    A missing key is not created (reading the store should leave no trace);
-    then no manifest verifies, which is the truth: none was signed by a key
-    this user still has.  A key that cannot be read is said in
-    ``Store.key_problem`` rather than raised, so the store can still be listed.
-    """
-    problem = None
-    try:
-        key = read_key(default_key_path())
-    except KeyProblem as exc:
-        key, problem = None, str(exc)
-    if key is None:
-        key = secrets.token_hex(32).encode()
-    return Store(store_root(root), key, key_problem=problem)
 
 
 def notebook_at(store: Store, folder: Path, identity: str | None = None) -> NotebookStore:

@@ -204,9 +204,9 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _store_command(args: argparse.Namespace) -> int:
-    from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints.location import open_store
 
-    store = maintenance.open_store(args.dir)
+    store = open_store(args.dir, create_key=False)
     if store.root.exists() and not store.root.is_dir():
         raise _CommandError(f"{store.root} is not a folder")
     if args.dir and not store.root.exists():

@@ -6,7 +6,7 @@ import os
 import tempfile
 import time
 
-from .client import Kernel
+from .testing import KernelProcess
 from .kernelspec import KERNEL_NAME
 
 CELLS = [
@@ -31,7 +31,7 @@ def run() -> int:
     with tempfile.TemporaryDirectory(prefix="durable-kernel-demo-") as store:
         env = {"DURABLE_KERNEL_DIR": store, "DURABLE_KERNEL_SESSION": "durable-kernel demo"}
         print(f"Starting a {KERNEL_NAME} kernel (checkpoints in {store})")
-        kernel = Kernel(KERNEL_NAME, env=env)
+        kernel = KernelProcess(KERNEL_NAME, env=env)
         for cell in CELLS:
             print("\n".join(f"  In  | {line}" for line in cell.splitlines()))
             out = kernel.execute(cell)
@@ -43,7 +43,7 @@ def run() -> int:
         kernel.kill()
         print("Starting a new kernel for the same notebook...\n")
         t0 = time.perf_counter()
-        with Kernel(KERNEL_NAME, env=env) as again:
+        with KernelProcess(KERNEL_NAME, env=env) as again:
             print(f"Kernel ready in {time.perf_counter() - t0:.1f} s. Its banner says:")
             for line in again.banner.strip().splitlines():
                 if line.startswith("durable-kernel"):

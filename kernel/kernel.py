@@ -39,11 +39,11 @@ from durable_kernel.checkpoints import (
     NotRestored,
     Restored,
     Store,
-    load_or_create_key,
     printable,
     snapshot,
 )
 from durable_kernel.checkpoints import maintenance
+from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints.liveness import writer_alive
 
 PREFIX = "durable-kernel: "
@@ -235,9 +235,7 @@ class DurableKernel(IPythonKernel):
 
     def _open_store(self) -> None:
         warnings: list[str] = []
-        # The environment variable wins over the config file, as documented.
-        root = maintenance.store_root(os.environ.get("DURABLE_KERNEL_DIR") or self.checkpoint_dir or None)
-        self.store = Store(root, load_or_create_key(warnings=warnings))
+        self.store = open_store(configured=self.checkpoint_dir or None, warnings=warnings)
         self._messages += [f"{PREFIX}{w}" for w in warnings]
         explicit = identity.from_environment()
         # Without an explicit identity, VS Code may still name the notebook

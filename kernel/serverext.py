@@ -55,8 +55,9 @@ def follow_rename(old: str, new: str) -> list[str]:
     """Move the saved state of notebook ``old`` (or of every notebook under folder ``old``)
     to its new path; returns the identities moved."""
     from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints.location import open_store
 
-    store = maintenance.open_store()
+    store = open_store(create_key=False)
     if store.key_problem or not store.root.is_dir():
         return []
     moved = []

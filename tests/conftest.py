@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import filecmp
-import os
 from pathlib import Path
 
 import pytest
 
 import durable_kernel
-from durable_kernel.client import Kernel
+from durable_kernel.checkpoints.location import open_store
+from durable_kernel.testing import KernelProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,15 +55,15 @@ def start_kernel(tmp_path: Path, jupyter_dirs: dict[str, str]):
     ``start_kernel(session="nb", env={...}, cwd=...)``; ``session=None`` starts it
     with no identity in the environment (as VS Code and jupyter console do).
     """
-    started: list[Kernel] = []
+    started: list[KernelProcess] = []
 
-    def start(session: str | None = "notebook.ipynb", env: dict[str, str] | None = None, **kwargs) -> Kernel:
+    def start(session: str | None = "notebook.ipynb", env: dict[str, str] | None = None, **kwargs) -> KernelProcess:
         full_env = dict(jupyter_dirs)
         if session is not None:
             full_env["DURABLE_KERNEL_SESSION"] = session
         full_env.update(env or {})
         log = tmp_path / f"kernel-{len(started)}.log"
-        kernel = Kernel("durable-python3", env=full_env, log_file=str(log), **kwargs)
+        kernel = KernelProcess("durable-python3", env=full_env, log_file=str(log), **kwargs)
         started.append(kernel)
         return kernel
 
@@ -73,7 +73,7 @@ def start_kernel(tmp_path: Path, jupyter_dirs: dict[str, str]):
             kernel.close()
 
 
-def wait_saved(kernel: Kernel, timeout: float = 60) -> None:
+def wait_saved(kernel: KernelProcess, timeout: float = 60) -> None:
     """Wait until the kernel's last checkpoint is committed (a silent request: no new checkpoint)."""
     out = kernel.execute(
         f"assert get_ipython().kernel.wait_for_checkpoint({timeout}), 'still saving after {timeout} s'", silent=True
@@ -94,26 +94,23 @@ class KernelPool:
             "JUPYTER_DATA_DIR": str(base / "jupyter-data"),
             "DURABLE_KERNEL_DIR": str(base / "store"),
         }
-        self.started: list[Kernel] = []
+        self.started: list[KernelProcess] = []
 
     def start(self, session: str | None = "notebook.ipynb", env: dict[str, str | None] | None = None,
-              **kwargs) -> Kernel:
+              **kwargs) -> KernelProcess:
         """As ``start_kernel``; the test process's own identity variables never leak in."""
         full_env: dict[str, str | None] = {**self.dirs, "JPY_SESSION_NAME": None, "DURABLE_KERNEL_SESSION": None}
         if session is not None:
             full_env["DURABLE_KERNEL_SESSION"] = session
         full_env.update(env or {})
         log = self.base / f"kernel-{len(self.started)}.log"
-        kernel = Kernel("durable-python3", env=full_env, log_file=str(log), **kwargs)  # type: ignore[arg-type]
+        kernel = KernelProcess("durable-python3", env=full_env, log_file=str(log), **kwargs)  # type: ignore[arg-type]
         self.started.append(kernel)
         return kernel
 
     def notebook(self, identity: str):
         """The store of one notebook identity, read with this pool's signing key."""
-        from durable_kernel.checkpoints import Store, load_or_create_key
-
-        key = load_or_create_key(Path(self.dirs["JUPYTER_DATA_DIR"]) / "durable_kernel_secret")
-        return Store(Path(self.dirs["DURABLE_KERNEL_DIR"]), key).notebook(identity)
+        return open_store(environ=self.dirs).notebook(identity)
 
     def close_all(self) -> None:
         for kernel in self.started:
@@ -145,12 +142,12 @@ def pool(tmp_path: Path):
     kernels.close_all()
 
 
-def holds(kernel: Kernel, condition: str) -> None:
+def holds(kernel: KernelProcess, condition: str) -> None:
     """Assert that a Python expression is true inside the kernel."""
     assert kernel.value(f"bool({condition})") == "True", f"not true in the kernel: {condition}"
 
 
-def user_variables(kernel: Kernel) -> list[str]:
+def user_variables(kernel: KernelProcess) -> list[str]:
     """The user's variable names, as ``%who_ls`` lists them."""
     out = kernel.execute("print(sorted(get_ipython().run_line_magic('who_ls', '')))")
     assert not out.error, out.error

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -278,8 +277,8 @@ def run_storm(
     or SIGKILL the checkpoint child at a random instant of its life and then the
     kernel once it is idle.
     """
-    from durable_kernel.checkpoints import Store, load_or_create_key
-    from durable_kernel.client import Kernel
+    from durable_kernel.checkpoints.location import open_store
+    from durable_kernel.testing import KernelProcess
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -297,14 +296,13 @@ def run_storm(
     say = say or (lambda _line: None)
 
     def store_newest() -> tuple[Any, list[str]]:
-        key = load_or_create_key(Path(full_env["JUPYTER_DATA_DIR"]) / "durable_kernel_secret")
-        nb = Store(Path(full_env["DURABLE_KERNEL_DIR"]), key).notebook(session)
+        nb = open_store(environ=full_env).notebook(session)
         return nb.load_latest_with_reasons()
 
     confirmed = 0  # newest tag the test saw committed
     sent = 0  # newest tag sent to a kernel
     for rnd in range(rounds):
-        kernel = Kernel("durable-python3", env=full_env, log_file=str(workdir / "kernel.log"))
+        kernel = KernelProcess("durable-python3", env=full_env, log_file=str(workdir / "kernel.log"))
         try:
             state = check_kernel_state(kernel)
             problems: list[str] = []
@@ -397,7 +395,7 @@ def run_storm(
             result.rounds_leaving_temp_files += 1
         say(f"round {rnd + 1}/{rounds}: {result.line()}")
     # last restart: check the final kill too
-    kernel = Kernel("durable-python3", env=full_env, log_file=str(workdir / "kernel.log"))
+    kernel = KernelProcess("durable-python3", env=full_env, log_file=str(workdir / "kernel.log"))
     try:
         state = check_kernel_state(kernel)
         restored, reasons = store_newest()

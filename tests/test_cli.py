@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from durable_kernel.checkpoints import Store, load_or_create_key, snapshot, storage_key
+from durable_kernel.checkpoints import Store, snapshot, storage_key
+from durable_kernel.checkpoints.location import open_store
 
 DAY = 86400
 
@@ -46,7 +47,7 @@ def one_line_error(result: subprocess.CompletedProcess, status: int, *expected: 
 
 @pytest.fixture
 def store(jupyter_dirs) -> Store:
-    return Store(Path(jupyter_dirs["DURABLE_KERNEL_DIR"]), load_or_create_key())
+    return open_store(environ=jupyter_dirs)
 
 
 def commit(store: Store, identity: str, namespace: dict, count: int = 1, at: float | None = None,

@@ -22,7 +22,7 @@ from pathlib import Path
 import jupyter_kernel_test as jkt
 from jupyter_client.manager import start_new_kernel
 
-from durable_kernel.client import Kernel
+from durable_kernel.testing import KernelProcess
 
 ISOLATION_VARS = ("JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "DURABLE_KERNEL_DIR")
 IDENTITY_VARS = ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")
@@ -150,7 +150,7 @@ class TestDurablePython3AfterRestore(Samples, jkt.KernelTests):
     def prepare(cls, dirs: dict[str, str]) -> None:
         """A first kernel for the same notebook saves a variable and shuts down."""
         env = {**dirs, "DURABLE_KERNEL_SESSION": RESTORE_SESSION}
-        with Kernel("durable-python3", env=env, cwd=cls.base) as seed:
+        with KernelProcess("durable-python3", env=env, cwd=cls.base) as seed:
             assert not seed.execute("restored_answer = 42").error
             assert not seed.execute("get_ipython().kernel.wait_for_checkpoint(30)", silent=True).error
             seed.shutdown()

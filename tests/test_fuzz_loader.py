@@ -35,7 +35,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from conftest import wait_saved
-from durable_kernel.checkpoints import CheckpointError, Store, load_or_create_key, snapshot
+from durable_kernel.checkpoints import CheckpointError, Store, snapshot
+from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import manifest as manifest_format
 from reliability_support import evil_pickle, report
 
@@ -445,9 +446,7 @@ def test_kernel_starts_and_falls_back_over_a_store_full_of_hostile_files(start_k
     sentinel = tmp_path / "untrusted-code-ran"
     data_dir = Path(jupyter_dirs["JUPYTER_DATA_DIR"])
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    nb = Store(Path(jupyter_dirs["DURABLE_KERNEL_DIR"]), load_or_create_key(data_dir / "durable_kernel_secret")).notebook(
-        SESSION
-    )
+    nb = open_store(environ=jupyter_dirs).notebook(SESSION)
     nb.commit(snapshot({"good": "gen 1"}), execution_count=1, keep=20)
     for gen in range(2, 9):
         nb.commit(snapshot({"good": f"gen {gen}", "big": list(range(20_000 + gen))}), execution_count=gen, keep=20)

@@ -8,13 +8,13 @@ real tmpfs (both skipped, with the reason, where this machine refuses them).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from cgroup_support import memory_cgroup
 from conftest import holds, wait_saved
-from durable_kernel.checkpoints import Store, load_or_create_key
+from durable_kernel.checkpoints import Store
+from durable_kernel.checkpoints.location import open_store
 from reliability_support import mounted_tmpfs, report
 
 MiB = 1 << 20
@@ -22,8 +22,7 @@ FOREGROUND = ["--DurableKernel.background=False"]
 
 
 def the_store(jupyter_dirs) -> Store:
-    key = load_or_create_key(Path(jupyter_dirs["JUPYTER_DATA_DIR"]) / "durable_kernel_secret")
-    return Store(Path(jupyter_dirs["DURABLE_KERNEL_DIR"]), key)
+    return open_store(environ=jupyter_dirs)
 
 
 def newest_skipped(jupyter_dirs, session: str) -> dict[str, str]:

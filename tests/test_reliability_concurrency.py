@@ -14,7 +14,8 @@ import numpy as np
 
 from conftest import wait_saved
 from durable_kernel.checkpoints import store as store_module
-from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, load_or_create_key, snapshot
+from durable_kernel.checkpoints.location import open_store
+from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, snapshot
 from reliability_support import report
 
 KEY = b"concurrency-key-" * 4
@@ -54,8 +55,7 @@ def test_two_kernels_on_one_notebook(start_kernel, jupyter_dirs, capsys):
     run(a, "step = 999\ndata = np.full(500_000, step)")
     wait_saved(a)
 
-    key = load_or_create_key(Path(jupyter_dirs["JUPYTER_DATA_DIR"]) / "durable_kernel_secret")
-    nb = Store(Path(jupyter_dirs["DURABLE_KERNEL_DIR"]), key).notebook(SESSION)
+    nb = open_store(environ=jupyter_dirs).notebook(SESSION)
     corrupt = []
     for gen in nb.generations():
         try:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_saved
-from durable_kernel.checkpoints import Store, load_or_create_key, snapshot
+from durable_kernel.checkpoints import Store, snapshot
+from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import manifest as manifest_format
 from durable_kernel.checkpoints.store import digest
 from reliability_support import Evil, evil_pickle, report
@@ -33,9 +34,7 @@ OTHER_KEY = b"0123456789abcdef" * 4
 
 def our_store(jupyter_dirs) -> Store:
     """The store the kernel will use, with the kernel's own key (created here first, 0600)."""
-    data = Path(jupyter_dirs["JUPYTER_DATA_DIR"])
-    data.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return Store(Path(jupyter_dirs["DURABLE_KERNEL_DIR"]), load_or_create_key(data / "durable_kernel_secret"))
+    return open_store(environ=jupyter_dirs)
 
 
 def signed_gen2(nb, key: bytes, change) -> Path:

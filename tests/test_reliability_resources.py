@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_saved
-from durable_kernel.checkpoints import Store, load_or_create_key
+from durable_kernel.checkpoints import Store
+from durable_kernel.checkpoints.location import open_store
 from reliability_support import damaged_blobs, report, temp_leftovers
 
 WARNING = "checkpoint not saved ("
@@ -37,9 +38,8 @@ def run(kernel, code: str):
     return out
 
 
-def open_store(jupyter_dirs, root: str | Path | None = None) -> Store:
-    key = load_or_create_key(Path(jupyter_dirs["JUPYTER_DATA_DIR"]) / "durable_kernel_secret")
-    return Store(Path(root or jupyter_dirs["DURABLE_KERNEL_DIR"]), key)
+def the_store(jupyter_dirs, root: str | Path | None = None) -> Store:
+    return open_store(root, environ=jupyter_dirs)
 
 
 # --- disk full ------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_disk_full_warns_once_keeps_the_previous_checkpoint_and_resumes(disk, st
     assert warnings == 1, stderr
     leftovers, damaged = temp_leftovers(disk.store), damaged_blobs(disk.store)
     assert leftovers == [] and damaged == []
-    previous = open_store(jupyter_dirs, disk.store).notebook("full.ipynb").load_latest()
+    previous = the_store(jupyter_dirs, disk.store).notebook("full.ipynb").load_latest()
     assert previous is not None and previous.values["x"] == 1 and "big" not in previous.values
 
     disk.free()

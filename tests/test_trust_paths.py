@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import holds, user_variables, wait_saved
-from durable_kernel.checkpoints import Store, load_or_create_key
+from durable_kernel.checkpoints import load_or_create_key, location
+from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import manifest as manifest_format
 from reliability_support import mounted_tmpfs, report
 
@@ -30,11 +31,11 @@ OTHER_UID = 65534  # nobody
 
 
 def key_path(jupyter_dirs) -> Path:
-    return Path(jupyter_dirs["JUPYTER_DATA_DIR"]) / "durable_kernel_secret"
+    return location.key_path(jupyter_dirs)
 
 
-def the_store(jupyter_dirs) -> Store:
-    return Store(Path(jupyter_dirs["DURABLE_KERNEL_DIR"]), load_or_create_key(key_path(jupyter_dirs)))
+def the_store(jupyter_dirs):
+    return open_store(environ=jupyter_dirs)
 
 
 def cli(jupyter_dirs, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

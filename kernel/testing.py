@@ -1,4 +1,11 @@
-"""A small Jupyter client for driving a durable kernel: used by the demo and the tests."""
+"""Test support, public so other projects can test with it: a real durable kernel process
+driven through jupyter_client (used by the demo, the tests and the benchmarks).
+
+``KernelProcess(env=...)`` starts ``durable-python3``; ``execute`` runs a cell and
+collects its output; ``kill`` is SIGKILL, ``shutdown`` and ``restart`` are what
+clients do.  The store a kernel will use for an environment is
+``durable_kernel.checkpoints.location.open_store(environ=env)``.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ class Output:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Kernel:
+class KernelProcess:
     """A real kernel process started through jupyter_client."""
 
     def __init__(
@@ -131,7 +138,7 @@ class Kernel:
         except Exception:
             pass
 
-    def __enter__(self) -> "Kernel":
+    def __enter__(self) -> "KernelProcess":
         return self
 
     def __exit__(self, *exc: Any) -> None:

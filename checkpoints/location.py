@@ -1,0 +1,81 @@
+"""Where the checkpoints are, and which key signs them: the one place that decides.
+
+Used by the kernel, the ``durable-kernel`` command, the server extension, the
+demo, the benchmarks and the tests, so that they all open the same store.
+
+The folder: ``--dir`` (``explicit``) if given, else ``$DURABLE_KERNEL_DIR``,
+else ``c.DurableKernel.checkpoint_dir`` (``configured``), else
+``durable_kernel/`` under Jupyter's data dir.  The key: ``durable_kernel_secret``
+in Jupyter's data dir (``$JUPYTER_DATA_DIR`` or ``jupyter --data-dir``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Mapping
+
+from .errors import KeyProblem
+from .signing import KEY_FILENAME, load_or_create_key, read_key
+from .store import Store
+
+DIR_VARIABLE = "DURABLE_KERNEL_DIR"
+
+
+def data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Jupyter's data dir for ``environ`` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JUPYTER_DATA_DIR"):
+        return Path(environ["JUPYTER_DATA_DIR"]).expanduser()
+    from jupyter_core.paths import jupyter_data_dir
+
+    return Path(jupyter_data_dir())
+
+
+def key_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where this user's signing key lives."""
+    return data_dir(environ) / KEY_FILENAME
+
+
+def store_root(
+    explicit: str | os.PathLike[str] | None = None,
+    configured: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """The store folder: ``explicit`` (a ``--dir``), else ``$DURABLE_KERNEL_DIR``, else
+    ``configured`` (``c.DurableKernel.checkpoint_dir``), else ``durable_kernel/`` under Jupyter's data dir."""
+    environ = os.environ if environ is None else environ
+    for choice in (explicit, environ.get(DIR_VARIABLE), configured):
+        if choice:
+            return Path(choice).expanduser()
+    return data_dir(environ) / "durable_kernel"
+
+
+def open_store(
+    explicit: str | os.PathLike[str] | None = None,
+    configured: str | os.PathLike[str] | None = None,
+    *,
+    create_key: bool = True,
+    environ: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
+) -> Store:
+    """The store, with this user's key.
+
+    ``create_key=True`` (a kernel) creates the key on first use and raises
+    :class:`KeyProblem` if it can be neither read nor created.  With
+    ``create_key=False`` (reading tools) nothing is created: a missing or
+    unreadable key gives a store whose key verifies nothing, and the reason
+    in ``Store.key_problem``.  ``environ`` stands for the environment a kernel
+    would get (tests and benchmarks prepare stores for their kernels this way).
+    """
+    root = store_root(explicit, configured, environ)
+    path = key_path(environ)
+    if create_key:
+        return Store(root, load_or_create_key(path, warnings))
+    problem = None
+    try:
+        key = read_key(path, warnings)
+    except KeyProblem as exc:
+        key, problem = None, str(exc)
+    return Store(root, key if key is not None else secrets.token_hex(32).encode(), key_problem=problem)
