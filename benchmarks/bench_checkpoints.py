@@ -319,10 +319,10 @@ class BenchKernel:
         return values
 
     def wait_checkpoint(self) -> dict[str, Any]:
-        """Wait for the checkpoint in flight; the kernel's ``last_result`` after it."""
+        """Wait for the checkpoint in flight; the kernel's ``last_outcome`` after it, as a dict."""
         got = self.evaluate(
             ok=f"get_ipython().kernel.wait_for_checkpoint({KERNEL_TIMEOUT})",
-            result="__import__('json').dumps(get_ipython().kernel.last_result)",
+            result="__import__('json').dumps(__import__('dataclasses').asdict(get_ipython().kernel.last_outcome) if get_ipython().kernel.last_outcome else {}, default=str)",
         )
         if not got["ok"]:
             raise RuntimeError("checkpoint still running after the timeout")

@@ -342,12 +342,16 @@ def unused_since(store: Store, seconds: float, now: float | None = None) -> list
 
 
 def clear(store: Store, info: NotebookInfo) -> int:
+    """Delete the checkpoints of a stored notebook (as ``list`` shows it); returns bytes freed."""
+    return clear_notebook(notebook_at(store, info.folder, info.identity))
+
+
+def clear_notebook(nb: NotebookStore) -> int:
     """Delete one notebook's checkpoints under its lock; returns bytes freed.
 
     Its remembered settings (names never to save) are kept: forgetting them
     could make a kernel write a variable the user excluded on purpose.
     """
-    nb = notebook_at(store, info.folder, info.identity)
     nb.check_safe_to_delete()
     settings = nb.read_settings()
     try:

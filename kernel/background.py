@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import mmap
 import os
@@ -37,16 +36,18 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from .memory import available_memory, oom_kills
+from .outcome import CheckpointOutcome
 
 log = logging.getLogger(__name__)
 
 _MAX_RESULT_BYTES = 1 << 20
 _PROGRESS_BYTES = 4096
 
-Job = Callable[[Callable[[str], None]], dict[str, Any]]
+#: What a child runs: ``job(progress)`` pickles and commits, calling ``progress(name)`` per variable.
+Job = Callable[[Callable[[str], None]], CheckpointOutcome]
 
 
 def memory_for_fork(margin: int) -> tuple[bool, int, int]:
@@ -119,23 +120,24 @@ class _Child:
     #: where the child writes the name of the variable it is pickling
     progress: mmap.mmap
     started: float
+    #: the memory cgroup's count of OOM kills when the child was forked
+    oom_before: int | None = None
     superseded: bool = False
     chunks: list[bytes] = field(default_factory=list)
 
 
-class BackgroundSaver:
+class BackgroundWriter:
     """Runs checkpoint jobs in forked children, one writing at a time, newest state winning.
 
-    ``job(progress)`` is called in the child and returns a JSON-able dict; it
-    calls ``progress(name)`` as it starts on each variable.  ``on_result`` is
-    called in the kernel (from a watcher thread) with that dict, or with
-    ``{"ok": False, "error": ...}`` if the child failed, crashed, was killed,
-    or ran longer than ``timeout`` seconds (then ``"stuck_on"`` names the
-    variable it was working on).
+    ``job(progress)`` is called in the child and returns a :class:`CheckpointOutcome`;
+    it calls ``progress(name)`` as it starts on each variable.  ``on_outcome``
+    is called in the kernel (from a watcher thread) with that outcome, or with
+    a failed one if the child failed, crashed, was killed, or ran longer than
+    ``timeout`` seconds (then ``stuck_on`` names the variable it was working on).
     """
 
-    def __init__(self, on_result: Callable[[dict[str, Any]], None], timeout: float | None = None):
-        self._on_result = on_result
+    def __init__(self, on_outcome: Callable[[CheckpointOutcome], None], timeout: float | None = None):
+        self._on_outcome = on_outcome
         self.timeout = timeout
         self._lock = threading.Condition()
         self._children: list[_Child] = []
@@ -165,7 +167,10 @@ class BackgroundSaver:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, signal.SIGKILL)
             earlier = [c.baton_fd for c in self._children]
-            self._fork_locked(job, earlier, keep_fds or [])
+            # The child must not hold the read ends of its siblings' result pipes: a sibling
+            # outliving the kernel could then block writing an outcome nobody reads.
+            others = [c.result_fd for c in self._children] + [self._wake_r, self._wake_w]
+            self._fork_locked(job, earlier, others, keep_fds or [])
             return "queued" if earlier else "started"
 
     def wait(self, timeout: float | None) -> bool:
@@ -181,7 +186,7 @@ class BackgroundSaver:
 
     # --- internals --------------------------------------------------------
 
-    def _fork_locked(self, job: Job, earlier: list[int], keep_fds: list[int]) -> None:
+    def _fork_locked(self, job: Job, earlier: list[int], others: list[int], keep_fds: list[int]) -> None:
         result_r, result_w = os.pipe()
         baton_r, baton_w = os.pipe()
         progress = mmap.mmap(-1, _PROGRESS_BYTES)
@@ -191,14 +196,15 @@ class BackgroundSaver:
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
         if pid == 0:  # child: never returns
-            os.close(result_r)
-            os.close(baton_r)
+            for fd in (result_r, baton_r, *others):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self._child(job, result_w, earlier, {result_w, baton_w, *keep_fds}, progress, self.timeout)
         os.close(result_w)
         os.close(baton_w)
         for fd in keep_fds:
             os.close(fd)
-        self._children.append(_Child(pid, result_r, baton_r, progress, time.monotonic()))
+        self._children.append(_Child(pid, result_r, baton_r, progress, time.monotonic(), oom_kills()))
         self._lock.notify_all()
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
@@ -243,12 +249,12 @@ class BackgroundSaver:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 signal.setitimer(signal.ITIMER_REAL, timeout)
             try:
-                result = job(report)
+                outcome = job(report)
                 status = 0
             except BaseException as exc:  # report everything; the kernel decides what to show
                 log.exception("background checkpoint failed")
-                result = {"ok": False, "error": str(exc) or type(exc).__name__}
-            data = json.dumps(result, default=str).encode()[:_MAX_RESULT_BYTES]
+                outcome = CheckpointOutcome.failed(str(exc) or type(exc).__name__)
+            data = outcome.to_json()[:_MAX_RESULT_BYTES]
             with contextlib.suppress(OSError):  # the kernel may be gone: the commit is what counts
                 while data:
                     data = data[os.write(write_fd, data):]
@@ -273,59 +279,51 @@ class BackgroundSaver:
 
     def _finish(self, child: _Child) -> None:
         os.close(child.result_fd)
-        oom_before = oom_kills()
         _, status = os.waitpid(child.pid, 0)
-        if child.superseded:
-            result = None
-        else:
-            result = _parse_result(b"".join(child.chunks), status)
-            if not result.get("ok") and os.WIFSIGNALED(status):
-                result.update(self._explain_death(child, status, oom_before))
-            result.setdefault("wall_seconds", time.monotonic() - child.started)
-        if result is not None:
+        outcome = None
+        if not child.superseded:
+            outcome = CheckpointOutcome.from_json(b"".join(child.chunks))
+            if outcome is None:
+                outcome = self._explain_death(child, status)
+            outcome.wall_seconds = time.monotonic() - child.started
             try:
-                self._on_result(result)
+                self._on_outcome(outcome)
             except Exception:
-                log.exception("checkpoint result handler failed")
+                log.exception("checkpoint outcome handler failed")
         with self._lock:
             os.close(child.baton_fd)
             child.progress.close()
             self._children.remove(child)
             self._lock.notify_all()
 
-    def _explain_death(self, child: _Child, status: int, oom_before: int | None) -> dict[str, Any]:
+    def _explain_death(self, child: _Child, status: int) -> CheckpointOutcome:
+        """The outcome of a child that wrote none: how it died, and what it was saving then."""
+        if not os.WIFSIGNALED(status):
+            return CheckpointOutcome.failed(
+                f"the checkpoint process exited with status {os.waitstatus_to_exitcode(status)}"
+            )
         size = int.from_bytes(child.progress[:4], "little")
         on = child.progress[4 : 4 + size].decode("utf-8", "replace")
         where = f" while saving {on!r}" if on else ""
         sig = os.WTERMSIG(status)
         if sig == signal.SIGALRM:
-            return {"error": f"the checkpoint took longer than {self.timeout:g} s{where}", "stuck_on": on,
-                    "stuck_reason": f"saving it took longer than {self.timeout:g} s"}
+            return CheckpointOutcome.failed(
+                f"the checkpoint took longer than {self.timeout:g} s{where}",
+                stuck_on=on, stuck_reason=f"saving it took longer than {self.timeout:g} s",
+            )
         if sig == signal.SIGKILL:
             after = oom_kills()
             mem = available_memory()
-            if oom_before is not None and after is not None and after > oom_before or (
+            if child.oom_before is not None and after is not None and after > child.oom_before or (
                 mem.limit is not None and mem.available is not None and mem.available < mem.limit // 10
             ):
-                return {"error": f"the checkpoint process was killed for lack of memory ({mem.describe()})",
-                        "out_of_memory": True}
-            return {"error": "the checkpoint process was killed (SIGKILL)"}
-        if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE):
-            name = signal.Signals(sig).name
-            return {"error": f"the checkpoint process crashed ({name}){where}", "stuck_on": on,
-                    "stuck_reason": f"saving it crashed the checkpoint process ({name})"}
-        return {}
-
-
-def _parse_result(raw: bytes, status: int) -> dict[str, Any]:
-    try:
-        result = json.loads(raw) if raw else None
-    except ValueError:
-        result = None
-    if isinstance(result, dict):
-        return result
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
+                return CheckpointOutcome.failed(
+                    f"the checkpoint process was killed for lack of memory ({mem.describe()})", out_of_memory=True
+                )
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return {"ok": False, "error": f"the checkpoint process was killed ({name})"}
-    return {"ok": False, "error": f"the checkpoint process exited with status {os.waitstatus_to_exitcode(status)}"}
+        if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE):
+            return CheckpointOutcome.failed(
+                f"the checkpoint process crashed ({name}){where}",
+                stuck_on=on, stuck_reason=f"saving it crashed the checkpoint process ({name})",
+            )
+        return CheckpointOutcome.failed(f"the checkpoint process was killed ({name})")

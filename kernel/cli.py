@@ -220,20 +220,6 @@ def _store_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
-    """Columns padded to width; the columns in ``right`` are right-aligned; the last is never padded."""
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(w) if c in right else (cell if c == len(row) - 1 else cell.ljust(w))
-            for c, (cell, w) in enumerate(zip(row, widths))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
-
-
-_plural = humanize.plural
 
 
 def _list(store, args: argparse.Namespace) -> Any:
@@ -250,9 +236,9 @@ def _list(store, args: argparse.Namespace) -> Any:
         variables = "?" if info.variables is None else str(info.variables)
         rows.append((humanize.ago(info.last_used), str(len(info.generations)), variables,
                      humanize.size(info.size), info.label))
-    print("\n".join(_table(rows, right={1, 2, 3})))
+    print("\n".join(humanize.table(rows, right={1, 2, 3})))
     total = sum(info.size for info in found)
-    print(f"\n{_plural(len(found), 'notebook')}, {humanize.size(total)} in {store.root}")
+    print(f"\n{humanize.plural(len(found), 'notebook')}, {humanize.size(total)} in {store.root}")
     for info in found:
         for problem in info.problems if info.newest is not None else info.problems[:1]:
             print(f"warning: {info.label}: {problem}", file=sys.stderr)
@@ -336,9 +322,9 @@ def _show(store, args: argparse.Namespace) -> Any:
                 rows.append((var["name"], f"same object as {var.get('target', '')}", "-"))
             else:
                 rows.append((var["name"], var.get("type", "?"), humanize.size(var.get("size", 0))))
-        lines += _table(rows, right={2})
+        lines += humanize.table(rows, right={2})
         total = sum(v.get("size", 0) for v in man.variables)
-        lines.append(f"\n{_plural(len(variables), 'variable')}, {humanize.size(total)}")
+        lines.append(f"\n{humanize.plural(len(variables), 'variable')}, {humanize.size(total)}")
     else:
         lines.append("No variables.")
     if man.skipped:
@@ -377,7 +363,7 @@ def _clear(store, args: argparse.Namespace) -> Any:
         freed = info.size if args.dry_run else maintenance.clear(store, info)
         results.append({**info.to_json(), "freed": freed})
         if not args.json:
-            print(f"{verb} {_plural(len(info.generations), 'checkpoint')} ({humanize.size(freed)}) for {info.label}"
+            print(f"{verb} {humanize.plural(len(info.generations), 'checkpoint')} ({humanize.size(freed)}) for {info.label}"
                   f"{', last saved ' + humanize.ago(info.last_used) if args.older_than else ''}.")
     total = sum(r["freed"] for r in results)
     if args.json:
@@ -387,7 +373,7 @@ def _clear(store, args: argparse.Namespace) -> Any:
         print(f"No notebooks {scope} in {store.root}; nothing removed.")
     elif len(targets) > 1:
         print(f"{'Would free' if args.dry_run else 'Freed'} {humanize.size(total)} "
-              f"in {_plural(len(targets), 'notebook')}.")
+              f"in {humanize.plural(len(targets), 'notebook')}.")
     return None
 
 
@@ -410,9 +396,9 @@ def _gc(store, args: argparse.Namespace) -> Any:
     verb = "Would remove" if args.dry_run else "Removed"
     for r in results:
         if r.files:
-            print(f"  {r.info.label}: {_plural(r.files, 'file')}, {humanize.size(r.freed)}")
-    print(f"{verb} {_plural(files, 'file')}, {'would free' if args.dry_run else 'freed'} {humanize.size(freed)} "
-          f"({_plural(len(results), 'notebook')} checked in {store.root}).")
+            print(f"  {r.info.label}: {humanize.plural(r.files, 'file')}, {humanize.size(r.freed)}")
+    print(f"{verb} {humanize.plural(files, 'file')}, {'would free' if args.dry_run else 'freed'} {humanize.size(freed)} "
+          f"({humanize.plural(len(results), 'notebook')} checked in {store.root}).")
     for r in results:
         if r.error:
             print(f"warning: {r.info.label} left alone: {r.error}", file=sys.stderr)
@@ -438,8 +424,8 @@ def _du(store, args: argparse.Namespace) -> Any:
     for u in rows_data:
         rows.append((humanize.size(u.info.size), str(len(u.info.generations)), str(u.blob_count),
                      humanize.size(u.reclaimable), u.info.label))
-    print("\n".join(_table(rows, right={0, 1, 2, 3})))
-    print(f"\nTotal {humanize.size(total)} in {_plural(len(rows_data), 'notebook')} at {store.root}"
+    print("\n".join(humanize.table(rows, right={0, 1, 2, 3})))
+    print(f"\nTotal {humanize.size(total)} in {humanize.plural(len(rows_data), 'notebook')} at {store.root}"
           + (f"; {humanize.size(free)} free on that disk" if free is not None else "") + ".")
     if reclaimable:
         print(f"'durable-kernel gc' would free {humanize.size(reclaimable)}.")
@@ -459,9 +445,9 @@ def _mv(store, args: argparse.Namespace) -> Any:
     if args.json:
         return {"store": str(store.root), "from": moved.source, "to": moved.target,
                 "checkpoints": moved.generations, "left_behind": moved.left_behind}
-    print(f"Moved {_plural(len(moved.generations), 'checkpoint')} from {printable(moved.source)} to "
+    print(f"Moved {humanize.plural(len(moved.generations), 'checkpoint')} from {printable(moved.source)} to "
           f"{printable(moved.target)}.")
     if moved.left_behind:
-        print(f"{_plural(moved.left_behind, 'checkpoint')} this user's key cannot verify stayed under "
+        print(f"{humanize.plural(moved.left_behind, 'checkpoint')} this user's key cannot verify stayed under "
               f"{printable(moved.source)}.", file=sys.stderr)
     return None

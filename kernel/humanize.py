@@ -55,3 +55,16 @@ def names(items: list[str], limit: int = 20) -> str:
 def plural(n: int, word: str) -> str:
     """``1 variable``, ``3 variables``."""
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
+    """Rows as aligned text lines: columns padded to width, those in ``right`` right-aligned, the last never padded."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(w) if c in right else (cell if c == len(row) - 1 else cell.ljust(w))
+            for c, (cell, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines

@@ -10,10 +10,12 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
 from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, printable
+from durable_kernel.checkpoints import maintenance
 from durable_kernel.checkpoints.maintenance import NoSuchNotebook
 from durable_kernel.checkpoints.manifest import diff, fingerprint
 
 from . import humanize
+from .outcome import CheckpointOutcome
 
 if TYPE_CHECKING:
     from .kernel import DurableKernel
@@ -105,9 +107,8 @@ class CheckpointMagics(Magics):
                 continue
         return found
 
-    def _save_and_wait(self) -> dict[str, Any]:
-        self.kernel.checkpoint_now()
-        return self.kernel.last_result
+    def _save_and_wait(self) -> CheckpointOutcome:
+        return self.kernel.checkpoint_now()
 
     def _no_args(self, args: list[str], command: str) -> None:
         if args:
@@ -132,14 +133,14 @@ class CheckpointMagics(Magics):
         if k.checkpoint_in_flight():
             saving += ", a checkpoint is being written now"
         lines.append(f"Saving:       {saving}")
-        last = k.last_result
-        if last.get("ok"):
+        last = k.last_outcome
+        if last is not None and last.ok:
             lines.append(
-                f"Last save:    {last.get('variables', 0)} variables, {humanize.size(last.get('bytes_written', 0))} "
-                f"written in {humanize.duration(last.get('seconds', 0.0))}"
+                f"Last save:    {last.variables} variables, {humanize.size(last.bytes_written)} "
+                f"written in {humanize.duration(last.seconds)}"
             )
-        elif last:
-            lines.append(f"Last save:    failed: {last.get('error')}")
+        elif last is not None:
+            lines.append(f"Last save:    failed: {last.error}")
         skipped = manifests[0].skipped if manifests else []
         if skipped:
             lines.append("Not saved:")
@@ -151,12 +152,12 @@ class CheckpointMagics(Magics):
 
     def _do_save(self, args: list[str]) -> None:
         self._no_args(args, "save")
-        result = self._save_and_wait()
-        if not result.get("ok"):
-            raise UsageError(f"%checkpoint save: not saved: {result.get('error')}")
+        outcome = self._save_and_wait()
+        if not outcome.ok:
+            raise UsageError(f"%checkpoint save: not saved: {outcome.error}")
         print(
-            f"Saved checkpoint {result['generation']}: {result['variables']} variables, "
-            f"{humanize.size(result['bytes_written'])} written in {humanize.duration(result['seconds'])}."
+            f"Saved checkpoint {outcome.checkpoint_id}: {outcome.variables} variables, "
+            f"{humanize.size(outcome.bytes_written)} written in {humanize.duration(outcome.seconds)}."
         )
 
     def _do_list(self, args: list[str]) -> None:
@@ -186,9 +187,7 @@ class CheckpointMagics(Magics):
                     humanize.size(size),
                 )
             )
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("\n".join(humanize.table(rows)))
 
     def _do_restore(self, args: list[str]) -> None:
         if not args:
@@ -294,11 +293,7 @@ class CheckpointMagics(Magics):
         self._no_args(args, "clear")
         self.kernel.wait_for_checkpoint(self.kernel.restore_wait)
         count = len(self.notebook.generations())
-        settings = self.notebook.read_settings()
-        with self.notebook.locked():
-            freed = self.notebook.clear()
-        if settings:
-            self.notebook.write_settings(settings)
+        freed = maintenance.clear_notebook(self.notebook)
         self.kernel.forget_current_state()
         print(
             f"Removed {humanize.plural(count, 'checkpoint')} ({humanize.size(freed)}) for {self.kernel.shown_identity}. "

@@ -341,7 +341,7 @@ def run_storm(
                 result.problems.append(f"round {rnd}: cell failed: {out.error}")
             done = kernel.execute(
                 "get_ipython().kernel.wait_for_checkpoint(120); "
-                "print(__import__('json').dumps(get_ipython().kernel.last_result, default=str))",
+                "print(__import__('json').dumps(__import__('dataclasses').asdict(get_ipython().kernel.last_outcome) if get_ipython().kernel.last_outcome else {}, default=str))",
                 silent=True,
             )
             last = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}

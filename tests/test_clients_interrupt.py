@@ -172,7 +172,7 @@ def test_interrupt_while_a_checkpoint_is_being_written_loses_neither(sessions):
     kernel.wait_saved()
     notes = kernel.run("pass")["stderr"] + after["stderr"]
     assert "checkpoint not saved" not in notes and "killed" not in notes, notes
-    assert kernel.run("print(get_ipython().kernel.last_result['ok'])")["stdout"] == "True\n"
+    assert kernel.run("print(get_ipython().kernel.last_outcome.ok)")["stdout"] == "True\n"
 
     os.kill(kernel.pid, signal.SIGKILL)  # no last save: what comes back is what was committed
     kernel.km.provisioner.process.wait(timeout=30)

@@ -224,5 +224,5 @@ def test_checkpoint_after_restoring_a_large_array_completes(pool):
     first.kill()
     restored = pool.start(session=SESSION)
     run(restored, "large = large + 1\nafter_restore = True")
-    done = run(restored, "k = get_ipython().kernel\nprint(k.wait_for_checkpoint(60), k.last_result.get('ok'))")
+    done = run(restored, "k = get_ipython().kernel\nprint(k.wait_for_checkpoint(60), k.last_outcome.ok)")
     assert done.stdout == "True True\n", done.stdout

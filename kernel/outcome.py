@@ -1,0 +1,54 @@
+"""What one checkpoint came to: the one value that crosses the fork, child to kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class CheckpointOutcome:
+    """What one checkpoint came to; crosses the fork as JSON."""
+
+    ok: bool
+    error: str = ""
+    #: this kernel had already committed a newer state: nothing was written
+    superseded: bool = False
+    checkpoint_id: int | None = None
+    variables: int = 0
+    size: int = 0
+    bytes_written: int = 0
+    #: seconds the commit took
+    seconds: float = 0.0
+    #: seconds from the request to the outcome
+    wall_seconds: float = 0.0
+    #: (name, type, reason) of each variable not saved
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    #: names whose stored copy was damaged on disk and has been written again
+    repaired: list[str] = field(default_factory=list)
+    #: the writer of the checkpoint before this one, if another kernel wrote it
+    other_writer: dict[str, Any] | None = None
+    #: the variable a checkpoint that hung, crashed or was interrupted was saving, and why to skip it
+    stuck_on: str = ""
+    stuck_reason: str = ""
+    #: the checkpoint process was killed for lack of memory
+    out_of_memory: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), default=str).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "CheckpointOutcome | None":
+        """The outcome a child wrote, or None if it wrote nothing usable."""
+        try:
+            data = json.loads(raw)
+            data["skipped"] = [tuple(s) for s in data.get("skipped", [])]
+            return cls(**data)
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+    @classmethod
+    def failed(cls, error: str, **details: Any) -> "CheckpointOutcome":
+        return cls(ok=False, error=error, **details)

@@ -1,0 +1,199 @@
+"""Saving a checkpoint: in a forked child (``background.py``) or here, and what came of it.
+
+The save path: the kernel builds a :class:`SaveRequest` (the namespace and the
+label of the cell that made it), :meth:`Saver.save` runs it in a child or in
+the foreground, :meth:`SaveRequest.run` pickles and commits it through
+``durable_kernel.checkpoints``, and one typed :class:`CheckpointOutcome`
+comes back to the kernel (across the fork as JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from durable_kernel.checkpoints import CheckpointError, NotebookStore, snapshot
+
+from . import humanize
+from .background import BackgroundWriter, fork_supported, memory_for_fork
+from .memory import available_memory
+from .notices import Notices
+from .outcome import CheckpointOutcome
+
+#: Free memory a foreground save leaves untouched, so the kernel itself survives it.
+_FOREGROUND_RESERVE = 64 << 20
+
+
+@dataclass
+class SaveRequest:
+    """One checkpoint to take: the namespace as it is now, labelled with the cell that made it.
+
+    Everything is bound when it is asked for: a background child runs it on
+    the copy of the namespace made by fork at that instant.
+    """
+
+    notebook: NotebookStore
+    namespace: Mapping[str, Any]
+    names: list[str]
+    execution_count: int
+    cell: str
+    #: this kernel, and which of its checkpoints this is (a newer state always wins)
+    writer: dict[str, Any]
+    keep: int
+    max_variable_bytes: int | None
+    #: names not even to try, with the reason to report
+    skip: dict[str, str]
+
+    def run(
+        self,
+        progress: Callable[[str], None] | None = None,
+        memory_left: Callable[[], int | None] | None = None,
+        stop_on: tuple[type[BaseException], ...] = (),
+    ) -> CheckpointOutcome:
+        """Pickle and commit; a :class:`CheckpointError` becomes a failed outcome."""
+        snap = snapshot(
+            self.namespace, self.names, self.max_variable_bytes, skip=self.skip,
+            progress=progress, stop_on=stop_on, memory_left=memory_left,
+        )
+        try:
+            done = self.notebook.commit(
+                snap, execution_count=self.execution_count, cell=self.cell, keep=self.keep, writer=self.writer
+            )
+        except CheckpointError as exc:
+            return CheckpointOutcome.failed(str(exc))
+        return CheckpointOutcome(
+            ok=True,
+            superseded=done.superseded,
+            checkpoint_id=done.manifest.generation,
+            variables=len(snap.variables),
+            size=snap.size,
+            bytes_written=done.bytes_written,
+            seconds=done.seconds,
+            skipped=[(s.name, s.type, s.reason) for s in snap.skipped],
+            repaired=done.repaired,
+            other_writer=done.other_writer,
+        )
+
+
+class _TookTooLong(BaseException):
+    """Raised in the main thread when a foreground save runs past its time limit."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise :class:`_TookTooLong` in this (main) thread after ``seconds``."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _TookTooLong()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _memory_left() -> int | None:
+    available = available_memory().available
+    return None if available is None else available - _FOREGROUND_RESERVE
+
+
+class Saver:
+    """Runs save requests in a forked child when memory allows, else in the foreground.
+
+    ``on_outcome`` gets every outcome (from a watcher thread for children).
+    ``timeout`` bounds each checkpoint (None: no limit); ``fork_margin`` is the
+    memory kept free beyond a child's copy-on-write growth.
+    """
+
+    def __init__(
+        self,
+        on_outcome: Callable[[CheckpointOutcome], None],
+        notices: Notices,
+        *,
+        background: bool,
+        timeout: float | None,
+        fork_margin: int,
+    ):
+        self._on_outcome = on_outcome
+        self._notices = notices
+        self.timeout = timeout
+        self.fork_margin = fork_margin
+        self._children = BackgroundWriter(on_outcome, timeout) if background and fork_supported() else None
+        self._oom_seen = False
+
+    @property
+    def forks(self) -> bool:
+        """True if checkpoints are written in forked children (when memory allows)."""
+        return self._children is not None
+
+    @property
+    def running(self) -> bool:
+        """True while a background checkpoint is being written."""
+        return self._children is not None and self._children.running
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until every checkpoint in flight is committed. False on timeout."""
+        return True if self._children is None else self._children.wait(timeout)
+
+    def save(self, request: SaveRequest, keep_fds: list[int] | None = None) -> None:
+        """Start the checkpoint (a child) or take it now (the foreground). Never raises for a bad variable."""
+        if self._children is not None and self._room_to_fork():
+            self._children.request(request.run, keep_fds=keep_fds)
+            return
+        for fd in keep_fds or []:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._on_outcome(self._in_foreground(request))
+
+    def note_outcome(self, outcome: CheckpointOutcome) -> None:
+        """Learn from an outcome: a child killed for lack of memory makes the next forks more careful."""
+        if outcome.out_of_memory:
+            self._oom_seen = True
+
+    def _room_to_fork(self) -> bool:
+        # Once a child was killed for lack of memory, ask for twice the margin.
+        room, available, rss = memory_for_fork(self.fork_margin * (2 if self._oom_seen else 1))
+        if room:
+            self._notices.forget("memory")
+            return True
+        self._notices.once(
+            "memory",
+            f"memory is low ({available_memory().describe()}; the kernel uses {humanize.size(rss)}): saving in "
+            "the foreground instead of a background process, so cells wait for checkpoints, and variables that "
+            "do not fit in the memory left are not saved.",
+        )
+        return False
+
+    def _in_foreground(self, request: SaveRequest) -> CheckpointOutcome:
+        """Run a request here: bounded in time and in the memory its pickles may take."""
+        self.wait(self.timeout)  # a child may still be writing: let it finish first
+        current = [""]
+
+        def progress(name: str) -> None:
+            current[0] = name
+
+        def where() -> str:
+            return f" while saving {current[0]!r}" if current[0] else ""
+
+        try:
+            with _time_limit(self.timeout):
+                return request.run(progress, memory_left=_memory_left, stop_on=(_TookTooLong,))
+        except _TookTooLong:
+            return CheckpointOutcome.failed(
+                f"the checkpoint took longer than {self.timeout:g} s{where()}",
+                stuck_on=current[0], stuck_reason=f"saving it took longer than {self.timeout:g} s",
+            )
+        except KeyboardInterrupt:
+            return CheckpointOutcome.failed(
+                f"the checkpoint was interrupted{where()}", stuck_on=current[0], stuck_reason="saving it was interrupted"
+            )
