@@ -18,7 +18,7 @@ The signature is checked before the JSON is even parsed.  The JSON holds::
                       ("kernel": its connection file's name, which survives a restart;
                       "seq": which of that kernel's checkpoints this is)
     versions          {"python", "dill", "durable_kernel", "packages": {...}}
-    variables         [{name, type, kind, size, digest?, inline?, stamp?, buffers?, target?}]
+    variables         [{name, type, kind, size, digest?, inline?, stamp?, buffers?, target?, python?}]
     skipped           [{name, type, reason}]
 
 A variable of kind ``pickle`` has its payload either ``inline`` (base64, for
@@ -27,6 +27,9 @@ of its out-of-band buffers, in pickle order.  ``stamp`` (on a variable for its
 payload blob, on each buffer for its own) is ``[inode, ctime_ns]`` of the blob
 file as committed: a file whose stamp is unchanged has not been written since,
 so it can be reused or mapped without hashing it again; any other is checked.
+``python`` (on a variable carried forward unloaded from an older checkpoint)
+is the version of the Python that pickled it, and wins over
+``versions.python``: notebook code (bytecode) loads only on that minor version.
 
 The signature binds the checkpoint to its place: a manifest whose
 ``generation`` differs from its file name, or whose ``identity`` does not hash

@@ -137,10 +137,33 @@ def type_name(obj: Any) -> str:
 
 
 def load_dill(data: bytes) -> Any:
-    """Rebuild a function or class defined in a notebook (pickled by dill)."""
+    """Rebuild a function or class defined in a notebook (pickled by dill).
+
+    Its code is bytecode, which only the Python minor version that wrote it can
+    run (another one may crash running it): from another version it is refused
+    (:class:`OtherPython`) and the variable is not restored, its data kept.
+    """
+    _refuse_other_python()
     import dill
 
     return dill.loads(data)
+
+
+class OtherPython(Exception):
+    """Notebook code stored by another Python minor version than the one running."""
+
+
+def _refuse_other_python() -> None:
+    written = _active_loader.python_of_current() if _active_loader is not None else None
+    if written is None:
+        return
+    wrote = ".".join(written.split(".")[:2])
+    running = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if wrote != running:
+        raise OtherPython(
+            f"notebook code saved by Python {wrote}, whose bytecode Python {running} cannot run; "
+            f"a kernel on Python {wrote} restores it"
+        )
 
 
 def _dumps_dill(obj: Any) -> bytes:
@@ -476,14 +499,30 @@ class Loader:
 
     ``entries`` maps a variable name to ``(kind, target, read)`` where ``read()``
     returns ``(payload, buffers)`` for kind ``"pickle"``.  Data handed to this
-    class must already be verified: unpickling runs code.
+    class must already be verified: unpickling runs code.  ``python`` maps a
+    name to the version of the Python that pickled it (``"3.11.7"``), where
+    known: notebook code in it loads only on that minor version.
     """
 
-    def __init__(self, entries: Mapping[str, tuple[str, str, Callable[[], tuple[bytes, list[Any]]]]]):
+    def __init__(
+        self,
+        entries: Mapping[str, tuple[str, str, Callable[[], tuple[bytes, list[Any]]]]],
+        python: Mapping[str, str] | None = None,
+    ):
         self._entries = entries
+        self._python = python or {}
         self._values: dict[str, Any] = {}
         self._failed: dict[str, str] = {}
         self._loading: set[str] = set()
+        #: the variables being unpickled, innermost last
+        self._unpickling: list[str] = []
+
+    def python_of_current(self) -> str | None:
+        """The Python version that pickled the variable being unpickled now, if known."""
+        if not self._unpickling:
+            return None
+        version = self._python.get(self._unpickling[-1])
+        return version if isinstance(version, str) else None
 
     def get(self, name: str) -> Any:
         if name in self._values:
@@ -503,7 +542,11 @@ class Loader:
                 value = self.get(target)
             else:
                 payload, buffers = read()
-                value = _Unpickler(io.BytesIO(payload), buffers=buffers).load()
+                self._unpickling.append(name)
+                try:
+                    value = _Unpickler(io.BytesIO(payload), buffers=buffers).load()
+                finally:
+                    self._unpickling.pop()
         except _MissingVariable as exc:
             self._failed[name] = str(exc)
             raise

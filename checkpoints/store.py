@@ -581,14 +581,18 @@ class NotebookStore:
                 continue
             entries[var["name"]] = ("pickle", "", _constant((payload, buffers)))
         types = {v["name"]: v.get("type", "?") for v in man.variables}
-        values, failed = Loader(entries).load_all()
+        versions = man.data.get("versions")
+        written = versions.get("python") if isinstance(versions, dict) else None
+        # A variable carried forward unloaded keeps the Python that pickled it.
+        python = {v["name"]: v.get("python", written) for v in man.variables if v["kind"] == "pickle"}
+        values, failed = Loader(entries, python).load_all()
         by_name = {v["name"]: v for v in man.variables}
         not_restored = [Skipped(s.get("name", "?"), s.get("type", "?"), s.get("reason", "?")) for s in man.skipped]
         not_restored += [
             Skipped(name, types.get(name, "?"), f"its saved data is damaged ({reason})") for name, reason in damaged.items()
         ]
         not_restored += [Skipped(name, types.get(name, "?"), reason) for name, reason in failed.items()]
-        unloaded = {name: by_name[name] for name in failed if name in by_name}
+        unloaded = {name: _with_python(by_name[name], python.get(name)) for name in failed if name in by_name}
         return Restored(man, values, not_restored, unloaded=unloaded, damaged=damaged)
 
     def load_latest(self, verify_buffers: bool = True) -> Restored | None:
@@ -907,6 +911,14 @@ def _stamps_named_by(data: dict[str, Any]) -> dict[str, list[int]]:
             if "stamp" in buf:
                 found[buf["digest"]] = buf["stamp"]
     return found
+
+
+def _with_python(entry: dict[str, Any], version: Any) -> dict[str, Any]:
+    """A stored variable's entry, naming the Python that pickled it (so that a later
+    checkpoint written by another Python, which carries it forward, still knows)."""
+    if entry.get("kind") != "pickle" or "python" in entry or not isinstance(version, str):
+        return entry
+    return {**entry, "python": version}
 
 
 def _newer_from_same_writer(previous: Any, writer: dict[str, Any]) -> bool:

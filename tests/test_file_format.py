@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from conftest import holds, user_variables, wait_saved
-from durable_kernel.checkpoints import Store, load_or_create_key
+from durable_kernel.checkpoints import NotRestored, Store, load_or_create_key, snapshot
 from durable_kernel.checkpoints import manifest as manifest_format
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -412,6 +412,51 @@ def test_older_checkpoint_loads_exactly(notebook):
     assert (older.not_restored, older.damaged) == ([], {})
 
 
+def test_notebook_code_from_another_python_is_not_restored_and_costs_nothing_else(release, tmp_path):
+    """Notebook code is bytecode of the Python that wrote it: on another minor version it must not
+    run (that can crash the interpreter), so it comes back "not restored", with the reason, and
+    everything else loads.  On the fixture's own Python the checkpoint is re-signed as if written
+    by another version."""
+    copy = copy_fixture(release, tmp_path / "fixture")
+    nb = open_notebook(copy)
+    other = written_by(release)
+    if other == RUNNING:
+        data = manifest_json(release)
+        other = f"3.{sys.version_info[1] - 1}"
+        data["versions"]["python"] = other + ".0"
+        nb.manifest_path(2).write_bytes(manifest_format.encode(data, nb.store.key))
+    restored = nb.load(2)
+    assert set(restored.values) == NEWEST - NOTEBOOK_CODE
+    assert {s.name for s in restored.not_restored} == NOTEBOOK_CODE | {"squares"}
+    reasons = {s.name: s.reason for s in restored.not_restored}
+    for name in ("square", "halve", "tally", "Point"):
+        assert f"Python {other}" in reasons[name] and f"Python {RUNNING}" in reasons[name], reasons[name]
+    assert set(restored.unloaded) == NOTEBOOK_CODE  # kept, to come back on that Python
+    assert restored.values["wave"].shape == (8192,) and restored.values["same"] is restored.values["big_list"]
+
+
+def test_notebook_code_carried_forward_by_another_python_keeps_the_python_that_wrote_it(release, tmp_path):
+    """A kernel on another Python keeps such variables as they are; a checkpoint it writes names
+    the Python that pickled them, so they still come back only on that one."""
+    copy = copy_fixture(release, tmp_path / "fixture")
+    nb = open_notebook(copy)
+    data = manifest_json(release)
+    other = "3.10" if RUNNING != "3.10" else "3.9"
+    data["versions"]["python"] = other + ".0"
+    nb.manifest_path(2).write_bytes(manifest_format.encode(data, nb.store.key))
+    restored = nb.load(2)
+    placeholders = {
+        name: NotRestored(name, entry["type"], "kept", "", entry) for name, entry in restored.unloaded.items()
+    }
+    nb.commit(snapshot({**restored.values, **placeholders}), execution_count=4, cell="kept")
+    newest = nb.load_latest()
+    assert newest.manifest.generation == 3 and newest.manifest.data["versions"]["python"].startswith(RUNNING)
+    carried = {v["name"]: v.get("python") for v in newest.manifest.variables if v["name"] in NOTEBOOK_CODE}
+    assert carried == dict.fromkeys(NOTEBOOK_CODE, other + ".0")
+    assert set(newest.unloaded) == NOTEBOOK_CODE
+    assert f"Python {other}" in {s.name: s.reason for s in newest.not_restored}["square"]
+
+
 # --- through a real kernel ------------------------------------------------------------
 
 
@@ -428,7 +473,8 @@ def kernel_on_0_1_0_store(start_kernel, tmp_path):
 
 def test_kernel_restores_the_data_of_a_0_1_0_store(kernel_on_0_1_0_store):
     kernel = kernel_on_0_1_0_store
-    assert f"restored {len(NEWEST)} variables for {IDENTITY}" in kernel.banner, kernel.banner
+    came_back = NEWEST if written_by("0.1.0") == RUNNING else NEWEST - NOTEBOOK_CODE
+    assert f"restored {len(came_back)} variables for {IDENTITY}" in kernel.banner, kernel.banner
     holds(kernel, "(answer, ratio, nothing, revision) == (42, 0.1 + 0.2, None, 2)")
     holds(kernel, "greeting == 'héllo, wörld ✓' and raw == b'\\x00\\x01binary\\xff'")
     holds(kernel, "settings == {'depth': 3, 'tags': ['a', 'b'], None: (1, 2)} and pair == (1, 'two', 3.0)")
@@ -440,13 +486,22 @@ def test_kernel_restores_the_data_of_a_0_1_0_store(kernel_on_0_1_0_store):
     assert "squares" not in user_variables(kernel)
 
 
+@pytest.mark.skipif(written_by("0.1.0") != RUNNING, reason="the 0.1.0 fixture's notebook code is Python "
+                    f"{written_by('0.1.0')} bytecode: test_kernel_on_another_python_... checks this Python instead")
 def test_kernel_restores_the_notebook_code_of_a_0_1_0_store(kernel_on_0_1_0_store):
-    needs_its_python("0.1.0")
     kernel = kernel_on_0_1_0_store
     holds(kernel, "square(7) == 49 and halve(5) == 2.5 and tally() == 12 and make_counter(0)() == 1")
     holds(kernel, "type(where) is Point and where.norm2() == 25 and Point(1, 2).norm2() == 5")
     holds(kernel, "all(type(p) is Point for p in path) and toolbox['square'] is square")
     assert kernel.value("describe(where)") == repr('{"x": 3, "y": 4}')  # reads the notebook's ``js``
+
+
+@pytest.mark.skipif(written_by("0.1.0") == RUNNING, reason=f"needs a Python other than {RUNNING}, which wrote the "
+                    "fixture (on this one, test_kernel_restores_the_notebook_code_of_a_0_1_0_store runs)")
+def test_kernel_on_another_python_keeps_the_notebook_code_as_not_restored(kernel_on_0_1_0_store):
+    kernel = kernel_on_0_1_0_store
+    assert "square (OtherPython: notebook code saved by Python 3.11" in kernel.banner, kernel.banner
+    holds(kernel, f"all(type(v).__name__ == 'NotRestored' for v in [{', '.join(sorted(NOTEBOOK_CODE))}])")
 
 
 def test_kernel_on_a_0_1_0_store_goes_on_saving_checkpoints_that_load(kernel_on_0_1_0_store):
@@ -456,5 +511,6 @@ def test_kernel_on_a_0_1_0_store_goes_on_saving_checkpoints_that_load(kernel_on_
     wait_saved(kernel)
     newest = open_notebook(kernel.copy).load_latest()
     assert newest.manifest.generation == 3 and newest.values["revision"] == 3
-    assert newest.values["same"] is newest.values["big_list"] and newest.values["table"]["rows"] is newest.values["rows"]
-    assert np.array_equal(newest.values["wave"], np.arange(8192, dtype=np.float64) / 4)
+    values = newest.values
+    assert values["same"] is values["big_list"] and values["table"]["rows"] is values["rows"]
+    assert np.array_equal(values["wave"], np.arange(8192, dtype=np.float64) / 4)
