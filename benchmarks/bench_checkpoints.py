@@ -507,7 +507,7 @@ def clear_peak() -> bool:
 def inprocess_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import dill
     from durable_kernel.checkpoints import Store, snapshot
-    from durable_kernel.checkpoints.store import digest
+    from durable_kernel.checkpoints.blobs import digest
 
     r: dict[str, Any] = {}
     gc.collect()

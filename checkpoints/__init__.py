@@ -1,9 +1,12 @@
 """durable_kernel.checkpoints: the snapshot format and the store.
 
 A plain library, usable from any Python process: it never imports IPython,
-ipykernel or zmq.  Save path: :func:`snapshot` then :meth:`NotebookStore.commit`.
-Restore path: :meth:`NotebookStore.load_latest_with_reasons`.  File format:
-``manifest.py`` (signed JSON) and ``store.py`` (layout and commit order).
+ipykernel or zmq.  Save path: :func:`snapshot` (``serialize.py``) then
+:meth:`NotebookStore.commit` (``store.py``).  Restore path:
+:meth:`NotebookStore.load_latest_with_reasons`.  File format: ``manifest.py``
+(signed JSON), ``folder.py`` (layout), ``blobs.py`` (content-addressed data),
+and the names stored pickles reference (``serialize.py``).  Where the store
+is: ``location.py``.
 """
 
 from .errors import (

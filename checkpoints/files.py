@@ -99,3 +99,13 @@ def check_private(path: Path, what: str = "") -> None:
         raise UnsafeStore(
             f"{what or path} {problem}, so its checkpoints cannot be trusted; fix it with: {fix}"
         )
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes used by the files under ``path``."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest as manifest_format
+from . import retention
 from .errors import CheckpointError, UnsafeStore
 from .files import TMP_PREFIX, check_private, fsync_dir, make_private_dirs, write_atomically
 from .manifest import Manifest, printable, storage_key
@@ -88,7 +89,7 @@ class NotebookInfo:
             "folder": str(self.folder),
             "key": self.key,
             "last_used": self.last_used,
-            "last_used_iso": _iso(self.last_used),
+            "last_used_iso": iso_time(self.last_used),
             "generations": self.generations,
             "checkpoints": len(self.generations),
             "newest": self.newest.generation if self.newest is not None else None,
@@ -99,7 +100,8 @@ class NotebookInfo:
         }
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """A unix time as ISO 8601 local time, for ``--json``."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))
 
 
@@ -212,8 +214,8 @@ def garbage(nb: NotebookStore, now: float | None = None) -> tuple[list[tuple[Pat
     every blob is kept (only crash leftovers are listed).
     """
     now = time.time() if now is None else now
-    needed, unreadable = nb.blobs_needed()
-    return nb.sweep_plan(needed) + _stale_top_level_tmp(nb, now), unreadable
+    needed, unreadable = retention.blobs_needed(nb, nb.store.key)
+    return retention.sweep_plan(nb, needed) + _stale_top_level_tmp(nb, now), unreadable
 
 
 @dataclass
@@ -246,7 +248,7 @@ def collect(store: Store, info: NotebookInfo) -> Collected:
     try:
         with nb.locked(create=False):
             found, unreadable = garbage(nb)
-            files, freed = nb.remove(found)
+            files, freed = retention.remove(found)
             for folder in nb.blob_folders():
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only if empty

@@ -280,7 +280,7 @@ def _show(store, args: argparse.Namespace) -> Any:
             "generation": man.generation,
             "generations": info.generations,
             "created": man.created,
-            "created_iso": maintenance._iso(man.created),
+            "created_iso": maintenance.iso_time(man.created),
             "execution_count": man.execution_count,
             "cell": man.data.get("cell", ""),
             "writer": man.data.get("writer", {}),

@@ -131,7 +131,7 @@ def temp_leftovers(root: Path) -> list[Path]:
 
 def damaged_blobs(root: Path) -> list[Path]:
     """Blob files whose content does not hash to their name (a partial file under a final name)."""
-    from durable_kernel.checkpoints.store import digest
+    from durable_kernel.checkpoints.blobs import digest
 
     bad = []
     for path in Path(root).rglob("*"):

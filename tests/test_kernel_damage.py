@@ -122,7 +122,7 @@ def test_flipped_bytes_in_newest_manifest_fall_back_to_the_previous_one(pool):
 
 def test_manifest_signed_with_another_key_is_never_unpickled(pool, tmp_path):
     from durable_kernel.checkpoints import manifest as manifest_format
-    from durable_kernel.checkpoints.store import digest
+    from durable_kernel.checkpoints.blobs import digest
 
     notebook = two_checkpoints(pool, f"data = {FIRST}", f"data = {SECOND}")
     sentinel = tmp_path / "forged-manifest-ran"

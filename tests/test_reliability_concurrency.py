@@ -1,6 +1,6 @@
 """Concurrency: two live kernels on one notebook identity; commit racing garbage collection.
 
-Pruning (what ``gc`` does) runs as ``NotebookStore._prune_locked`` under ``NotebookStore.locked()``,
+Pruning (what ``gc`` does) runs as ``retention.prune`` under ``NotebookStore.locked()``,
 in another process, as a second kernel or a maintenance command would.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import wait_saved
-from durable_kernel.checkpoints import store as store_module
+from durable_kernel.checkpoints import blobs
 from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, snapshot
 from reliability_support import report
@@ -90,7 +90,7 @@ def test_two_kernels_on_one_notebook(start_kernel, jupyter_dirs, capsys):
 GC = """
 import sys, time
 from pathlib import Path
-from durable_kernel.checkpoints import Store
+from durable_kernel.checkpoints import Store, retention
 
 root, key, session, mode = sys.argv[1:5]
 nb = Store(root, bytes.fromhex(key)).notebook(session)
@@ -98,10 +98,10 @@ stop = Path(root).parent / "stop-gc"
 runs = 0
 while True:
     if mode == "unlocked":  # the control: what gc would do without the lock
-        nb._prune_locked(1)
+        retention.prune(nb, nb.store.key, 1)
     else:
         with nb.locked():
-            nb._prune_locked(1)
+            retention.prune(nb, nb.store.key, 1)
     runs += 1
     if mode != "loop" or stop.exists():
         break
@@ -129,7 +129,7 @@ def commit_racing_gc(tmp_path: Path, monkeypatch, locked: bool) -> tuple[bool, s
     first, second = np.full(100_000, 1.0), np.full(100_000, 2.0)
     nb.commit(snapshot({"arr": first}), execution_count=1)
     nb.commit(snapshot({"arr": second}), execution_count=2)
-    original = store_module._BlobWriter.put
+    original = blobs.BlobWriter.put
     race: dict = {}
 
     def put_blob(self, digest_hex, data, name):
@@ -145,7 +145,7 @@ def commit_racing_gc(tmp_path: Path, monkeypatch, locked: bool) -> tuple[bool, s
                 race["finished_during_commit"] = False
         return stamp
 
-    monkeypatch.setattr(store_module._BlobWriter, "put", put_blob)
+    monkeypatch.setattr(blobs.BlobWriter, "put", put_blob)
     nb.commit(snapshot({"arr": first}), execution_count=3, keep=5)
     monkeypatch.undo()
     race["gc"].wait(timeout=60)

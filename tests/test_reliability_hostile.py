@@ -25,7 +25,7 @@ from conftest import wait_saved
 from durable_kernel.checkpoints import Store, snapshot
 from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import manifest as manifest_format
-from durable_kernel.checkpoints.store import digest
+from durable_kernel.checkpoints.blobs import digest
 from reliability_support import Evil, evil_pickle, report
 
 SESSION = "hostile.ipynb"

@@ -364,14 +364,14 @@ def test_a_blob_changed_on_disk_is_checked_and_written_again_by_the_next_commit_
 
 
 def test_reused_blobs_whose_files_are_unchanged_are_not_read_again(store, monkeypatch):
-    from durable_kernel.checkpoints import store as store_module
+    from durable_kernel.checkpoints import blobs
 
     nb = store.notebook("a.ipynb")
     values = {"a": list(range(20_000)), "b": np.arange(100_000)}
     commit(nb, values, count=1)
     read = []
-    real = store_module._file_digest
-    monkeypatch.setattr(store_module, "_file_digest", lambda path, size: read.append(path) or real(path, size))
+    real = blobs.file_digest
+    monkeypatch.setattr(blobs, "file_digest", lambda path, size: read.append(path) or real(path, size))
     commit(nb, {**values, "c": 3}, count=2)
     assert read == []
 

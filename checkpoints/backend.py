@@ -1,0 +1,141 @@
+"""The byte-level operations a store needs from where it keeps its files, and the local folder that provides them.
+
+A store names everything by a key, a ``/``-separated path under the
+notebook's folder (``manifests/000000000007.manifest``, ``blobs/ab/ab12...``).
+:class:`Backend` is what any place to keep them must offer; :class:`LocalFolder`
+is the first one (a folder on a local or mounted disk), and object storage
+adds another without touching the commit and load logic.  The local folder
+also offers what only a local file can: a guarded open for copy-on-write
+mapping, and each file's ``stat`` (the change-time stamps of ``blobs.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+from .files import READ_FLAGS, TMP_PREFIX, foreign, fsync_dir, make_private_dirs, write_atomically
+
+
+class NotARegularFile(OSError):
+    """A key names a symlink, folder, FIFO or device: never read, never followed."""
+
+
+class NotOwned(OSError):
+    """A key names a file another user owns or can write: never trusted."""
+
+
+class TooLarge(OSError):
+    """A key names a file larger than the reader allows: refused unread."""
+
+
+class Backend(Protocol):
+    """Where a store keeps its bytes."""
+
+    def get(self, key: str, limit: int) -> bytes:
+        """The object's bytes; :class:`TooLarge` past ``limit``, FileNotFoundError if absent."""
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``start`` (fewer at its end)."""
+
+    def put(self, key: str, chunks: Iterable[Any]) -> int:
+        """Create or replace the object (readers see the old or the new one whole); returns bytes written."""
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create the object unless it exists (a conditional create); True if this call created it."""
+
+    def publish(self, key: str, data: bytes) -> None:
+        """:meth:`put`, made durable before returning: a checkpoint's commit point."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys directly under ``prefix`` (a folder), temp files left out."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object; no error if it is already gone."""
+
+
+class LocalFolder:
+    """A :class:`Backend` on a folder: atomic writes (temp file, fsync, rename), private files, guarded reads."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/"))
+
+    def open_regular(self, key: str) -> tuple[int, os.stat_result]:
+        """Open a file for reading: ``(fd, its fstat)``, checked on the open file so nothing can be
+        swapped in between.  Raises FileNotFoundError, :class:`NotARegularFile` (a symlink is refused,
+        not followed; a FIFO opens at once instead of waiting for a writer) or :class:`NotOwned`."""
+        try:
+            fd = os.open(self.path(key), READ_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # what O_NOFOLLOW says of a symlink
+                raise NotARegularFile(errno.ELOOP, "is a symlink") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NotARegularFile(errno.EINVAL, "is not a regular file")
+            problem = foreign(info)
+            if problem:
+                raise NotOwned(errno.EPERM, problem)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, info
+
+    def get(self, key: str, limit: int) -> bytes:
+        fd, info = self.open_regular(key)
+        with open(fd, "rb") as f:
+            if info.st_size > limit:
+                raise TooLarge(errno.EFBIG, f"has {info.st_size} bytes, more than {limit}")
+            return f.read(limit + 1)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        fd, _ = self.open_regular(key)
+        with open(fd, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    def put(self, key: str, chunks: Iterable[Any]) -> int:
+        path = self.path(key)
+        make_private_dirs(path.parent)
+        return write_atomically(path, chunks)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self.path(key)
+        if os.path.lexists(path):
+            return False
+        make_private_dirs(path.parent)
+        tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-new")
+        write_atomically(tmp, [data])
+        try:
+            os.link(tmp, path)  # fails if it exists: the create-if-absent a rename cannot give
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def publish(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        make_private_dirs(path.parent)
+        write_atomically(path, [data])
+        fsync_dir(path.parent)
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            names = os.listdir(self.path(prefix))
+        except OSError:
+            return []
+        return sorted(name for name in names if not name.startswith(TMP_PREFIX))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(key))

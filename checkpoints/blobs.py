@@ -1,0 +1,260 @@
+"""Blobs: pickles and raw buffers named by their BLAKE3 digest, written once and checked when in doubt.
+
+A blob already stored is reused without reading it only if its file is the
+user's own and unchanged since a checkpoint recorded it: the manifest keeps
+each blob file's ``stamp``, ``[inode, ctime_ns]``, which any write, replace or
+re-link changes.  Otherwise its bytes are hashed; a damaged one is written
+again from memory (the commit says so).  When loading, a buffer whose stamp
+is unchanged may skip hashing (``verify_on_restore=False``); one that changed
+never does.
+"""
+
+from __future__ import annotations
+
+import base64
+import mmap
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import blake3
+
+from .backend import NotARegularFile, NotOwned
+from .errors import CorruptCheckpoint
+from .files import READ_FLAGS, foreign, make_private_dirs
+
+if TYPE_CHECKING:
+    from .folder import NotebookFolder
+
+#: Hash big buffers on all cores; below this the thread start-up costs more.
+_PARALLEL_HASH_BYTES = 8 << 20
+
+_hash_threads = blake3.blake3.AUTO
+
+
+def _hash_single_threaded_after_fork() -> None:
+    # blake3's thread pool is created once per process and its workers do not
+    # survive fork(): in a child of a process that already hashed in parallel
+    # (a kernel that verified a large restore), a parallel hash waits forever.
+    global _hash_threads
+    _hash_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_hash_single_threaded_after_fork)
+
+
+def digest(data: Any) -> str:
+    """BLAKE3 hex digest of a bytes-like object."""
+    view = memoryview(data)
+    threads = _hash_threads if view.nbytes >= _PARALLEL_HASH_BYTES else 1
+    return blake3.blake3(view, max_threads=threads).hexdigest()
+
+
+def stamp(info: os.stat_result) -> list[int]:
+    """What changes whenever a file is written, replaced or re-linked."""
+    return [info.st_ino, info.st_ctime_ns]
+
+
+def file_digest(path: Path, size: int) -> str | None:
+    """BLAKE3 of a file's bytes, read through a private map; None if it cannot be read or has another size."""
+    try:
+        with open(os.open(path, READ_FLAGS), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+                return None
+            if size == 0:
+                return digest(b"")
+            with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as data:
+                return digest(data)
+    except OSError:
+        return None
+
+
+def stamps_named_by(data: dict[str, Any]) -> dict[str, list[int]]:
+    """digest -> stamp, for every blob a manifest's JSON records a stamp of."""
+    found = {}
+    for var in data.get("variables", []):
+        if "stamp" in var and "inline" not in var:
+            found[var["digest"]] = var["stamp"]
+        for buf in var.get("buffers", []):
+            if "stamp" in buf:
+                found[buf["digest"]] = buf["stamp"]
+    return found
+
+
+class BlobWriter:
+    """Puts one commit's blobs (under the notebook's lock): writes what is missing, checks what it reuses."""
+
+    def __init__(self, nb: "NotebookFolder", known: dict[str, list[int]]):
+        self.nb = nb
+        #: digest -> stamp of its file as a kept checkpoint recorded it
+        self.known = known
+        self.touched: set[Path] = set()
+        self.written = 0
+        self.blobs = 0
+        #: digests whose stored bytes were read back and checked
+        self.checked: set[str] = set()
+        #: names whose stored copy was damaged and has been written again
+        self.repaired: set[str] = set()
+        self._stamps: dict[str, list[int]] = {}
+
+    def put(self, digest_hex: str, data: Any, name: str) -> list[int]:
+        """Make sure blob ``digest_hex`` holds ``data``; returns its file's stamp."""
+        if digest_hex in self._stamps:  # the same buffer twice in this commit
+            return self._stamps[digest_hex]
+        path = self.nb.blob_path(digest_hex)
+        size = memoryview(data).nbytes
+        try:
+            info: os.stat_result | None = path.lstat()
+        except FileNotFoundError:
+            info = None
+        if info is not None and self._trusted(digest_hex, info, size, name):
+            found = stamp(info)
+        else:
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                self.nb.set_aside_locked(digest_hex, info)  # a rename cannot replace a directory
+            make_private_dirs(path.parent)
+            self.touched.add(path.parent)
+            self.written += self.nb.files.put(self.nb.blob_key(digest_hex), [data])  # a rename replaces a bad file
+            self.blobs += 1
+            found = stamp(path.lstat())
+        self._stamps[digest_hex] = found
+        return found
+
+    def _trusted(self, digest_hex: str, info: os.stat_result, size: int, name: str) -> bool:
+        """Can the file already there be reused as the blob ``digest_hex``?"""
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size or foreign(info):
+            return False
+        if self._intact(digest_hex, info, self.known.get(digest_hex)):
+            return True
+        self.repaired.add(name)
+        return False
+
+    def _intact(self, digest_hex: str, info: os.stat_result, recorded: Any) -> bool:
+        """Does this regular file hold the bytes ``digest_hex`` names? Read only when in doubt."""
+        if recorded == stamp(info) and digest_hex not in self.nb.damaged_digests:
+            return True  # unchanged since a checkpoint recorded it
+        self.checked.add(digest_hex)
+        return file_digest(self.nb.blob_path(digest_hex), info.st_size) == digest_hex
+
+    def carry(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """A manifest entry of an earlier checkpoint, kept as it was (its blobs still there and intact)."""
+        out = dict(entry)
+        if entry.get("kind") != "pickle":  # a module or an alias: a name, no data
+            return out
+        digests = [] if "inline" in entry else [(entry["digest"], entry.get("size", 0), out)]
+        out["buffers"] = [dict(b) for b in entry.get("buffers", [])]
+        digests += [(b["digest"], b["size"], b) for b in out["buffers"]]
+        if not out["buffers"]:
+            del out["buffers"]
+        for digest_hex, size, holder in digests:
+            try:
+                info = self.nb.blob_path(digest_hex).lstat()
+            except OSError:
+                return None
+            # A payload blob's size is at most the variable's; a buffer's is exact.
+            fits = info.st_size <= size if holder is out else info.st_size == size
+            recorded = holder.get("stamp") or self.known.get(digest_hex)
+            if not (stat.S_ISREG(info.st_mode) and fits and not foreign(info) and self._intact(digest_hex, info, recorded)):
+                return None
+            holder["stamp"] = stamp(info)
+        return out
+
+
+class BlobReader:
+    """Reads and verifies one checkpoint's blobs for a load; never hands over a byte that failed."""
+
+    def __init__(self, nb: "NotebookFolder", where: str, verify_buffers: bool):
+        self.nb = nb
+        self.where = where
+        self.verify_buffers = verify_buffers
+        self._folders_checked: set[Path] = set()
+
+    def payload(self, var: dict[str, Any]) -> bytes:
+        """A variable's pickle (inline or from its blob), checked against its digest."""
+        found = None
+        if "inline" in var:
+            try:
+                payload = base64.b64decode(var["inline"], validate=True)
+            except (ValueError, TypeError):
+                raise CorruptCheckpoint(f"{self.where}: variable {var['name']!r} is damaged") from None
+        else:
+            payload, found = self._read_blob(var)
+        if digest(payload) != var["digest"]:
+            if found is not None:
+                self.nb.set_aside(var["digest"], found)
+            raise CorruptCheckpoint(f"{self.where}: variable {var['name']!r} does not match its digest")
+        return payload
+
+    def _read_blob(self, var: dict[str, Any]) -> tuple[bytes, os.stat_result]:
+        # The recorded size counts the payload and the buffers, so an honest
+        # payload is never bigger: refuse a bigger blob unread (it may be huge).
+        limit = var.get("size", 0)
+        fd, info = self._open(var["digest"])
+        with open(fd, "rb") as f:
+            if info.st_size > limit:
+                raise CorruptCheckpoint(
+                    f"{self.where}: blob {var['digest'][:12]} has {info.st_size} bytes, "
+                    f"more than the manifest says ({limit})"
+                )
+            try:
+                return f.read(info.st_size + 1), info
+            except OSError as exc:
+                raise CorruptCheckpoint(
+                    f"{self.where}: blob {var['digest'][:12]} cannot be read: {exc.strerror or exc}"
+                ) from None
+
+    def buffer(self, buf: dict[str, Any]) -> Any:
+        """An out-of-band buffer as a private copy-on-write map of its blob (checked when in doubt)."""
+        fd, info = self._open(buf["digest"])
+        try:
+            size = info.st_size
+            if size != buf["size"]:
+                raise CorruptCheckpoint(
+                    f"{self.where}: blob {buf['digest'][:12]} has {size} bytes, expected {buf['size']} (truncated?)"
+                )
+            if size == 0:
+                data: Any = bytearray()
+            else:
+                # A private copy-on-write map: the user may write to a restored
+                # array without touching the stored blob, and pages are read
+                # only when used.  Never of a file others can write (_open).
+                data = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise CorruptCheckpoint(
+                f"{self.where}: blob {buf['digest'][:12]} cannot be read: {exc.strerror or exc}"
+            ) from None
+        finally:
+            os.close(fd)
+        unchanged = buf.get("stamp") == stamp(info) and buf["digest"] not in self.nb.damaged_digests
+        if (self.verify_buffers or not unchanged) and digest(data) != buf["digest"]:
+            self.nb.set_aside(buf["digest"], info)
+            raise CorruptCheckpoint(f"{self.where}: blob {buf['digest'][:12]} does not match its digest")
+        return data
+
+    def _open(self, digest_hex: str) -> tuple[int, os.stat_result]:
+        """Open a blob for reading: ``(fd, its fstat)``; CorruptCheckpoint unless a regular file of the user's."""
+        path = self.nb.blob_path(digest_hex)
+        name = f"{self.where}: blob {digest_hex[:12]}"
+        if path.parent not in self._folders_checked:
+            try:
+                problem = foreign(path.parent.lstat())
+            except OSError:
+                problem = None  # the open below says what is wrong
+            if problem:
+                raise CorruptCheckpoint(f"{name}: its folder {problem}")
+            self._folders_checked.add(path.parent)
+        try:
+            return self.nb.files.open_regular(self.nb.blob_key(digest_hex))
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{name} is missing") from None
+        except (NotARegularFile, NotOwned) as exc:
+            try:
+                self.nb.set_aside(digest_hex, path.lstat())
+            except OSError:
+                pass
+            raise CorruptCheckpoint(f"{name} {exc.strerror}") from None
+        except OSError as exc:
+            raise CorruptCheckpoint(f"{name} cannot be read: {exc.strerror or exc}") from None

@@ -1,0 +1,127 @@
+"""What a notebook keeps and what goes: one plan for a commit's prune, ``gc``, ``du`` and ``clear``.
+
+Plan, then execute (a dry run simply does not execute), as restic prunes.
+Nothing that could not be verified is ever deleted: retention counts only the
+checkpoints signed with this user's key (of a schema this version reads), so
+a changed key, a copied store or a newer schema never costs the checkpoints it
+cannot read, nor the blobs they name.  Deleting happens under the notebook's
+lock, the one every commit holds, so a commit never loses a blob it relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from . import manifest as manifest_format
+from .errors import CheckpointError, CorruptCheckpoint
+from .files import TMP_PREFIX
+from .folder import NotebookFolder
+
+log = logging.getLogger(__name__)
+
+#: ``(path, bytes)`` of each file a sweep removes
+Plan = list[tuple[Path, int]]
+
+
+def signed(nb: NotebookFolder, key: bytes, checkpoint_id: int) -> dict[str, Any] | None:
+    """A manifest's JSON if it is signed with ``key`` and readable by this version, else None."""
+    try:
+        return manifest_format.signed_data(
+            nb.manifest_bytes(checkpoint_id), key, f"checkpoint {checkpoint_id}",
+            generation=checkpoint_id, folder=nb.dir.name,
+        )
+    except (CheckpointError, OSError):
+        return None
+
+
+def prune(nb: NotebookFolder, key: bytes, keep: int, verified: dict[int, dict[str, Any] | None] | None = None) -> None:
+    """Drop verified checkpoints beyond the ``keep`` newest, then blobs no kept manifest needs.
+
+    Call under the notebook's lock.  ``verified`` maps each checkpoint id to its
+    verified JSON (None: it does not verify), if the caller read them already.
+    """
+    if verified is None:
+        verified = {gen: signed(nb, key, gen) for gen in nb.generations()}
+    mine = [gen for gen in sorted(verified, reverse=True) if verified[gen] is not None]
+    for gen in mine[max(keep, 1):]:
+        nb.files.delete(nb.manifest_key(gen))
+        del verified[gen]
+    needed, _ = blobs_needed(nb, key, verified)
+    remove(sweep_plan(nb, needed))
+
+
+def blobs_needed(
+    nb: NotebookFolder, key: bytes, verified: dict[int, dict[str, Any] | None] | None = None
+) -> tuple[set[str] | None, list[str]]:
+    """The blobs the kept manifests name, and one line per manifest that could not be read.
+
+    None instead of a set means some manifest cannot be read now: keep every
+    blob.  Manifests that do not verify still keep their blobs (read
+    unverified, only to decide what to keep: a bad manifest can at worst
+    keep a blob alive, never get one unpickled).
+    """
+    if verified is None:
+        verified = {gen: signed(nb, key, gen) for gen in nb.generations()}
+    needed: set[str] | None = set()
+    problems: list[str] = []
+    for gen, data in verified.items():
+        named = manifest_format.referenced_blobs(data) if data is not None else _named_unverified(nb, gen, problems)
+        if named is None or needed is None:
+            needed = None
+        else:
+            needed |= named
+    return needed, problems
+
+
+def _named_unverified(nb: NotebookFolder, checkpoint_id: int, problems: list[str]) -> set[str] | None:
+    """Blobs an unverifiable manifest names; None if that cannot be told (keep them all).
+    One that can never load (gone, not a regular file, too big) needs nothing."""
+    try:
+        raw = nb.manifest_bytes(checkpoint_id)
+    except CorruptCheckpoint as exc:
+        log.warning("%s; its blobs are not kept", exc)
+        return set()
+    except (OSError, CheckpointError) as exc:
+        problems.append(f"checkpoint {checkpoint_id} cannot be read: {getattr(exc, 'strerror', None) or exc}")
+        return None
+    try:
+        return manifest_format.referenced_blobs(json.loads(manifest_format.body_of(raw)))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        problems.append(f"checkpoint {checkpoint_id} cannot be parsed ({exc})")
+        return None
+
+
+def sweep_plan(nb: NotebookFolder, needed: set[str] | None) -> Plan:
+    """Blobs not in ``needed`` and crash leftovers (temp files) among manifests and blobs;
+    ``needed=None``: leftovers only."""
+    plan = []
+    for folder in (nb.manifests_dir, *nb.blob_folders()):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                continue
+            if entry.name.startswith(TMP_PREFIX) or (
+                folder != nb.manifests_dir and needed is not None and entry.name not in needed
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    plan.append((Path(entry.path), entry.stat(follow_symlinks=False).st_size))
+    return plan
+
+
+def remove(plan: Plan) -> tuple[int, int]:
+    """Delete what a plan lists: ``(files removed, bytes freed)``."""
+    removed = freed = 0
+    for path, size in plan:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+            freed += size
+    return removed, freed
