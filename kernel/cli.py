@@ -223,9 +223,9 @@ def _store_command(args: argparse.Namespace) -> int:
 
 
 def _list(store, args: argparse.Namespace) -> Any:
-    from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints import inventory
 
-    found = maintenance.notebooks(store)
+    found = inventory.notebooks(store)
     if args.json:
         return {"store": str(store.root), "notebooks": [info.to_json() for info in found]}
     if not found:
@@ -256,10 +256,10 @@ def _variable_json(var: dict[str, Any]) -> dict[str, Any]:
 
 
 def _show(store, args: argparse.Namespace) -> Any:
-    from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints import inventory
 
-    info = maintenance.find(store, args.notebook)
-    nb = maintenance.notebook_at(store, info.folder, info.identity)
+    info = inventory.find(store, args.notebook)
+    nb = inventory.notebook_at(store, info.folder, info.identity)
     if not info.generations:
         raise _CommandError(f"{info.label} has no checkpoints (they were cleared)")
     kept = ", ".join(str(g) for g in info.generations)
@@ -280,7 +280,7 @@ def _show(store, args: argparse.Namespace) -> Any:
             "generation": man.generation,
             "generations": info.generations,
             "created": man.created,
-            "created_iso": maintenance.iso_time(man.created),
+            "created_iso": inventory.iso_time(man.created),
             "execution_count": man.execution_count,
             "cell": man.data.get("cell", ""),
             "writer": man.data.get("writer", {}),
@@ -337,7 +337,7 @@ def _show(store, args: argparse.Namespace) -> Any:
 
 
 def _clear(store, args: argparse.Namespace) -> Any:
-    from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints import inventory, maintenance
 
     chosen = [flag for flag, given in (("NOTEBOOK", args.notebook is not None), ("--all", args.all),
                                         ("--older-than", args.older_than is not None)) if given]
@@ -346,17 +346,17 @@ def _clear(store, args: argparse.Namespace) -> Any:
             f"give only one of {', '.join(chosen)}")
         _Parser(prog="durable-kernel clear").error(what)
     if args.notebook is not None:
-        targets = [maintenance.find(store, args.notebook)]
+        targets = [inventory.find(store, args.notebook)]
         if not targets[0].generations:
             raise _CommandError(f"{targets[0].label} has no checkpoints to clear")
     elif args.all:
-        targets = maintenance.notebooks(store)
+        targets = inventory.notebooks(store)
     else:
         try:
-            age = maintenance.parse_age(args.older_than)
+            age = inventory.parse_age(args.older_than)
         except ValueError as exc:
             _Parser(prog="durable-kernel clear").error(f"argument --older-than: {exc}")
-        targets = maintenance.unused_since(store, age)
+        targets = inventory.unused_since(store, age)
     results = []
     verb = "Would remove" if args.dry_run else "Removed"
     for info in targets:
@@ -378,13 +378,13 @@ def _clear(store, args: argparse.Namespace) -> Any:
 
 
 def _gc(store, args: argparse.Namespace) -> Any:
-    from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints import inventory, maintenance
 
     if args.dry_run:
         results = []
         for folder in store.notebook_dirs():
-            info = maintenance.describe(store, folder)
-            found, unreadable = maintenance.garbage(maintenance.notebook_at(store, folder, info.identity))
+            info = inventory.describe(store, folder)
+            found, unreadable = inventory.garbage(inventory.notebook_at(store, folder, info.identity))
             results.append(maintenance.Collected(info, len(found), sum(s for _, s in found), unreadable))
     else:
         results = maintenance.collect_all(store)
@@ -408,12 +408,12 @@ def _gc(store, args: argparse.Namespace) -> Any:
 
 
 def _du(store, args: argparse.Namespace) -> Any:
-    from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints import inventory
 
-    rows_data = maintenance.usage(store)
+    rows_data = inventory.usage(store)
     total = sum(u.info.size for u in rows_data)
     reclaimable = sum(u.reclaimable for u in rows_data)
-    free = maintenance.free_space(store.root)
+    free = inventory.free_space(store.root)
     if args.json:
         return {"store": str(store.root), "notebooks": [u.to_json() for u in rows_data], "size": total,
                 "reclaimable": reclaimable, "free": free}
@@ -433,10 +433,10 @@ def _du(store, args: argparse.Namespace) -> Any:
 
 
 def _mv(store, args: argparse.Namespace) -> Any:
-    from durable_kernel.checkpoints import maintenance, printable
+    from durable_kernel.checkpoints import inventory, maintenance, printable
 
-    info = maintenance.find(store, args.old)
-    source = maintenance.notebook_at(store, info.folder, info.identity)
+    info = inventory.find(store, args.old)
+    source = inventory.notebook_at(store, info.folder, info.identity)
     new = args.new if not os.path.isabs(args.old) and args.old == info.identity and not os.path.exists(args.new) \
         else os.path.abspath(os.path.expanduser(args.new))
     if os.path.isabs(info.identity or "") or os.path.sep in args.new or args.new.endswith(".ipynb"):

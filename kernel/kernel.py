@@ -25,7 +25,7 @@ from typing import Any
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
-from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, maintenance, printable
+from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, inventory, maintenance, printable
 from durable_kernel.checkpoints.liveness import writer_alive
 from durable_kernel.checkpoints.location import open_store
 
@@ -288,8 +288,8 @@ class DurableKernel(IPythonKernel):
         state is saved first, so '%checkpoint undo' goes back to it).
         """
         assert self.store is not None and self.notebook is not None
-        info = maintenance.find(self.store, old)
-        source = maintenance.notebook_at(self.store, info.folder, info.identity)
+        info = inventory.find(self.store, old)
+        source = inventory.notebook_at(self.store, info.folder, info.identity)
         if source.dir == self.notebook.dir:
             raise CheckpointError(f"{printable(old)} is this notebook")
         self.checkpoint_now()

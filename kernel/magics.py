@@ -11,7 +11,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 
 from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, printable
 from durable_kernel.checkpoints import maintenance
-from durable_kernel.checkpoints.maintenance import NoSuchNotebook
+from durable_kernel.checkpoints.inventory import NoSuchNotebook
 from durable_kernel.checkpoints.manifest import diff, fingerprint
 
 from . import humanize

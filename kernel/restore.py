@@ -16,7 +16,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
-from durable_kernel.checkpoints import NotebookStore, NotRestored, Restored, Store, maintenance, printable
+from durable_kernel.checkpoints import NotebookStore, NotRestored, Restored, Store, inventory, maintenance, printable
 
 from . import humanize
 
@@ -102,11 +102,11 @@ def wait_for_previous_kernel(notebook: NotebookStore, wait: float) -> list[str]:
 def follow_renamed_notebook(store: Store, notebook: NotebookStore, kernel_id: str, wait: float) -> list[str]:
     """A restart of this kernel session under a new name (the notebook was renamed while its
     kernel ran): move the state it saved under the old name to the new one."""
-    mine = maintenance.newest_verified(notebook)
+    mine = inventory.newest_verified(notebook)
     if mine is not None and mine.data.get("writer", {}).get("kernel") == kernel_id:
         return []  # a plain restart: the newest state is already this notebook's
     mine_created = mine.created if mine is not None else 0.0
-    for stored in maintenance.newest_checkpoints(store):
+    for stored in inventory.newest_checkpoints(store):
         if stored.writer.get("kernel") != kernel_id or stored.folder == notebook.dir:
             continue
         if stored.created <= mine_created:
@@ -122,7 +122,7 @@ def follow_renamed_notebook(store: Store, notebook: NotebookStore, kernel_id: st
 def offer_orphans(store: Store, identity: str) -> list[str]:
     """No state for this notebook: name saved state whose notebook file is gone (moved here?)."""
     try:
-        candidates = maintenance.orphans(maintenance.newest_checkpoints(store), identity)
+        candidates = inventory.orphans(inventory.newest_checkpoints(store), identity)
     except Exception:  # a hint, never a reason not to start
         log.exception("looking for moved notebooks failed")
         return []

@@ -54,7 +54,7 @@ def _os_path(root: str, api_path: str) -> str:
 def follow_rename(old: str, new: str) -> list[str]:
     """Move the saved state of notebook ``old`` (or of every notebook under folder ``old``)
     to its new path; returns the identities moved."""
-    from durable_kernel.checkpoints import maintenance
+    from durable_kernel.checkpoints import inventory, maintenance
     from durable_kernel.checkpoints.location import open_store
 
     store = open_store(create_key=False)
@@ -62,7 +62,7 @@ def follow_rename(old: str, new: str) -> list[str]:
         return []
     moved = []
     prefix = old.rstrip(os.sep) + os.sep
-    for stored in maintenance.newest_checkpoints(store):
+    for stored in inventory.newest_checkpoints(store):
         if stored.identity == old:
             target = new
         elif stored.identity.startswith(prefix):

@@ -245,7 +245,7 @@ def test_clear_one_notebook_by_relative_path_keeps_the_others_and_its_settings(s
     nb.write_settings({"exclude": ["secret_*"]})
     other = commit(store, "b.ipynb", {"y": 1})
     out = ok("clear", "a.ipynb", cwd=tmp_path).stdout
-    assert out.startswith(f"Removed 1 checkpoint (") and "KiB" in out and identity in out
+    assert out.startswith("Removed 1 checkpoint (") and "KiB" in out and identity in out
     assert nb.generations() == [] and other.generations() == [1]
     assert nb.read_settings() == {"exclude": ["secret_*"]}
     assert [n["identity"] for n in json.loads(ok("list", "--json").stdout)["notebooks"]] == ["b.ipynb"]
