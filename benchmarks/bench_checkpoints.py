@@ -277,33 +277,13 @@ class BenchKernel:
     def run(
         self, code: str, silent: bool = False, user_expressions: dict[str, str] | None = None, check: bool = True
     ) -> Run:
+        from durable_kernel.testing import collect
+
         kc = self.kc
         started = time.perf_counter()
         msg_id = kc.execute(code, silent=silent, store_history=not silent, user_expressions=user_expressions or {})
-        out = Run(0.0, {})
-        idle = False
-        while not idle:
-            msg = kc.get_iopub_msg(timeout=KERNEL_TIMEOUT)
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                if content["name"] == "stdout":
-                    out.stdout += content["text"]
-                else:
-                    out.stderr += content["text"]
-            elif kind == "error":
-                out.error = f"{content['ename']}: {content['evalue']}"
-            elif kind == "execute_result":
-                out.stdout += content["data"].get("text/plain", "")
-            elif kind == "status" and content["execution_state"] == "idle":
-                idle = True
-        while True:
-            reply = kc.get_shell_msg(timeout=KERNEL_TIMEOUT)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        out.seconds = time.perf_counter() - started
-        out.reply = reply["content"]
+        got = collect(kc, msg_id, KERNEL_TIMEOUT, code)
+        out = Run(time.perf_counter() - started, got.reply, got.stdout + got.result, got.stderr, got.error)
         if check and (out.error or out.reply.get("status") != "ok"):
             raise RuntimeError(f"cell {code[:60]!r} failed: {out.error or out.reply}")
         return out
@@ -382,8 +362,8 @@ def stock_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
 def checkpoint_files(store_root: Path, jupyter_data: Path) -> tuple[list[Path], int]:
     """Files (manifest + blobs) of the newest checkpoint of SESSION, and their bytes."""
-    from durable_kernel.checkpoints.location import open_store
     from durable_kernel.checkpoints import manifest as manifest_format
+    from durable_kernel.checkpoints.location import open_store
 
     nb = open_store(environ={"DURABLE_KERNEL_DIR": str(store_root), "JUPYTER_DATA_DIR": str(jupyter_data)}).notebook(
         SESSION
@@ -751,11 +731,10 @@ def verdicts(summary: dict[float, dict[str, Any]], sizes: list[float]) -> list[s
 def machine_info(cold_method: str, tmp_root: Path) -> str:
     import blake3
     import dill
+    import durable_kernel
     import ipykernel
     import numpy
     import pandas
-
-    import durable_kernel
 
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

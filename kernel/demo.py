@@ -36,8 +36,7 @@ def run() -> int:
             out = kernel.execute(cell)
             if out.error:
                 print(f"  !! {out.error}")
-        kernel.execute("pass")  # give the background checkpoint of the last cell a moment
-        time.sleep(0.5)
+        kernel.execute("get_ipython().kernel.wait_for_checkpoint(60)", silent=True)  # the last cell's checkpoint
         print(f"\nKilling the kernel with SIGKILL (pid {kernel.pid}): no shutdown, no last-minute save.")
         kernel.kill()
         print("Starting a new kernel for the same notebook...\n")

@@ -1,4 +1,10 @@
-"""Install the ``durable-python3`` kernelspec, as ``python -m ipykernel install`` does."""
+"""Install the ``durable-python3`` kernelspec, as ``python -m ipykernel install`` does.
+
+The kernelspec is one folder in the source tree (``kernelspec/durable-python3``:
+kernel.json and logos), shipped twice by the wheel: as shared data, which puts
+it where Jupyter looks when the package is installed, and inside the package,
+where :func:`install` copies it from for other places (``--user``, ``--prefix``).
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,15 @@ from pathlib import Path
 
 KERNEL_NAME = "durable-python3"
 DISPLAY_NAME = "Python 3 (durable)"
+SPEC_FOLDER = Path(__file__).parent / "kernelspec"
 
 
 def kernel_dict(display_name: str = DISPLAY_NAME) -> dict:
-    """kernel.json for this interpreter."""
-    return {
-        "argv": [sys.executable, "-m", "durable_kernel", "-f", "{connection_file}"],
-        "display_name": display_name,
-        "language": "python",
-        "metadata": {"debugger": True},
-        "interrupt_mode": "signal",
-        "kernel_protocol_version": "5.5",
-    }
+    """kernel.json for this interpreter: the shipped one, run by ``sys.executable``."""
+    spec = json.loads((SPEC_FOLDER / "kernel.json").read_text())
+    spec["argv"][0] = sys.executable
+    spec["display_name"] = display_name
+    return spec
 
 
 def install(
@@ -33,13 +36,8 @@ def install(
     """Write the kernelspec and install it; returns the folder it went to."""
     from jupyter_client.kernelspec import KernelSpecManager
 
-    import ipykernel
-
-    logos = Path(ipykernel.__file__).parent / "resources"
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / name
-        spec.mkdir()
+        shutil.copytree(SPEC_FOLDER, spec)
         (spec / "kernel.json").write_text(json.dumps(kernel_dict(display_name), indent=1) + "\n")
-        for logo in logos.glob("logo-*"):
-            shutil.copy(logo, spec / logo.name)
         return KernelSpecManager().install_kernel_spec(str(spec), kernel_name=name, user=user, prefix=prefix)

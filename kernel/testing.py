@@ -24,11 +24,48 @@ class Output:
 
     stdout: str = ""
     stderr: str = ""
+    #: ``ename: evalue`` of an error (error_name: ``ename`` alone)
     error: str = ""
+    error_name: str = ""
     result: str = ""
     status: str = ""
     execution_count: int | None = None
+    #: the execute_reply's content
+    reply: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def collect(kc: Any, msg_id: str, timeout: float = 120, what: str = "") -> Output:
+    """What the request ``msg_id`` produced: its IOPub output until the kernel is idle, then its reply."""
+    out = Output()
+    while True:
+        try:
+            msg = kc.get_iopub_msg(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no idle after {timeout} s running {what[:60]!r}") from None
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        out.messages.append(msg)
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            if content["name"] == "stdout":
+                out.stdout += content["text"]
+            else:
+                out.stderr += content["text"]
+        elif kind == "error":
+            out.error_name = content["ename"]
+            out.error = f"{content['ename']}: {content['evalue']}"
+        elif kind == "execute_result":
+            out.result = content["data"].get("text/plain", "")
+        elif kind == "status" and content["execution_state"] == "idle":
+            break
+    while True:
+        reply = kc.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            out.reply = reply["content"]
+            out.status = reply["content"]["status"]
+            out.execution_count = reply["content"].get("execution_count")
+            return out
 
 
 class KernelProcess:
@@ -75,34 +112,7 @@ class KernelProcess:
 
     def execute(self, code: str, timeout: float = 120, **kwargs: Any) -> Output:
         """Run ``code`` and collect its output until the kernel is idle again."""
-        msg_id = self.kc.execute(code, **kwargs)
-        out = Output()
-        while True:
-            try:
-                msg = self.kc.get_iopub_msg(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"no idle after {timeout} s running {code[:60]!r}") from None
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            out.messages.append(msg)
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                if content["name"] == "stdout":
-                    out.stdout += content["text"]
-                else:
-                    out.stderr += content["text"]
-            elif kind == "error":
-                out.error = f"{content['ename']}: {content['evalue']}"
-            elif kind == "execute_result":
-                out.result = content["data"].get("text/plain", "")
-            elif kind == "status" and content["execution_state"] == "idle":
-                break
-        while True:
-            reply = self.kc.get_shell_msg(timeout=timeout)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                out.status = reply["content"]["status"]
-                out.execution_count = reply["content"].get("execution_count")
-                return out
+        return collect(self.kc, self.kc.execute(code, **kwargs), timeout, code)
 
     def value(self, expression: str) -> str:
         """``repr`` of an expression evaluated in the kernel (raises if it fails)."""

@@ -10,13 +10,13 @@ restores that.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
+from durable_kernel.testing import collect
 from jupyter_client.manager import KernelManager
 
 LOOP = (
@@ -47,28 +47,9 @@ class Session:
         return self.kc.execute(code, **options)
 
     def collect(self, msg_id: str, timeout: float = 60) -> dict:
-        out = {"stdout": "", "stderr": "", "error": None, "result": None}
-        while True:
-            try:
-                msg = self.kc.get_iopub_msg(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"no idle after {timeout} s") from None
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                out[content["name"]] += content["text"]
-            elif kind == "error":
-                out["error"] = content["ename"]
-            elif kind == "execute_result":
-                out["result"] = content["data"]["text/plain"]
-            elif kind == "status" and content["execution_state"] == "idle":
-                break
-        while True:
-            reply = self.kc.get_shell_msg(timeout=timeout)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                out["status"] = reply["content"]["status"]
-                return out
+        got = collect(self.kc, msg_id, timeout)
+        return {"stdout": got.stdout, "stderr": got.stderr, "error": got.error_name or None,
+                "result": got.result or None, "status": got.status}
 
     def run(self, code: str, **options) -> dict:
         return self.collect(self.send(code, **options))

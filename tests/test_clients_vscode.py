@@ -17,11 +17,11 @@ Driven here with jupyter_client alone (not the project's own client).
 from __future__ import annotations
 
 import os
-import queue
 import signal
 from pathlib import Path
 
 import pytest
+from durable_kernel.testing import collect
 from jupyter_client.manager import KernelManager
 
 WIDGETS_PREFIX = "e976ee50-99ed-4aba-9b6b-9dcd5634d07d:IPyWidgets:"
@@ -79,30 +79,9 @@ class VSCodeNotebook:
         return [probe, startup]
 
     def request(self, code: str, timeout: float = 60, **options) -> Reply:
-        msg_id = self.kc.execute(code, **options)
-        out = Reply(stdout="", stderr="", error=None, result=None)
-        while True:
-            try:
-                msg = self.kc.get_iopub_msg(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"no idle after {timeout} s running {code[:60]!r}") from None
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                out[content["name"]] += content["text"]
-            elif kind == "error":
-                out["error"] = f"{content['ename']}: {content['evalue']}"
-            elif kind == "execute_result":
-                out["result"] = content["data"]["text/plain"]
-            elif kind == "status" and content["execution_state"] == "idle":
-                break
-        while True:
-            reply = self.kc.get_shell_msg(timeout=timeout)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                out["status"] = reply["content"]["status"]
-                out["execution_count"] = reply["content"].get("execution_count")
-                return out
+        got = collect(self.kc, self.kc.execute(code, **options), timeout, code)
+        return Reply(stdout=got.stdout, stderr=got.stderr, error=got.error or None, result=got.result or None,
+                     status=got.status, execution_count=got.execution_count)
 
     def cell(self, code: str) -> Reply:
         out = self.request(code, **CELL)
