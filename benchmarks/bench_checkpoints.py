@@ -169,7 +169,7 @@ class MemPoller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "MemPoller":
+    def __enter__(self) -> MemPoller:
         self._thread.start()
         return self
 
@@ -659,36 +659,101 @@ def table(summary: dict[float, dict[str, Any]], cells: int) -> str:
     sizes = list(summary)
     rows: list[tuple[str, Any]] = [
         ("namespace (durable kernel RSS growth)", lambda m: fmt_bytes(m["ns_bytes"])),
-        ("1-min load average before / after this size (2 cores: > 0.5 means other work)", lambda m: "{:.2f} / {:.2f}".format(*m["load"])),
-        (f"**1** stock ipykernel, `x = 1`, median of {cells}, paced / back-to-back", lambda m: f"{m['stock_paced']:.2f} / {m['stock_b2b']:.2f} ms"),
-        (f"**1** durable, `x = 1`, median of {cells}, paced / back-to-back", lambda m: f"{m['dur_paced']:.2f} / {m['dur_b2b']:.2f} ms"),
-        ("**1** added latency, paced / back-to-back (target ≤ 5 ms)", lambda m: f"**{m['added_paced']:+.2f} / {m['added_b2b']:+.2f} ms**"),
+        (
+            "1-min load average before / after this size (2 cores: > 0.5 means other work)",
+            lambda m: "{:.2f} / {:.2f}".format(*m["load"]),
+        ),
+        (
+            f"**1** stock ipykernel, `x = 1`, median of {cells}, paced / back-to-back",
+            lambda m: f"{m['stock_paced']:.2f} / {m['stock_b2b']:.2f} ms",
+        ),
+        (
+            f"**1** durable, `x = 1`, median of {cells}, paced / back-to-back",
+            lambda m: f"{m['dur_paced']:.2f} / {m['dur_b2b']:.2f} ms",
+        ),
+        (
+            "**1** added latency, paced / back-to-back (target ≤ 5 ms)",
+            lambda m: f"**{m['added_paced']:+.2f} / {m['added_b2b']:+.2f} ms**",
+        ),
         ("  durable paced p90", lambda m: f"{m['p90_paced']:.2f} ms"),
         ("  checkpoint after a trivial cell (fork → committed)", lambda m: f"{m['steady_wall']:.2f} s"),
         ("**2** `small = 1`: bytes written (target < 1 MiB)", lambda m: f"**{fmt_bytes(m['small_written'])}**"),
         ("  `small = 1`: store size change", lambda m: fmt_bytes(m["small_delta"])),
         ("  (info) `rows[0]['score'] = -1.0`: bytes written", lambda m: fmt_bytes(m["row_written"])),
         ("**3** first checkpoint of numpy/pandas data: bytes", lambda m: fmt_bytes(m["first_bytes"])),
-        ("**3** first checkpoint: fork → committed (commit alone)", lambda m: f"{m['first_wall']:.2f} s ({m['first_commit']:.2f} s)"),
-        ("**3** `dd bs=1M conv=fdatasync`, same bytes, same fs", lambda m: f"{m['dd']:.2f} s ({m['first_bytes'] / m['dd'] / 1e6:.0f} MB/s)"),
+        (
+            "**3** first checkpoint: fork → committed (commit alone)",
+            lambda m: f"{m['first_wall']:.2f} s ({m['first_commit']:.2f} s)",
+        ),
+        (
+            "**3** `dd bs=1M conv=fdatasync`, same bytes, same fs",
+            lambda m: f"{m['dd']:.2f} s ({m['first_bytes'] / m['dd'] / 1e6:.0f} MB/s)",
+        ),
         ("**3** ratio checkpoint / dd (target ≤ 1.3×)", lambda m: f"**{m['thr_ratio']:.2f}×**"),
         ("**4** checkpoint bytes on disk (manifest + blobs)", lambda m: fmt_bytes(m["ckpt_bytes"])),
-        ("**4** warm: kernel start → first result / read bytes", lambda m: f"{m['restore_warm']:.2f} s / {m['read_warm']:.2f} s"),
+        (
+            "**4** warm: kernel start → first result / read bytes",
+            lambda m: f"{m['restore_warm']:.2f} s / {m['read_warm']:.2f} s",
+        ),
         ("**4** warm ratio (target ≤ 1.5×)", lambda m: f"**{m['restore_warm_ratio']:.2f}×**"),
-        ("**4** cold: kernel start → first result / read bytes", lambda m: "n/a" if m["read_cold"] is None else f"{m['restore_cold']:.2f} s / {m['read_cold']:.2f} s"),
-        ("**4** cold ratio (target ≤ 1.5×)", lambda m: "n/a" if m["restore_cold_ratio"] is None else f"**{m['restore_cold_ratio']:.2f}×**"),
-        ("  empty kernel start → first result, stock / durable", lambda m: f"{m['start_stock']:.2f} / {m['start_durable']:.2f} s"),
-        ("**5** full checkpoint in kernel: extra memory (child Private_Dirty)", lambda m: "{} ({}; {} samples)".format(fmt_bytes(m["mem_full_parts"][0]), fmt_bytes(m["mem_full_parts"][1]), m["mem_full_parts"][2])),
-        ("**5** trivial-cell checkpoint: extra memory (child Private_Dirty)", lambda m: "{} ({}; {} samples)".format(fmt_bytes(m["mem_steady_parts"][0]), fmt_bytes(m["mem_steady_parts"][1]), m["mem_steady_parts"][2])),
+        (
+            "**4** cold: kernel start → first result / read bytes",
+            lambda m: "n/a" if m["read_cold"] is None else f"{m['restore_cold']:.2f} s / {m['read_cold']:.2f} s",
+        ),
+        (
+            "**4** cold ratio (target ≤ 1.5×)",
+            lambda m: "n/a" if m["restore_cold_ratio"] is None else f"**{m['restore_cold_ratio']:.2f}×**",
+        ),
+        (
+            "  empty kernel start → first result, stock / durable",
+            lambda m: f"{m['start_stock']:.2f} / {m['start_durable']:.2f} s",
+        ),
+        (
+            "**5** full checkpoint in kernel: extra memory (child Private_Dirty)",
+            lambda m: "{} ({}; {} samples)".format(
+                fmt_bytes(m["mem_full_parts"][0]), fmt_bytes(m["mem_full_parts"][1]), m["mem_full_parts"][2]
+            ),
+        ),
+        (
+            "**5** trivial-cell checkpoint: extra memory (child Private_Dirty)",
+            lambda m: "{} ({}; {} samples)".format(
+                fmt_bytes(m["mem_steady_parts"][0]), fmt_bytes(m["mem_steady_parts"][1]), m["mem_steady_parts"][2]
+            ),
+        ),
         ("**5** extra peak / namespace (target ≤ 10%)", lambda m: f"**{100 * m['mem_ratio']:.1f}%**"),
-        ("  in-process snapshot+commit: peak RSS growth / namespace", lambda m: "n/a" if m["inproc_peak"] is None else f"{fmt_bytes(m['inproc_peak'])} ({100 * m['inproc_ratio']:.1f}%)"),
-        ("**6** 200k dicts: snapshot / snapshot+commit / C pickle", lambda m: f"{m['small_snap'] * 1e3:.0f} / {m['small_ckpt'] * 1e3:.0f} / {m['small_pickle'] * 1e3:.0f} ms"),
+        (
+            "  in-process snapshot+commit: peak RSS growth / namespace",
+            lambda m: (
+                "n/a" if m["inproc_peak"] is None else f"{fmt_bytes(m['inproc_peak'])} ({100 * m['inproc_ratio']:.1f}%)"
+            ),
+        ),
+        (
+            "**6** 200k dicts: snapshot / snapshot+commit / C pickle",
+            lambda m: f"{m['small_snap'] * 1e3:.0f} / {m['small_ckpt'] * 1e3:.0f} / {m['small_pickle'] * 1e3:.0f} ms",
+        ),
         ("**6** 200k dicts: `dill.dumps`", lambda m: f"{m['small_dill'] * 1e3:.0f} ms"),
-        ("**6** dill / snapshot (target ≥ 20×); dill / snapshot+commit", lambda m: f"**{m['small_ratio']:.1f}×**; {m['small_ckpt_ratio']:.1f}×"),
-        ("**7** `dill.dump_module` of the namespace (file size)", lambda m: f"{m['dump_module']:.2f} s ({fmt_bytes(m['dump_module_bytes'])})"),
-        ("**7** in-process full snapshot+commit (snapshot; BLAKE3 of buffers)", lambda m: f"{m['inproc_full']:.2f} s ({m['inproc_snapshot']:.2f} s; {m['inproc_digest']:.2f} s)"),
-        ("**7** in-process unchanged snapshot+commit (snapshot)", lambda m: f"{m['inproc_steady']:.2f} s ({m['inproc_steady_snapshot']:.2f} s)"),
-        ("**7** dump_module / full checkpoint; per-cell wait naive vs durable", lambda m: f"{m['dump_module'] / m['inproc_full']:.1f}×; {m['dump_module'] * 1e3:.0f} ms vs {m['added']:+.1f} ms"),
+        (
+            "**6** dill / snapshot (target ≥ 20×); dill / snapshot+commit",
+            lambda m: f"**{m['small_ratio']:.1f}×**; {m['small_ckpt_ratio']:.1f}×",
+        ),
+        (
+            "**7** `dill.dump_module` of the namespace (file size)",
+            lambda m: f"{m['dump_module']:.2f} s ({fmt_bytes(m['dump_module_bytes'])})",
+        ),
+        (
+            "**7** in-process full snapshot+commit (snapshot; BLAKE3 of buffers)",
+            lambda m: f"{m['inproc_full']:.2f} s ({m['inproc_snapshot']:.2f} s; {m['inproc_digest']:.2f} s)",
+        ),
+        (
+            "**7** in-process unchanged snapshot+commit (snapshot)",
+            lambda m: f"{m['inproc_steady']:.2f} s ({m['inproc_steady_snapshot']:.2f} s)",
+        ),
+        (
+            "**7** dump_module / full checkpoint; per-cell wait naive vs durable",
+            lambda m: (
+                f"{m['dump_module'] / m['inproc_full']:.1f}×; {m['dump_module'] * 1e3:.0f} ms vs {m['added']:+.1f} ms"
+            ),
+        ),
     ]
     head = "| | " + " | ".join(f"{s:g} GiB" for s in sizes) + " |"
     sep = "|---|" + "---|" * len(sizes)
@@ -710,18 +775,60 @@ def verdicts(summary: dict[float, dict[str, Any]], sizes: list[float]) -> list[s
 
     m = summary[top]
     out = [
-        line(1, "added latency ≤ 5 ms, worse of paced/back-to-back", f"{m['added']:+.2f} ms", m["added"] <= 5, "added", "{:+.1f} ms"),
-        line(2, "small change writes < 1 MiB", fmt_bytes(m["small_written"]), m["small_written"] < MIB, "small_written", "{:.0f} B"),
+        line(
+            1,
+            "added latency ≤ 5 ms, worse of paced/back-to-back",
+            f"{m['added']:+.2f} ms",
+            m["added"] <= 5,
+            "added",
+            "{:+.1f} ms",
+        ),
+        line(
+            2,
+            "small change writes < 1 MiB",
+            fmt_bytes(m["small_written"]),
+            m["small_written"] < MIB,
+            "small_written",
+            "{:.0f} B",
+        ),
         line(3, "first checkpoint ≤ 1.3× dd", f"{m['thr_ratio']:.2f}×", m["thr_ratio"] <= 1.3, "thr_ratio", "{:.2f}×"),
-        line(4, "restore ≤ 1.5× read, warm cache", f"{m['restore_warm_ratio']:.2f}×", m["restore_warm_ratio"] <= 1.5, "restore_warm_ratio", "{:.2f}×"),
+        line(
+            4,
+            "restore ≤ 1.5× read, warm cache",
+            f"{m['restore_warm_ratio']:.2f}×",
+            m["restore_warm_ratio"] <= 1.5,
+            "restore_warm_ratio",
+            "{:.2f}×",
+        ),
     ]
     if m["restore_cold_ratio"] is not None:
         out.append(
-            line(4, "restore ≤ 1.5× read, cold cache", f"{m['restore_cold_ratio']:.2f}×", m["restore_cold_ratio"] <= 1.5, "restore_cold_ratio", "{:.2f}×")
+            line(
+                4,
+                "restore ≤ 1.5× read, cold cache",
+                f"{m['restore_cold_ratio']:.2f}×",
+                m["restore_cold_ratio"] <= 1.5,
+                "restore_cold_ratio",
+                "{:.2f}×",
+            )
         )
     out += [
-        line(5, "extra peak memory ≤ 10% of namespace", f"{100 * m['mem_ratio']:.1f}%", m["mem_ratio"] <= 0.10, "mem_ratio", "{:.1%}"),
-        line(6, "200k dicts ≥ 20× faster than dill.dumps", f"{m['small_ratio']:.1f}× (with commit {m['small_ckpt_ratio']:.1f}×)", m["small_ratio"] >= 20 and m["small_ckpt_ratio"] >= 20, "small_ratio", "{:.1f}×"),
+        line(
+            5,
+            "extra peak memory ≤ 10% of namespace",
+            f"{100 * m['mem_ratio']:.1f}%",
+            m["mem_ratio"] <= 0.10,
+            "mem_ratio",
+            "{:.1%}",
+        ),
+        line(
+            6,
+            "200k dicts ≥ 20× faster than dill.dumps",
+            f"{m['small_ratio']:.1f}× (with commit {m['small_ckpt_ratio']:.1f}×)",
+            m["small_ratio"] >= 20 and m["small_ckpt_ratio"] >= 20,
+            "small_ratio",
+            "{:.1f}×",
+        ),
     ]
     want = {0.1, 1.0, 4.0}
     out.append(f"- Target 7 (table shows 0.1, 1 and 4 GiB): **{'met' if want <= set(sizes) else 'NOT met'}**")
@@ -737,8 +844,12 @@ def machine_info(cold_method: str, tmp_root: Path) -> str:
     import pandas
 
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "kernel", "checkpoints"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "kernel", "checkpoints"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit, dirty = "?", ""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
@@ -774,16 +885,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the small-object timings (default 3)")
     ap.add_argument("--tmpdir", default=None, help="where stores and dd files go (default: the system temp dir)")
     ap.add_argument("--profile", action="store_true", help="cProfile an unchanged in-process checkpoint per size")
-    ap.add_argument("--out", default=str(RESULTS / "latest.md"), help="markdown report (default benchmarks/results/latest.md)")
+    ap.add_argument(
+        "--out", default=str(RESULTS / "latest.md"), help="markdown report (default benchmarks/results/latest.md)"
+    )
     args = ap.parse_args(argv)
     args.small_done = None
     sizes = sorted(float(s) for s in args.sizes.split(",") if s.strip())
 
     stale = installed_is_stale()
     if stale:
-        print(f"warning: the installed durable_kernel differs from the source ({', '.join(stale[:4])}); "
-              "the kernels run the installed copy. Reinstall: pip install --no-deps --no-build-isolation .",
-              file=sys.stderr)
+        print(
+            f"warning: the installed durable_kernel differs from the source ({', '.join(stale[:4])}); "
+            "the kernels run the installed copy. Reinstall: pip install --no-deps --no-build-isolation .",
+            file=sys.stderr,
+        )
 
     tmp_root = Path(tempfile.mkdtemp(prefix="durable-bench-", dir=args.tmpdir))
     cold_method = drop_caches_method(tmp_root)

@@ -15,8 +15,9 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 from .files import READ_FLAGS, TMP_PREFIX, foreign, fsync_dir, make_private_dirs, write_atomically
 

@@ -87,7 +87,7 @@ def stamps_named_by(data: dict[str, Any]) -> dict[str, list[int]]:
 class BlobWriter:
     """Puts one commit's blobs (under the notebook's lock): writes what is missing, checks what it reuses."""
 
-    def __init__(self, nb: "NotebookFolder", known: dict[str, list[int]]):
+    def __init__(self, nb: NotebookFolder, known: dict[str, list[int]]):
         self.nb = nb
         #: digest -> stamp of its file as a kept checkpoint recorded it
         self.known = known
@@ -157,7 +157,9 @@ class BlobWriter:
             # A payload blob's size is at most the variable's; a buffer's is exact.
             fits = info.st_size <= size if holder is out else info.st_size == size
             recorded = holder.get("stamp") or self.known.get(digest_hex)
-            if not (stat.S_ISREG(info.st_mode) and fits and not foreign(info) and self._intact(digest_hex, info, recorded)):
+            if not (
+                stat.S_ISREG(info.st_mode) and fits and not foreign(info) and self._intact(digest_hex, info, recorded)
+            ):
                 return None
             holder["stamp"] = stamp(info)
         return out
@@ -166,7 +168,7 @@ class BlobWriter:
 class BlobReader:
     """Reads and verifies one checkpoint's blobs for a load; never hands over a byte that failed."""
 
-    def __init__(self, nb: "NotebookFolder", where: str, verify_buffers: bool):
+    def __init__(self, nb: NotebookFolder, where: str, verify_buffers: bool):
         self.nb = nb
         self.where = where
         self.verify_buffers = verify_buffers

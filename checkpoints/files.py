@@ -12,8 +12,9 @@ import contextlib
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import UnsafeStore
 
@@ -96,9 +97,7 @@ def check_private(path: Path, what: str = "") -> None:
     problem = foreign(info)
     if problem:
         fix = f"chmod go-w {path}" if "written" in problem else f"remove it or use another folder ({path})"
-        raise UnsafeStore(
-            f"{what or path} {problem}, so its checkpoints cannot be trusted; fix it with: {fix}"
-        )
+        raise UnsafeStore(f"{what or path} {problem}, so its checkpoints cannot be trusted; fix it with: {fix}")
 
 
 def disk_usage(path: Path) -> int:

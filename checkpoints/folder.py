@@ -22,8 +22,9 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import manifest as manifest_format
 from .backend import LocalFolder, NotARegularFile, NotOwned, TooLarge

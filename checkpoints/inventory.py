@@ -162,11 +162,11 @@ def find(store: Store, name: str) -> NotebookInfo:
         return describe(store, store.root / name)
     where = f"in {store.root}"
     base = os.path.basename(name.rstrip(os.sep)) if name else ""
-    similar = [
-        i.identity for i in notebooks(store) if i.identity and base and os.path.basename(i.identity) == base
-    ]
-    hint = f"; did you mean {' or '.join(repr(s) for s in similar[:3])}?" if similar else (
-        "; 'durable-kernel list' shows the stored notebooks"
+    similar = [i.identity for i in notebooks(store) if i.identity and base and os.path.basename(i.identity) == base]
+    hint = (
+        f"; did you mean {' or '.join(repr(s) for s in similar[:3])}?"
+        if similar
+        else ("; 'durable-kernel list' shows the stored notebooks")
     )
     raise NoSuchNotebook(f"no checkpoints for {name!r} {where}{hint}")
 
@@ -175,7 +175,7 @@ def _stale_top_level_tmp(nb: NotebookStore, now: float) -> list[tuple[Path, int]
     """Temp files beside settings.json whose writer is gone (settings are written without the lock)."""
     from .liveness import pid_alive
 
-    found = []
+    found: list[tuple[Path, int]] = []
     try:
         entries = list(os.scandir(nb.dir))
     except OSError:
@@ -187,7 +187,7 @@ def _stale_top_level_tmp(nb: NotebookStore, now: float) -> list[tuple[Path, int]
             info = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        pid_text = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
+        pid_text = entry.name[len(TMP_PREFIX) :].split("-", 1)[0]
         writer_alive = pid_text.isdigit() and pid_alive(int(pid_text))
         if not writer_alive or now - info.st_mtime > STALE_TMP_SECONDS:
             found.append((Path(entry.path), info.st_size))
@@ -252,11 +252,25 @@ _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$")
 
 
 _UNITS = {
-    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
-    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
-    "h": 3600, "hour": 3600, "hours": 3600,
-    "d": 86400, "day": 86400, "days": 86400,
-    "w": 7 * 86400, "week": 7 * 86400, "weeks": 7 * 86400,
+    "s": 1,
+    "sec": 1,
+    "secs": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "mins": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hour": 3600,
+    "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
+    "w": 7 * 86400,
+    "week": 7 * 86400,
+    "weeks": 7 * 86400,
 }
 
 
@@ -308,8 +322,7 @@ def orphans(stored: list[Stored], identity: str) -> list[Stored]:
     first: same file name as ``identity``, then the most recently saved."""
     base = os.path.basename(identity)
     gone = [
-        s for s in stored
-        if s.identity != identity and os.path.isabs(s.identity) and not os.path.exists(s.identity)
+        s for s in stored if s.identity != identity and os.path.isabs(s.identity) and not os.path.exists(s.identity)
     ]
     return sorted(gone, key=lambda s: (os.path.basename(s.identity) != base, -s.created))
 

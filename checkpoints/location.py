@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .errors import KeyProblem
 from .signing import KEY_FILENAME, load_or_create_key, read_key

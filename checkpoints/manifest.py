@@ -172,7 +172,7 @@ def signed_data(
     """
     if not raw.startswith(MAGIC):
         raise CorruptCheckpoint(f"{where} is not a durable-kernel manifest")
-    rest = raw[len(MAGIC):]
+    rest = raw[len(MAGIC) :]
     signature, sep, body = rest.partition(b"\n")
     if not sep:
         raise CorruptCheckpoint(f"{where} is truncated")
@@ -205,8 +205,7 @@ def signed_data(
         )
     if folder is not None and (not isinstance(identity, str) or storage_key(identity) != folder):
         raise UntrustedCheckpoint(
-            f"{where} belongs to another notebook ({printable(str(identity))}) and was copied here; "
-            "it was not loaded"
+            f"{where} belongs to another notebook ({printable(str(identity))}) and was copied here; it was not loaded"
         )
     return data
 
@@ -219,14 +218,12 @@ def storage_key(identity: str) -> str:
 def printable(text: str, limit: int = 200) -> str:
     """``text`` safe to print on one line: control characters, escape codes and
     undecodable bytes shown as escapes, long text cut."""
-    out = "".join(
-        ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else repr(ch)[1:-1] for ch in text
-    )
+    out = "".join(ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else repr(ch)[1:-1] for ch in text)
     return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
 def _validate(data: dict[str, Any], where: str) -> None:
-    expected = {
+    expected: dict[str, type | tuple[type, ...]] = {
         "generation": int,
         "created": (int, float),
         "execution_count": int,
@@ -244,18 +241,27 @@ def _validate(data: dict[str, Any], where: str) -> None:
             raise CorruptCheckpoint(f"{where}: manifest entry {str(item)[:80]!r} is malformed")
     for var in data["variables"]:
         ok = isinstance(var, dict) and isinstance(var.get("name"), str) and isinstance(var.get("type", ""), str)
-        ok = ok and isinstance(var.get("size", 0), int) and var.get("kind") in (
-            "pickle",
-            "module",
-            "alias",
+        ok = (
+            ok
+            and isinstance(var.get("size", 0), int)
+            and var.get("kind")
+            in (
+                "pickle",
+                "module",
+                "alias",
+            )
         )
         if ok and var["kind"] == "pickle":
             ok = isinstance(var.get("digest"), str) and bool(_DIGEST.match(var["digest"]))
             ok = ok and isinstance(var.get("inline", ""), str) and isinstance(var.get("buffers", []), list)
             ok = ok and _stamp_ok(var.get("stamp"))
             ok = ok and all(
-                isinstance(b, dict) and isinstance(b.get("digest"), str) and _DIGEST.match(b["digest"])
-                and isinstance(b.get("size"), int) and b["size"] >= 0 and _stamp_ok(b.get("stamp"))
+                isinstance(b, dict)
+                and isinstance(b.get("digest"), str)
+                and _DIGEST.match(b["digest"])
+                and isinstance(b.get("size"), int)
+                and b["size"] >= 0
+                and _stamp_ok(b.get("stamp"))
                 for b in var.get("buffers", [])
             )
         elif ok:
@@ -265,6 +271,4 @@ def _validate(data: dict[str, Any], where: str) -> None:
 
 
 def _stamp_ok(stamp: Any) -> bool:
-    return stamp is None or (
-        isinstance(stamp, list) and len(stamp) == 2 and all(type(x) is int for x in stamp)
-    )
+    return stamp is None or (isinstance(stamp, list) and len(stamp) == 2 and all(type(x) is int for x in stamp))

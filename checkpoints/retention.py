@@ -32,8 +32,11 @@ def signed(nb: NotebookFolder, key: bytes, checkpoint_id: int) -> dict[str, Any]
     """A manifest's JSON if it is signed with ``key`` and readable by this version, else None."""
     try:
         return manifest_format.signed_data(
-            nb.manifest_bytes(checkpoint_id), key, f"checkpoint {checkpoint_id}",
-            generation=checkpoint_id, folder=nb.dir.name,
+            nb.manifest_bytes(checkpoint_id),
+            key,
+            f"checkpoint {checkpoint_id}",
+            generation=checkpoint_id,
+            folder=nb.dir.name,
         )
     except (CheckpointError, OSError):
         return None
@@ -48,7 +51,7 @@ def prune(nb: NotebookFolder, key: bytes, keep: int, verified: dict[int, dict[st
     if verified is None:
         verified = {gen: signed(nb, key, gen) for gen in nb.generations()}
     mine = [gen for gen in sorted(verified, reverse=True) if verified[gen] is not None]
-    for gen in mine[max(keep, 1):]:
+    for gen in mine[max(keep, 1) :]:
         nb.files.delete(nb.manifest_key(gen))
         del verified[gen]
     needed, _ = blobs_needed(nb, key, verified)

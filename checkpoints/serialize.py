@@ -36,8 +36,9 @@ import pickle
 import resource
 import sys
 import types
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 #: Buffers smaller than this stay inside the pickle: a blob file per tiny array
 #: would cost more than it saves.
@@ -219,7 +220,7 @@ class _Output(io.BytesIO):
         self._next_memory_check = _MEMORY_CHECK_BYTES
         self.out_of_band = 0
 
-    def write(self, data: Any) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         n = super().write(data)
         self.check()
         return n
@@ -323,7 +324,8 @@ class _ContainerWatch:
     def met_earlier(self, position: int, before: list[int]) -> bool:
         """Did the pickle just made (memo still full) meet a container of a variable before ``position``?"""
         return any(
-            pos < position and sys.getrefcount(obj) > count for (obj, pos), count in zip(self.watched, before)
+            pos < position and sys.getrefcount(obj) > count
+            for (obj, pos), count in zip(self.watched, before, strict=True)
         )
 
 
@@ -449,7 +451,7 @@ def _snapshot(
             except RecursionError:
                 skipped.append(Skipped(name, tname, "nested too deeply to pickle (recursion limit)"))
                 break
-            except (KeyboardInterrupt, *stop_on):
+            except (KeyboardInterrupt, *stop_on):  # type: ignore[misc]  # a tuple of exception types
                 raise
             except BaseException as exc:  # any failure of any object's pickling hooks, SystemExit too
                 skipped.append(Skipped(name, tname, _reason(exc)))
@@ -467,7 +469,7 @@ def _snapshot(
 
 # --- restore ------------------------------------------------------------------
 
-_active_loader: "Loader | None" = None
+_active_loader: Loader | None = None
 
 
 def variable(name: str) -> Any:
@@ -507,7 +509,7 @@ class Loader:
     def __init__(
         self,
         entries: Mapping[str, tuple[str, str, Callable[[], tuple[bytes, list[Any]]]]],
-        python: Mapping[str, str] | None = None,
+        python: Mapping[str, str | None] | None = None,
     ):
         self._entries = entries
         self._python = python or {}

@@ -83,11 +83,11 @@ class Store:
         #: why this user's key could not be read (then ``key`` verifies nothing)
         self.key_problem = key_problem
 
-    def notebook(self, identity: str) -> "NotebookStore":
+    def notebook(self, identity: str) -> NotebookStore:
         """The checkpoints of one notebook identity."""
         return NotebookStore(self, identity)
 
-    def notebook_at(self, folder: Path, identity: str | None = None) -> "NotebookStore":
+    def notebook_at(self, folder: Path, identity: str | None = None) -> NotebookStore:
         """The checkpoints in one notebook folder, whatever identity it was stored under."""
         return NotebookStore(self, identity or "", folder=folder)
 
@@ -98,7 +98,9 @@ class Store:
         except OSError:
             return []
         return sorted(
-            Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and os.path.isdir(Path(e.path, "manifests"))
+            Path(e.path)
+            for e in entries
+            if e.is_dir(follow_symlinks=False) and os.path.isdir(Path(e.path, "manifests"))
         )
 
 
@@ -157,11 +159,11 @@ class NotebookStore(NotebookFolder):
         skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
         for var in snap.variables:
             if var.stored is not None:
-                entry = writing.carry(var.stored)
-                if entry is None:
+                carried = writing.carry(var.stored)
+                if carried is None:
                     skipped.append({"name": var.name, "type": var.type, "reason": "its saved data is damaged"})
                 else:
-                    entries.append({**entry, "name": var.name})
+                    entries.append({**carried, "name": var.name})
                 continue
             entry: dict[str, Any] = {"name": var.name, "type": var.type, "kind": var.kind, "size": var.size}
             if var.kind != "pickle":
@@ -259,12 +261,15 @@ class NotebookStore(NotebookFolder):
         versions = man.data.get("versions")
         written = versions.get("python") if isinstance(versions, dict) else None
         # A variable carried forward unloaded keeps the Python that pickled it.
-        python = {v["name"]: v.get("python", written) for v in man.variables if v["kind"] == "pickle"}
+        python: dict[str, str | None] = {
+            v["name"]: v.get("python", written) for v in man.variables if v["kind"] == "pickle"
+        }
         values, failed = Loader(entries, python).load_all()
         by_name = {v["name"]: v for v in man.variables}
         not_restored = [Skipped(s.get("name", "?"), s.get("type", "?"), s.get("reason", "?")) for s in man.skipped]
         not_restored += [
-            Skipped(name, types.get(name, "?"), f"its saved data is damaged ({reason})") for name, reason in damaged.items()
+            Skipped(name, types.get(name, "?"), f"its saved data is damaged ({reason})")
+            for name, reason in damaged.items()
         ]
         not_restored += [Skipped(name, types.get(name, "?"), reason) for name, reason in failed.items()]
         unloaded = {name: _with_python(by_name[name], python.get(name)) for name in failed if name in by_name}

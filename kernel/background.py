@@ -35,8 +35,8 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .memory import available_memory, oom_kills
 from .outcome import CheckpointOutcome
@@ -257,7 +257,7 @@ class BackgroundWriter:
             data = outcome.to_json()[:_MAX_RESULT_BYTES]
             with contextlib.suppress(OSError):  # the kernel may be gone: the commit is what counts
                 while data:
-                    data = data[os.write(write_fd, data):]
+                    data = data[os.write(write_fd, data) :]
         finally:
             os._exit(status)
 
@@ -309,13 +309,17 @@ class BackgroundWriter:
         if sig == signal.SIGALRM:
             return CheckpointOutcome.failed(
                 f"the checkpoint took longer than {self.timeout:g} s{where}",
-                stuck_on=on, stuck_reason=f"saving it took longer than {self.timeout:g} s",
+                stuck_on=on,
+                stuck_reason=f"saving it took longer than {self.timeout:g} s",
             )
         if sig == signal.SIGKILL:
             after = oom_kills()
             mem = available_memory()
-            if child.oom_before is not None and after is not None and after > child.oom_before or (
-                mem.limit is not None and mem.available is not None and mem.available < mem.limit // 10
+            if (
+                child.oom_before is not None
+                and after is not None
+                and after > child.oom_before
+                or (mem.limit is not None and mem.available is not None and mem.available < mem.limit // 10)
             ):
                 return CheckpointOutcome.failed(
                     f"the checkpoint process was killed for lack of memory ({mem.describe()})", out_of_memory=True
@@ -324,6 +328,7 @@ class BackgroundWriter:
         if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE):
             return CheckpointOutcome.failed(
                 f"the checkpoint process crashed ({name}){where}",
-                stuck_on=on, stuck_reason=f"saving it crashed the checkpoint process ({name})",
+                stuck_on=on,
+                stuck_reason=f"saving it crashed the checkpoint process ({name})",
             )
         return CheckpointOutcome.failed(f"the checkpoint process was killed ({name})")

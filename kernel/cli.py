@@ -64,8 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         description="A Jupyter Python kernel whose variables survive restarts, crashes and kill -9.",
     )
     parser.add_argument("--version", action="version", version=f"durable-kernel {__version__}")
-    parser.add_argument("--dir", metavar="DIR", help="the checkpoint store (default: $DURABLE_KERNEL_DIR, "
-                        "else durable_kernel/ under Jupyter's data dir)")
+    parser.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="the checkpoint store (default: $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -90,38 +93,52 @@ def _parser() -> argparse.ArgumentParser:
     # Options every store command takes, after the command too (SUPPRESS: never
     # overwrite a --dir given before the command).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", metavar="DIR", default=argparse.SUPPRESS,
-                        help="the checkpoint store (default: $DURABLE_KERNEL_DIR, else durable_kernel/ "
-                        "under Jupyter's data dir)")
+    common.add_argument(
+        "--dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="the checkpoint store (default: $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON for scripts (sizes in bytes, unix times)")
 
     def store_command(name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
         epilog = _STORE_EPILOG + ("\n" + _NOTEBOOK_EPILOG if name in ("show", "clear", "mv") else "")
         return sub.add_parser(
-            name, help=help, description=description, parents=[common],
+            name,
+            help=help,
+            description=description,
+            parents=[common],
             epilog=f"{epilog}\n\nExample:\n  {example}",
             formatter_class=_Formatter,
         )
 
     store_command(
-        "list", "every stored notebook, most recently used first",
+        "list",
+        "every stored notebook, most recently used first",
         "Every notebook with checkpoints: when it was last saved, how many checkpoints are kept, "
         "how many variables the newest one holds and the space it takes on disk; most recently used first.",
         "durable-kernel list",
     )
 
     show = store_command(
-        "show", "one notebook's variables (type, size) and what was not saved",
+        "show",
+        "one notebook's variables (type, size) and what was not saved",
         "The variables of a notebook's newest checkpoint (or of --generation ID) with type and size, and what "
         "was not saved and why. Read from the signed manifest only: nothing is unpickled.",
         "durable-kernel show analysis.ipynb --generation 12",
     )
     show.add_argument("notebook", metavar="NOTEBOOK", help="notebook path or stored identity")
-    show.add_argument("--generation", "-g", metavar="ID", type=_generation,
-                      help="the checkpoint to show (default: the newest readable one)")
+    show.add_argument(
+        "--generation",
+        "-g",
+        metavar="ID",
+        type=_generation,
+        help="the checkpoint to show (default: the newest readable one)",
+    )
 
     clear = store_command(
-        "clear", "delete the checkpoints of one notebook, all, or those unused for a while",
+        "clear",
+        "delete the checkpoints of one notebook, all, or those unused for a while",
         "Delete checkpoints: of one NOTEBOOK, of every notebook (--all), or of notebooks not used for "
         "an age such as 30d (--older-than). The names each notebook excludes from saving are remembered. "
         "A kernel still running on a cleared notebook saves it again after its next cell.",
@@ -129,12 +146,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     clear.add_argument("notebook", metavar="NOTEBOOK", nargs="?", help="notebook path or stored identity")
     clear.add_argument("--all", action="store_true", help="every notebook in the store")
-    clear.add_argument("--older-than", metavar="AGE",
-                       help="notebooks whose last checkpoint is older than AGE: 30d, 12h, 90m, 2w")
+    clear.add_argument(
+        "--older-than", metavar="AGE", help="notebooks whose last checkpoint is older than AGE: 30d, 12h, 90m, 2w"
+    )
     clear.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed; remove nothing")
 
     gc = store_command(
-        "gc", "remove data no checkpoint needs and leftovers of crashes",
+        "gc",
+        "remove data no checkpoint needs and leftovers of crashes",
         "Remove blobs that no kept checkpoint references and temp files left by crashes; report the "
         "space freed. Each notebook is locked while it is collected, so a kernel saving at the same time "
         "is safe. A blob any kept manifest names is never removed.",
@@ -143,17 +162,21 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed; remove nothing")
 
     mv = store_command(
-        "mv", "move a notebook's checkpoints to its new path (after moving or renaming the notebook)",
+        "mv",
+        "move a notebook's checkpoints to its new path (after moving or renaming the notebook)",
         "Give the checkpoints stored for OLD to NEW, as after 'mv OLD NEW' of the notebook file: a kernel "
         "started for NEW then restores them. They become NEW's newest checkpoints (NEW's own, if any, stay as "
         "older ones). Checkpoints this user's key cannot verify stay under OLD.",
         "durable-kernel mv ~/work/Untitled.ipynb ~/work/analysis.ipynb",
     )
-    mv.add_argument("old", metavar="OLD", help="the notebook's old path (or identity, as 'durable-kernel list' shows it)")
+    mv.add_argument(
+        "old", metavar="OLD", help="the notebook's old path (or identity, as 'durable-kernel list' shows it)"
+    )
     mv.add_argument("new", metavar="NEW", help="its new path")
 
     store_command(
-        "du", "disk use by notebook",
+        "du",
+        "disk use by notebook",
         "Disk use of each notebook (manifests and data blobs), biggest first, what 'durable-kernel gc' "
         "would free, and the space left on the disk.",
         "durable-kernel du --json",
@@ -220,8 +243,6 @@ def _store_command(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def _list(store, args: argparse.Namespace) -> Any:
     from durable_kernel.checkpoints import inventory
 
@@ -234,8 +255,9 @@ def _list(store, args: argparse.Namespace) -> Any:
     rows = [("last saved", "checkpoints", "variables", "size", "notebook")]
     for info in found:
         variables = "?" if info.variables is None else str(info.variables)
-        rows.append((humanize.ago(info.last_used), str(len(info.generations)), variables,
-                     humanize.size(info.size), info.label))
+        rows.append(
+            (humanize.ago(info.last_used), str(len(info.generations)), variables, humanize.size(info.size), info.label)
+        )
     print("\n".join(humanize.table(rows, right={1, 2, 3})))
     total = sum(info.size for info in found)
     print(f"\n{humanize.plural(len(found), 'notebook')}, {humanize.size(total)} in {store.root}")
@@ -293,8 +315,9 @@ def _show(store, args: argparse.Namespace) -> Any:
     versions = man.data.get("versions") or {}
     writer = man.data.get("writer") or {}
     made_by = ", ".join(
-        f"{label} {versions[key]}" for key, label in
-        (("python", "Python"), ("durable_kernel", "durable-kernel"), ("dill", "dill")) if key in versions
+        f"{label} {versions[key]}"
+        for key, label in (("python", "Python"), ("durable_kernel", "durable-kernel"), ("dill", "dill"))
+        if key in versions
     )
     if writer.get("pid"):
         made_by += f" (pid {writer['pid']}{' on ' + str(writer['host']) if writer.get('host') else ''})"
@@ -339,11 +362,21 @@ def _show(store, args: argparse.Namespace) -> Any:
 def _clear(store, args: argparse.Namespace) -> Any:
     from durable_kernel.checkpoints import inventory, maintenance
 
-    chosen = [flag for flag, given in (("NOTEBOOK", args.notebook is not None), ("--all", args.all),
-                                        ("--older-than", args.older_than is not None)) if given]
+    chosen = [
+        flag
+        for flag, given in (
+            ("NOTEBOOK", args.notebook is not None),
+            ("--all", args.all),
+            ("--older-than", args.older_than is not None),
+        )
+        if given
+    ]
     if len(chosen) != 1:
-        what = "one of NOTEBOOK, --all or --older-than AGE is required" if not chosen else (
-            f"give only one of {', '.join(chosen)}")
+        what = (
+            "one of NOTEBOOK, --all or --older-than AGE is required"
+            if not chosen
+            else (f"give only one of {', '.join(chosen)}")
+        )
         _Parser(prog="durable-kernel clear").error(what)
     if args.notebook is not None:
         targets = [inventory.find(store, args.notebook)]
@@ -363,8 +396,11 @@ def _clear(store, args: argparse.Namespace) -> Any:
         freed = info.size if args.dry_run else maintenance.clear(store, info)
         results.append({**info.to_json(), "freed": freed})
         if not args.json:
-            print(f"{verb} {humanize.plural(len(info.generations), 'checkpoint')} ({humanize.size(freed)}) for {info.label}"
-                  f"{', last saved ' + humanize.ago(info.last_used) if args.older_than else ''}.")
+            print(
+                f"{verb} {humanize.plural(len(info.generations), 'checkpoint')} ({humanize.size(freed)}) "
+                f"for {info.label}"
+                f"{', last saved ' + humanize.ago(info.last_used) if args.older_than else ''}."
+            )
     total = sum(r["freed"] for r in results)
     if args.json:
         return {"store": str(store.root), "dry_run": args.dry_run, "cleared": results, "freed": total}
@@ -372,8 +408,10 @@ def _clear(store, args: argparse.Namespace) -> Any:
         scope = f"unused for {args.older_than}" if args.older_than else "with checkpoints"
         print(f"No notebooks {scope} in {store.root}; nothing removed.")
     elif len(targets) > 1:
-        print(f"{'Would free' if args.dry_run else 'Freed'} {humanize.size(total)} "
-              f"in {humanize.plural(len(targets), 'notebook')}.")
+        print(
+            f"{'Would free' if args.dry_run else 'Freed'} {humanize.size(total)} "
+            f"in {humanize.plural(len(targets), 'notebook')}."
+        )
     return None
 
 
@@ -391,14 +429,21 @@ def _gc(store, args: argparse.Namespace) -> Any:
     files = sum(r.files for r in results)
     freed = sum(r.freed for r in results)
     if args.json:
-        return {"store": str(store.root), "dry_run": args.dry_run, "notebooks": [r.to_json() for r in results],
-                "files_removed": files, "freed": freed}
+        return {
+            "store": str(store.root),
+            "dry_run": args.dry_run,
+            "notebooks": [r.to_json() for r in results],
+            "files_removed": files,
+            "freed": freed,
+        }
     verb = "Would remove" if args.dry_run else "Removed"
     for r in results:
         if r.files:
             print(f"  {r.info.label}: {humanize.plural(r.files, 'file')}, {humanize.size(r.freed)}")
-    print(f"{verb} {humanize.plural(files, 'file')}, {'would free' if args.dry_run else 'freed'} {humanize.size(freed)} "
-          f"({humanize.plural(len(results), 'notebook')} checked in {store.root}).")
+    print(
+        f"{verb} {humanize.plural(files, 'file')}, {'would free' if args.dry_run else 'freed'} {humanize.size(freed)} "
+        f"({humanize.plural(len(results), 'notebook')} checked in {store.root})."
+    )
     for r in results:
         if r.error:
             print(f"warning: {r.info.label} left alone: {r.error}", file=sys.stderr)
@@ -415,18 +460,33 @@ def _du(store, args: argparse.Namespace) -> Any:
     reclaimable = sum(u.reclaimable for u in rows_data)
     free = inventory.free_space(store.root)
     if args.json:
-        return {"store": str(store.root), "notebooks": [u.to_json() for u in rows_data], "size": total,
-                "reclaimable": reclaimable, "free": free}
+        return {
+            "store": str(store.root),
+            "notebooks": [u.to_json() for u in rows_data],
+            "size": total,
+            "reclaimable": reclaimable,
+            "free": free,
+        }
     if not rows_data:
         print(f"No checkpoints in {store.root}.")
         return None
     rows = [("size", "checkpoints", "blobs", "reclaimable", "notebook")]
     for u in rows_data:
-        rows.append((humanize.size(u.info.size), str(len(u.info.generations)), str(u.blob_count),
-                     humanize.size(u.reclaimable), u.info.label))
+        rows.append(
+            (
+                humanize.size(u.info.size),
+                str(len(u.info.generations)),
+                str(u.blob_count),
+                humanize.size(u.reclaimable),
+                u.info.label,
+            )
+        )
     print("\n".join(humanize.table(rows, right={0, 1, 2, 3})))
-    print(f"\nTotal {humanize.size(total)} in {humanize.plural(len(rows_data), 'notebook')} at {store.root}"
-          + (f"; {humanize.size(free)} free on that disk" if free is not None else "") + ".")
+    print(
+        f"\nTotal {humanize.size(total)} in {humanize.plural(len(rows_data), 'notebook')} at {store.root}"
+        + (f"; {humanize.size(free)} free on that disk" if free is not None else "")
+        + "."
+    )
     if reclaimable:
         print(f"'durable-kernel gc' would free {humanize.size(reclaimable)}.")
     return None
@@ -437,17 +497,30 @@ def _mv(store, args: argparse.Namespace) -> Any:
 
     info = inventory.find(store, args.old)
     source = inventory.notebook_at(store, info.folder, info.identity)
-    new = args.new if not os.path.isabs(args.old) and args.old == info.identity and not os.path.exists(args.new) \
+    new = (
+        args.new
+        if not os.path.isabs(args.old) and args.old == info.identity and not os.path.exists(args.new)
         else os.path.abspath(os.path.expanduser(args.new))
+    )
     if os.path.isabs(info.identity or "") or os.path.sep in args.new or args.new.endswith(".ipynb"):
         new = os.path.abspath(os.path.expanduser(args.new)) if os.path.isabs(info.identity or "") else new
     moved = maintenance.move(store, source, new)
     if args.json:
-        return {"store": str(store.root), "from": moved.source, "to": moved.target,
-                "checkpoints": moved.generations, "left_behind": moved.left_behind}
-    print(f"Moved {humanize.plural(len(moved.generations), 'checkpoint')} from {printable(moved.source)} to "
-          f"{printable(moved.target)}.")
+        return {
+            "store": str(store.root),
+            "from": moved.source,
+            "to": moved.target,
+            "checkpoints": moved.generations,
+            "left_behind": moved.left_behind,
+        }
+    print(
+        f"Moved {humanize.plural(len(moved.generations), 'checkpoint')} from {printable(moved.source)} to "
+        f"{printable(moved.target)}."
+    )
     if moved.left_behind:
-        print(f"{humanize.plural(moved.left_behind, 'checkpoint')} this user's key cannot verify stayed under "
-              f"{printable(moved.source)}.", file=sys.stderr)
+        print(
+            f"{humanize.plural(moved.left_behind, 'checkpoint')} this user's key cannot verify stayed under "
+            f"{printable(moved.source)}.",
+            file=sys.stderr,
+        )
     return None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 import time
 
-from .testing import KernelProcess
 from .kernelspec import KERNEL_NAME
+from .testing import KernelProcess
 
 CELLS = [
     "answer = 42\nprimes = [2, 3, 5, 7, 11]\nconfig = {'lr': 0.01, 'epochs': 10}",

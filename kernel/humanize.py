@@ -64,7 +64,7 @@ def table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[st
     for row in rows:
         cells = [
             cell.rjust(w) if c in right else (cell if c == len(row) - 1 else cell.ljust(w))
-            for c, (cell, w) in enumerate(zip(row, widths))
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
     return lines

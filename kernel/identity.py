@@ -10,7 +10,7 @@ picks the readable string.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 VSCODE_NAME = "__vsc_ipynb_file__"
 

@@ -22,18 +22,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ipykernel.ipkernel import IPythonKernel
-from traitlets import Bool, Enum, Float, Integer, List, Unicode
-
 from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, inventory, maintenance, printable
 from durable_kernel.checkpoints.liveness import writer_alive
 from durable_kernel.checkpoints.location import open_store
+from ipykernel.ipkernel import IPythonKernel
+from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
 from . import __version__, humanize, identity
 from .notices import PREFIX, Notices
 from .outcome import CheckpointOutcome
 from .restore import restore, wait_for_previous_kernel
-from .saver import SaveRequest, Saver
+from .saver import Saver, SaveRequest
 
 _IPYTHON_NAMES = frozenset({"In", "Out", "_", "__", "___", "_ih", "_oh", "_dh", "get_ipython", "exit", "quit"})
 _IPYTHON_PATTERN = re.compile(r"^_i?\d+$|^_i{1,3}$")
@@ -43,9 +42,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def is_ipython_name(name: str) -> bool:
     """IPython's own bookkeeping names and dunders: never saved."""
     return (
-        name in _IPYTHON_NAMES
-        or (name.startswith("__") and name.endswith("__"))
-        or bool(_IPYTHON_PATTERN.match(name))
+        name in _IPYTHON_NAMES or (name.startswith("__") and name.endswith("__")) or bool(_IPYTHON_PATTERN.match(name))
     )
 
 
@@ -180,8 +177,11 @@ class DurableKernel(IPythonKernel):
         self._identity_final = explicit is not None
         self._use_identity(explicit or identity.working_folder())
         self._saver = Saver(
-            self._on_outcome, self.notices, background=self.background,
-            timeout=self.checkpoint_timeout or None, fork_margin=self.fork_memory_margin,
+            self._on_outcome,
+            self.notices,
+            background=self.background,
+            timeout=self.checkpoint_timeout or None,
+            fork_margin=self.fork_memory_margin,
         )
         if self.restore == "auto":
             self._restore()
@@ -204,8 +204,12 @@ class DurableKernel(IPythonKernel):
         assert self.store is not None and self.notebook is not None
         try:
             report = restore(
-                self.store, self.notebook, kernel_id=self._writer["kernel"], follow_renames=self._identity_final,
-                verify=self.verify_on_restore, wait=self.restore_wait,
+                self.store,
+                self.notebook,
+                kernel_id=self._writer["kernel"],
+                follow_renames=self._identity_final,
+                verify=self.verify_on_restore,
+                wait=self.restore_wait,
             )
         except CheckpointError as exc:
             self.log.warning("restore refused: %s", exc)
@@ -213,7 +217,9 @@ class DurableKernel(IPythonKernel):
             return
         except Exception:
             self.log.exception("restore failed")
-            self._set_notice(["restoring failed unexpectedly (details in the kernel log); starting with an empty namespace."])
+            self._set_notice(
+                ["restoring failed unexpectedly (details in the kernel log); starting with an empty namespace."]
+            )
             return
         if report.restored is not None:
             values = {**report.restored.values, **report.placeholders}
@@ -456,10 +462,15 @@ class DurableKernel(IPythonKernel):
             self.notices.add("checkpoints are being saved again.")
             self._last_error = ""
         for name in outcome.repaired:
-            self.notices.once(f"repaired {name}", f"the saved copy of {name} was damaged on disk; it has been saved again.")
+            self.notices.once(
+                f"repaired {name}", f"the saved copy of {name} was damaged on disk; it has been saved again."
+            )
         self.log.debug(
-            "checkpoint %s: %s variables, %s written in %.3f s", outcome.checkpoint_id, outcome.variables,
-            humanize.size(outcome.bytes_written), outcome.seconds,
+            "checkpoint %s: %s variables, %s written in %.3f s",
+            outcome.checkpoint_id,
+            outcome.variables,
+            humanize.size(outcome.bytes_written),
+            outcome.seconds,
         )
         for name, _, reason in outcome.skipped:
             if reason.startswith("not enough free memory") and name in ns:

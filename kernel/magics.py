@@ -6,13 +6,11 @@ import argparse
 import shlex
 from typing import TYPE_CHECKING, Any
 
-from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
-
-from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, printable
-from durable_kernel.checkpoints import maintenance
+from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, maintenance, printable
 from durable_kernel.checkpoints.inventory import NoSuchNotebook
 from durable_kernel.checkpoints.manifest import diff, fingerprint
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
 
 from . import humanize
 from .outcome import CheckpointOutcome
@@ -56,7 +54,7 @@ def _parser() -> _Parser:
 class CheckpointMagics(Magics):
     """The ``%checkpoint`` line magic of a DurableKernel."""
 
-    def __init__(self, shell: Any, kernel: "DurableKernel"):
+    def __init__(self, shell: Any, kernel: DurableKernel):
         super().__init__(shell)
         self.kernel = kernel
         self._undo_to: Manifest | None = None
@@ -125,7 +123,8 @@ class CheckpointMagics(Magics):
             m = manifests[0]
             lines.append(
                 f"Newest:       checkpoint {m.generation}, {humanize.when(m.created)}, as of In [{m.execution_count}], "
-                f"{len(m.variables)} variables; {len(manifests)} kept, {humanize.size(disk_usage(self.notebook.dir))} on disk"
+                f"{len(m.variables)} variables; {len(manifests)} kept, "
+                f"{humanize.size(disk_usage(self.notebook.dir))} on disk"
             )
         else:
             lines.append("Newest:       none yet")
@@ -210,8 +209,10 @@ class CheckpointMagics(Magics):
         back = {n: restored.values[n] for n in names if n in restored.values}
         self.shell.user_ns.update(back)
         if back:
-            print(f"Restored {', '.join(back)} from checkpoint {target.generation} "
-                  f"(In [{target.execution_count}], {humanize.ago(target.created)}).")
+            print(
+                f"Restored {', '.join(back)} from checkpoint {target.generation} "
+                f"(In [{target.execution_count}], {humanize.ago(target.created)})."
+            )
         missing = [f"{s.name} ({s.reason})" for s in restored.not_restored if s.name in names]
         if missing:
             print(f"Not restored: {humanize.names(missing, 10)}")
@@ -219,8 +220,9 @@ class CheckpointMagics(Magics):
     def _restore(self, target: Manifest, what: str) -> None:
         restored = self.notebook.load(target.generation, self.kernel.verify_on_restore)
         self.kernel.replace_namespace(restored.values)
-        print(f"{what} (In [{target.execution_count}], {humanize.ago(target.created)}): "
-              f"{len(restored.values)} variables.")
+        print(
+            f"{what} (In [{target.execution_count}], {humanize.ago(target.created)}): {len(restored.values)} variables."
+        )
         if restored.not_restored:
             missing = [f"{s.name} ({s.reason})" for s in restored.not_restored]
             print(f"Not restored: {humanize.names(missing, 10)}")
@@ -296,7 +298,8 @@ class CheckpointMagics(Magics):
         freed = maintenance.clear_notebook(self.notebook)
         self.kernel.forget_current_state()
         print(
-            f"Removed {humanize.plural(count, 'checkpoint')} ({humanize.size(freed)}) for {self.kernel.shown_identity}. "
+            f"Removed {humanize.plural(count, 'checkpoint')} ({humanize.size(freed)}) "
+            f"for {self.kernel.shown_identity}. "
             "A restart now starts with an empty namespace: the variables you have now are not saved again "
             "unless you assign them anew; new variables are saved as usual."
         )

@@ -68,8 +68,10 @@ class Memory:
         """``"120.0 MiB free of the container limit 1.1 GiB (...)"``, for messages."""
         if self.available is None:
             return "free memory unknown"
-        return f"{size(self.available)} free, {self.source}" if self.source != "host" else (
-            f"{size(self.available)} free on this machine"
+        return (
+            f"{size(self.available)} free, {self.source}"
+            if self.source != "host"
+            else (f"{size(self.available)} free on this machine")
         )
 
 

@@ -40,7 +40,7 @@ class CheckpointOutcome:
         return json.dumps(dataclasses.asdict(self), default=str).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "CheckpointOutcome | None":
+    def from_json(cls, raw: bytes) -> CheckpointOutcome | None:
         """The outcome a child wrote, or None if it wrote nothing usable."""
         try:
             data = json.loads(raw)
@@ -50,5 +50,5 @@ class CheckpointOutcome:
             return None
 
     @classmethod
-    def failed(cls, error: str, **details: Any) -> "CheckpointOutcome":
+    def failed(cls, error: str, **details: Any) -> CheckpointOutcome:
         return cls(ok=False, error=error, **details)

@@ -75,8 +75,11 @@ def restore(
     why = {s.name: s.reason for s in restored.not_restored}
     report.placeholders = {
         name: NotRestored(
-            name, entry.get("type", "?"), why[name],
-            advice([why[name]]).capitalize() + "; until then its saved data is kept.", entry,
+            name,
+            entry.get("type", "?"),
+            why[name],
+            advice([why[name]]).capitalize() + "; until then its saved data is kept.",
+            entry,
         )
         for name, entry in restored.unloaded.items()
     }
@@ -115,7 +118,9 @@ def follow_renamed_notebook(store: Store, notebook: NotebookStore, kernel_id: st
         lines = wait_for_previous_kernel(old, wait)
         moved = maintenance.move(store, old, notebook.identity)
         log.info("state of %s moved to %s: %s", stored.identity, notebook.identity, moved)
-        return lines + [f"this notebook was renamed from {printable(stored.identity, 300)}; its saved state moved with it."]
+        return lines + [
+            f"this notebook was renamed from {printable(stored.identity, 300)}; its saved state moved with it."
+        ]
     return []
 
 
@@ -154,7 +159,8 @@ def _describe(report: RestoreReport, notebook: NotebookStore) -> None:
     lines = report.lines
     lines.append(
         f"restored {humanize.plural(len(names), 'variable')} for {printable(notebook.identity, 300)}, saved "
-        f"{humanize.when(man.created)} as of In [{man.execution_count}]" + (f": {humanize.names(names)}" if names else "")
+        f"{humanize.when(man.created)} as of In [{man.execution_count}]"
+        + (f": {humanize.names(names)}" if names else "")
     )
     if restored.not_restored:
         missing = [f"{s.name} ({s.reason})" for s in restored.not_restored]
@@ -164,7 +170,8 @@ def _describe(report: RestoreReport, notebook: NotebookStore) -> None:
         kept = sorted(restored.unloaded)
         lines.append(
             f"{humanize.names(kept)} {'is' if len(kept) == 1 else 'are'} kept as saved: "
-            + advice([why[n] for n in kept]) + " (assign or del a name to let it go)."
+            + advice([why[n] for n in kept])
+            + " (assign or del a name to let it go)."
         )
     if restored.damaged:
         older = notebook.older_copies(sorted(restored.damaged), man.generation)

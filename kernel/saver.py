@@ -13,8 +13,9 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from durable_kernel.checkpoints import CheckpointError, NotebookStore, snapshot
 
@@ -56,8 +57,13 @@ class SaveRequest:
     ) -> CheckpointOutcome:
         """Pickle and commit; a :class:`CheckpointError` becomes a failed outcome."""
         snap = snapshot(
-            self.namespace, self.names, self.max_variable_bytes, skip=self.skip,
-            progress=progress, stop_on=stop_on, memory_left=memory_left,
+            self.namespace,
+            self.names,
+            self.max_variable_bytes,
+            skip=self.skip,
+            progress=progress,
+            stop_on=stop_on,
+            memory_left=memory_left,
         )
         try:
             done = self.notebook.commit(
@@ -191,9 +197,12 @@ class Saver:
         except _TookTooLong:
             return CheckpointOutcome.failed(
                 f"the checkpoint took longer than {self.timeout:g} s{where()}",
-                stuck_on=current[0], stuck_reason=f"saving it took longer than {self.timeout:g} s",
+                stuck_on=current[0],
+                stuck_reason=f"saving it took longer than {self.timeout:g} s",
             )
         except KeyboardInterrupt:
             return CheckpointOutcome.failed(
-                f"the checkpoint was interrupted{where()}", stuck_on=current[0], stuck_reason="saving it was interrupted"
+                f"the checkpoint was interrupted{where()}",
+                stuck_on=current[0],
+                stuck_reason="saving it was interrupted",
             )

@@ -66,7 +66,7 @@ def follow_rename(old: str, new: str) -> list[str]:
         if stored.identity == old:
             target = new
         elif stored.identity.startswith(prefix):
-            target = os.path.join(new, stored.identity[len(prefix):])
+            target = os.path.join(new, stored.identity[len(prefix) :])
         else:
             continue
         maintenance.move(store, store.notebook_at(stored.folder, stored.identity), target)

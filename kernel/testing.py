@@ -87,7 +87,11 @@ class KernelProcess:
         # The kernel's own log (its stderr) goes to log_file, or nowhere.
         self._log = open(log_file or os.devnull, "ab")  # noqa: SIM115 - closed in close()
         self.km.start_kernel(
-            env=full_env, cwd=cwd, extra_arguments=extra_arguments or [], stderr=self._log, stdout=self._log,
+            env=full_env,
+            cwd=cwd,
+            extra_arguments=extra_arguments or [],
+            stderr=self._log,
+            stdout=self._log,
             **start_kwargs,
         )
         self.kc = self.km.client()
@@ -148,7 +152,7 @@ class KernelProcess:
         except Exception:
             pass
 
-    def __enter__(self) -> "KernelProcess":
+    def __enter__(self) -> KernelProcess:
         return self
 
     def __exit__(self, *exc: Any) -> None:

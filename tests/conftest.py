@@ -5,9 +5,8 @@ from __future__ import annotations
 import filecmp
 from pathlib import Path
 
-import pytest
-
 import durable_kernel
+import pytest
 from durable_kernel.checkpoints.location import open_store
 from durable_kernel.testing import KernelProcess
 
@@ -96,8 +95,9 @@ class KernelPool:
         }
         self.started: list[KernelProcess] = []
 
-    def start(self, session: str | None = "notebook.ipynb", env: dict[str, str | None] | None = None,
-              **kwargs) -> KernelProcess:
+    def start(
+        self, session: str | None = "notebook.ipynb", env: dict[str, str | None] | None = None, **kwargs
+    ) -> KernelProcess:
         """As ``start_kernel``; the test process's own identity variables never leak in."""
         full_env: dict[str, str | None] = {**self.dirs, "JPY_SESSION_NAME": None, "DURABLE_KERNEL_SESSION": None}
         if session is not None:

@@ -16,9 +16,10 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # --- figures --------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ def state_problems(ns, t):
 
 _KERNEL_CHECK = (
     STATE_CHECK_SRC
-    + '''
+    + """
 import json as _json
 _ip = get_ipython()
 _ns = _ip.user_ns
@@ -192,7 +193,7 @@ print(_json.dumps({
     "problems": state_problems(_ns, _ns.get("tag")),
     "banner": _ip.kernel._banner_notice,
 }))
-'''
+"""
 )
 
 
@@ -255,7 +256,9 @@ class StormResult:
     problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return f"rounds, restored-ok, fell-back, lost = {self.rounds}, {self.restored_ok}, {self.fell_back}, {self.lost}"
+        return (
+            f"rounds, restored-ok, fell-back, lost = {self.rounds}, {self.restored_ok}, {self.fell_back}, {self.lost}"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -432,8 +435,9 @@ def mounted_tmpfs(path: Path, size: str):
     import pytest
 
     path.mkdir(exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
     try:

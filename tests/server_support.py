@@ -39,16 +39,23 @@ class JupyterServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.runtime = Path(env["JUPYTER_RUNTIME_DIR"])
         argv = [
-            sys.executable, "-m", "jupyter_server", "--no-browser",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={root}",
         ]
         if os.geteuid() == 0:
             argv.append("--allow-root")
         argv += extra_args or []
         self._log = open(log, "ab")  # closed in stop()
-        self.process = subprocess.Popen(argv, cwd=root, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60
         while True:
             assert self.process.poll() is None, f"jupyter server exited ({self.process.returncode}); see {log}"
@@ -64,7 +71,9 @@ class JupyterServer:
         """One REST call, authenticated with the token; returns the JSON reply (or None)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            f"{self.url}/api/{path}", data=data, method=method,
+            f"{self.url}/api/{path}",
+            data=data,
+            method=method,
             headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=timeout) as reply:
@@ -78,17 +87,30 @@ class JupyterServer:
 
     def open_notebook(self, path: str, kernel: str = "durable-python3") -> dict[str, Any]:
         """Start a session for ``path`` as JupyterLab does when a notebook is opened."""
-        return self.call("POST", "sessions", {
-            "path": path, "name": os.path.basename(path), "type": "notebook", "kernel": {"name": kernel},
-        })
+        return self.call(
+            "POST",
+            "sessions",
+            {
+                "path": path,
+                "name": os.path.basename(path),
+                "type": "notebook",
+                "kernel": {"name": kernel},
+            },
+        )
 
     def rename(self, session: dict[str, Any] | None, old: str, new: str) -> None:
         """Rename a notebook as JupyterLab does: the file, then its open session's path."""
         self.call("PATCH", f"contents/{old}", {"path": new})
         if session is not None:
-            self.call("PATCH", f"sessions/{session['id']}", {
-                "path": new, "name": os.path.basename(new), "type": "notebook",
-            })
+            self.call(
+                "PATCH",
+                f"sessions/{session['id']}",
+                {
+                    "path": new,
+                    "name": os.path.basename(new),
+                    "type": "notebook",
+                },
+            )
 
     def restart(self, kernel_id: str) -> None:
         """Kernel -> Restart: the server shuts the kernel down and starts it again, same id."""
@@ -98,7 +120,7 @@ class JupyterServer:
         """Close the notebook and shut its kernel down."""
         self.call("DELETE", f"sessions/{session['id']}", timeout=120)
 
-    def client(self, kernel_id: str) -> "Client":
+    def client(self, kernel_id: str) -> Client:
         """A client of a kernel this server started."""
         return Client(self.runtime / f"kernel-{kernel_id}.json")
 

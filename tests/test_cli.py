@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from durable_kernel.checkpoints import Store, snapshot, storage_key
 from durable_kernel.checkpoints.location import open_store
 
@@ -50,8 +49,9 @@ def store(jupyter_dirs) -> Store:
     return open_store(environ=jupyter_dirs)
 
 
-def commit(store: Store, identity: str, namespace: dict, count: int = 1, at: float | None = None,
-           keep: int = 5, cell: str = ""):
+def commit(
+    store: Store, identity: str, namespace: dict, count: int = 1, at: float | None = None, keep: int = 5, cell: str = ""
+):
     """Commit ``namespace`` as ``identity``'s newest checkpoint, dated ``at`` (unix time) if given."""
     nb = store.notebook(identity)
     real_time = time.time

@@ -20,9 +20,8 @@ import tempfile
 from pathlib import Path
 
 import jupyter_kernel_test as jkt
-from jupyter_client.manager import start_new_kernel
-
 from durable_kernel.testing import KernelProcess
+from jupyter_client.manager import start_new_kernel
 
 ISOLATION_VARS = ("JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "DURABLE_KERNEL_DIR")
 IDENTITY_VARS = ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")
@@ -172,8 +171,11 @@ class TestDurablePython3AfterRestore(Samples, jkt.KernelTests):
             pass
 
     def test_first_cell_had_the_restore_notice_and_the_value(self) -> None:
-        stderr = "".join(m["content"]["text"] for m in self.first_outputs
-                         if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
+        stderr = "".join(
+            m["content"]["text"]
+            for m in self.first_outputs
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+        )
         self.assertIn(f"durable-kernel: restored 1 variable for {RESTORE_SESSION}", stderr)
         results = [m["content"]["data"]["text/plain"] for m in self.first_outputs if m["msg_type"] == "execute_result"]
         self.assertEqual(results, ["42"])

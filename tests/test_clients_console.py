@@ -25,16 +25,19 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 @pytest.fixture
 def console_env(tmp_path: Path, jupyter_dirs: dict[str, str]) -> dict[str, str]:
     """The console's environment: private Jupyter/IPython dirs and store, no notebook identity."""
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")}
+    env = {
+        name: value for name, value in os.environ.items() if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")
+    }
     env.update(jupyter_dirs)
-    env.update({
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
-        "IPYTHONDIR": str(tmp_path / "ipython"),
-        "TERM": "dumb",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
+            "IPYTHONDIR": str(tmp_path / "ipython"),
+            "TERM": "dumb",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -60,7 +63,13 @@ class Console:
         if hold_orphans:
             argv = ["-c", HOLD_ORPHANS, sys.executable, *argv]
         self.child = pexpect.spawn(
-            sys.executable, argv, cwd=str(folder), env=env, encoding="utf-8", timeout=90, echo=False,
+            sys.executable,
+            argv,
+            cwd=str(folder),
+            env=env,
+            encoding="utf-8",
+            timeout=90,
+            echo=False,
             dimensions=(50, 400),
         )
         self.child.logfile_read = self._log
@@ -151,7 +160,9 @@ def test_console_quit_and_start_again_in_the_same_folder_restores(tmp_path, cons
     banner_line = next(line for line in again.banner.splitlines() if "durable-kernel:" in line)
     assert re.search(
         rf"durable-kernel: restored 3 variables for {re.escape(str(folder))}, saved .* as of In \[\d+\]: "
-        r"answer, greet, names", banner_line), again.banner
+        r"answer, greet, names",
+        banner_line,
+    ), again.banner
     out = again.run("print(answer, names, greet('again'))")
     assert "42 ['x', 'y'] hello again" in out
     # The first cell repeats the notice on stderr, and nothing else from durable-kernel: in

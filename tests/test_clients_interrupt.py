@@ -20,11 +20,7 @@ from durable_kernel.testing import collect
 from jupyter_client.manager import KernelManager
 
 LOOP = (
-    "import time\n"
-    "print('looping', flush=True)\n"
-    "for step in range(10 ** 9):\n"
-    "    progress = step\n"
-    "    time.sleep(0.005)"
+    "import time\nprint('looping', flush=True)\nfor step in range(10 ** 9):\n    progress = step\n    time.sleep(0.005)"
 )
 
 
@@ -48,8 +44,13 @@ class Session:
 
     def collect(self, msg_id: str, timeout: float = 60) -> dict:
         got = collect(self.kc, msg_id, timeout)
-        return {"stdout": got.stdout, "stderr": got.stderr, "error": got.error_name or None,
-                "result": got.result or None, "status": got.status}
+        return {
+            "stdout": got.stdout,
+            "stderr": got.stderr,
+            "error": got.error_name or None,
+            "result": got.result or None,
+            "status": got.status,
+        }
 
     def run(self, code: str, **options) -> dict:
         return self.collect(self.send(code, **options))
@@ -77,8 +78,9 @@ class Session:
 
 @pytest.fixture
 def sessions(tmp_path: Path, jupyter_dirs: dict[str, str]):
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")}
+    env = {
+        name: value for name, value in os.environ.items() if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")
+    }
     env.update(jupyter_dirs)
     env.update({"IPYTHONDIR": str(tmp_path / "ipython"), "DURABLE_KERNEL_SESSION": "interrupted.ipynb"})
     started: list[Session] = []
@@ -97,8 +99,11 @@ def wait_looping(session: Session, msg_id: str, timeout: float = 30) -> None:
     """Wait until the cell prints that it runs (ipykernel ignores SIGINT between cells)."""
     while True:
         msg = session.kc.get_iopub_msg(timeout=timeout)
-        if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream"
-                and "looping" in msg["content"]["text"]):
+        if (
+            msg["parent_header"].get("msg_id") == msg_id
+            and msg["msg_type"] == "stream"
+            and "looping" in msg["content"]["text"]
+        ):
             break
 
 
@@ -126,8 +131,9 @@ def test_interrupted_cell_leaves_a_live_kernel_and_its_namespace_is_what_comes_b
     kernel.kc.wait_for_ready(timeout=60)
     back = kernel.run("print(progress, step, before)")
     assert back["stdout"] == f"{progress} {progress} set before the loop\n", back
-    assert re.match(r"durable-kernel: restored 4 variables for interrupted\.ipynb, .*: before, progress, step, time",
-                    back["stderr"]), back["stderr"]
+    assert re.match(
+        r"durable-kernel: restored 4 variables for interrupted\.ipynb, .*: before, progress, step, time", back["stderr"]
+    ), back["stderr"]
 
 
 @pytest.mark.slow

@@ -49,12 +49,18 @@ FINAL_SCREENSHOT_COPY = Path("/tmp/durable-lab-final.png")
 
 def chromium_or_skip() -> str:
     """Debian's Chromium, or skip with the reason (shown in the warnings summary too)."""
-    for candidate in (os.environ.get("DURABLE_TEST_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
+    for candidate in (
+        os.environ.get("DURABLE_TEST_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    reason = ("no Chromium browser is installed (/usr/bin/chromium missing; .ci/run installs Debian's "
-              "'chromium' package with apt-get, which failed or was not available)")
+    reason = (
+        "no Chromium browser is installed (/usr/bin/chromium missing; .ci/run installs Debian's "
+        "'chromium' package with apt-get, which failed or was not available)"
+    )
     warnings.warn(f"JupyterLab browser test skipped: {reason}", stacklevel=2)
     pytest.skip(reason)
 
@@ -91,17 +97,25 @@ class LabServer:
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [
-            sys.executable, "-m", "jupyterlab", "--no-browser",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
-            "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
         ]
         if os.geteuid() == 0:
             argv.append("--allow-root")
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(argv, cwd=root, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 90
         while True:
             assert self.process.poll() is None, f"jupyter lab exited ({self.process.returncode}); see {log}"
@@ -141,22 +155,26 @@ class LabServer:
 @pytest.fixture
 def lab_env(tmp_path: Path, jupyter_dirs: dict[str, str]) -> dict[str, str]:
     """Private config, data (signing key), runtime, IPython and store dirs for the server and its kernels."""
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")}
+    env = {
+        name: value for name, value in os.environ.items() if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")
+    }
     env.update(jupyter_dirs)
     config = tmp_path / "jupyter-config"
-    env.update({
-        "JUPYTER_CONFIG_DIR": str(config),
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
-        "IPYTHONDIR": str(tmp_path / "ipython"),
-        "JUPYTERLAB_SETTINGS_DIR": str(config / "lab" / "user-settings"),
-        "JUPYTERLAB_WORKSPACES_DIR": str(config / "lab" / "workspaces"),
-    })
+    env.update(
+        {
+            "JUPYTER_CONFIG_DIR": str(config),
+            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
+            "IPYTHONDIR": str(tmp_path / "ipython"),
+            "JUPYTERLAB_SETTINGS_DIR": str(config / "lab" / "user-settings"),
+            "JUPYTERLAB_WORKSPACES_DIR": str(config / "lab" / "workspaces"),
+        }
+    )
     # No "Would you like to get notified about official Jupyter news?" toast over the notebook.
     settings = config / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     return env
 
 
@@ -172,7 +190,10 @@ def browser_factory(tmp_path: Path):
     def launch():
         profile = tmp_path / f"chromium-profile-{len(contexts)}"
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=executable, headless=True, args=CHROMIUM_ARGS,
+            str(profile),
+            executable_path=executable,
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": 1400, "height": 900},
         )
         context.set_default_timeout(60_000)
@@ -200,7 +221,8 @@ class LabPage:
 
     def wait_idle(self) -> None:
         self.expect(self.page.locator(".jp-StatusBar-TextItem", has_text="Python 3 (durable) | Idle")).to_be_visible(
-            timeout=90_000)
+            timeout=90_000
+        )
 
     def choose_kernel(self, display_name: str) -> None:
         dialog = self.page.locator(".jp-Dialog")

@@ -51,14 +51,23 @@ def notebook(cells: list[str], path: Path) -> nbformat.NotebookNode:
 def run(path: Path) -> nbformat.NotebookNode:
     """Execute a notebook file as ``jupyter execute`` does; returns the executed notebook."""
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, kernel_name="durable-python3", timeout=120, startup_timeout=60,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb,
+        kernel_name="durable-python3",
+        timeout=120,
+        startup_timeout=60,
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
     return nb
 
 
 def text_of(nb: nbformat.NotebookNode, stream: str = "stdout") -> str:
-    return "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", [])
-                   if out.get("output_type") == "stream" and out.get("name") == stream)
+    return "".join(
+        out.get("text", "")
+        for cell in nb.cells
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream" and out.get("name") == stream
+    )
 
 
 @pytest.mark.slow
@@ -69,8 +78,9 @@ def test_second_notebook_with_the_same_session_reads_the_first_ones_variables(nb
 
     read = run_and_check(nb_env / "read.ipynb", READ_ONLY)
     assert text_of(read) == "5 records, last square 16\n2.0\n"
-    assert text_of(read, "stderr").startswith(
-        "durable-kernel: restored 5 variables for pipeline, saved "), text_of(read, "stderr")
+    assert text_of(read, "stderr").startswith("durable-kernel: restored 5 variables for pipeline, saved "), text_of(
+        read, "stderr"
+    )
     assert "area, describe, math, radius, records" in text_of(read, "stderr")
 
     monkeypatch.setenv("DURABLE_KERNEL_SESSION", "another-pipeline")
@@ -103,15 +113,22 @@ def run_and_check(path: Path, cells: list[str]) -> nbformat.NotebookNode:
 def test_papermill_parameters_are_saved_for_the_next_notebook(nb_env, monkeypatch):
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("DURABLE_KERNEL_SESSION", "papermill-run")
-    template = new_notebook(metadata={"kernelspec": KERNELSPEC}, cells=[
-        new_code_cell("alpha = 0.5\nlabel = 'default'", metadata={"tags": ["parameters"]}),
-        new_code_cell("scaled = [alpha * n for n in range(4)]"),
-    ])
+    template = new_notebook(
+        metadata={"kernelspec": KERNELSPEC},
+        cells=[
+            new_code_cell("alpha = 0.5\nlabel = 'default'", metadata={"tags": ["parameters"]}),
+            new_code_cell("scaled = [alpha * n for n in range(4)]"),
+        ],
+    )
     nbformat.write(template, nb_env / "template.ipynb")
     papermill.execute_notebook(
-        str(nb_env / "template.ipynb"), str(nb_env / "template-out.ipynb"),
-        parameters={"alpha": 2.0, "label": "from papermill"}, kernel_name="durable-python3",
-        cwd=str(nb_env), progress_bar=False, log_output=False,
+        str(nb_env / "template.ipynb"),
+        str(nb_env / "template-out.ipynb"),
+        parameters={"alpha": 2.0, "label": "from papermill"},
+        kernel_name="durable-python3",
+        cwd=str(nb_env),
+        progress_bar=False,
+        log_output=False,
     )
     read = run_and_check(nb_env / "read-params.ipynb", ["print(alpha, label, scaled)"])
     assert text_of(read) == "2.0 from papermill [0.0, 2.0, 4.0, 6.0]\n"

@@ -28,7 +28,7 @@ WIDGETS_PREFIX = "e976ee50-99ed-4aba-9b6b-9dcd5634d07d:IPyWidgets:"
 WIDGETS_PROBE = (
     "try:\n"
     "    import ipywidgets as _VSCODE_ipywidgets\n"
-    f"    print(\"{WIDGETS_PREFIX}\" + _VSCODE_ipywidgets.__version__)\n"
+    f'    print("{WIDGETS_PREFIX}" + _VSCODE_ipywidgets.__version__)\n'
     "    del _VSCODE_ipywidgets\n"
     "except:\n"
     "    pass"
@@ -80,8 +80,14 @@ class VSCodeNotebook:
 
     def request(self, code: str, timeout: float = 60, **options) -> Reply:
         got = collect(self.kc, self.kc.execute(code, **options), timeout, code)
-        return Reply(stdout=got.stdout, stderr=got.stderr, error=got.error or None, result=got.result or None,
-                     status=got.status, execution_count=got.execution_count)
+        return Reply(
+            stdout=got.stdout,
+            stderr=got.stderr,
+            error=got.error or None,
+            result=got.result or None,
+            status=got.status,
+            execution_count=got.execution_count,
+        )
 
     def cell(self, code: str) -> Reply:
         out = self.request(code, **CELL)
@@ -112,8 +118,9 @@ class VSCodeNotebook:
 @pytest.fixture
 def vscode(tmp_path: Path, jupyter_dirs: dict[str, str]):
     """Factory: open a notebook in "VS Code"; every kernel is shut down at the end."""
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")}
+    env = {
+        name: value for name, value in os.environ.items() if name not in ("JPY_SESSION_NAME", "DURABLE_KERNEL_SESSION")
+    }
     env.update(jupyter_dirs)
     env["IPYTHONDIR"] = str(tmp_path / "ipython")
     opened: list[VSCodeNotebook] = []

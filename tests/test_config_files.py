@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from conftest import holds, wait_saved
 
 EXCLUDE_SECRETS = 'c.DurableKernel.exclude = ["secret*"]\n'

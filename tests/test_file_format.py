@@ -29,7 +29,6 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
-
 from conftest import holds, user_variables, wait_saved
 from durable_kernel.checkpoints import NotRestored, Store, load_or_create_key, snapshot
 from durable_kernel.checkpoints import manifest as manifest_format
@@ -264,8 +263,16 @@ def test_blobs_are_named_by_the_blake3_digest_of_their_bytes(release):
 def test_manifest_holds_the_documented_fields(release):
     data = manifest_json(release)
     assert set(data) == {
-        "schema", "generation", "created", "execution_count", "identity", "cell", "writer", "versions",
-        "variables", "skipped",
+        "schema",
+        "generation",
+        "created",
+        "execution_count",
+        "identity",
+        "cell",
+        "writer",
+        "versions",
+        "variables",
+        "skipped",
     }
     assert (data["schema"], data["generation"], data["execution_count"], data["identity"]) == (1, 2, 3, IDENTITY)
     assert {"python", "dill", "durable_kernel", "packages"} <= set(data["versions"])
@@ -486,8 +493,11 @@ def test_kernel_restores_the_data_of_a_0_1_0_store(kernel_on_0_1_0_store):
     assert "squares" not in user_variables(kernel)
 
 
-@pytest.mark.skipif(written_by("0.1.0") != RUNNING, reason="the 0.1.0 fixture's notebook code is Python "
-                    f"{written_by('0.1.0')} bytecode: test_kernel_on_another_python_... checks this Python instead")
+@pytest.mark.skipif(
+    written_by("0.1.0") != RUNNING,
+    reason="the 0.1.0 fixture's notebook code is Python "
+    f"{written_by('0.1.0')} bytecode: test_kernel_on_another_python_... checks this Python instead",
+)
 def test_kernel_restores_the_notebook_code_of_a_0_1_0_store(kernel_on_0_1_0_store):
     kernel = kernel_on_0_1_0_store
     holds(kernel, "square(7) == 49 and halve(5) == 2.5 and tally() == 12 and make_counter(0)() == 1")
@@ -496,8 +506,11 @@ def test_kernel_restores_the_notebook_code_of_a_0_1_0_store(kernel_on_0_1_0_stor
     assert kernel.value("describe(where)") == repr('{"x": 3, "y": 4}')  # reads the notebook's ``js``
 
 
-@pytest.mark.skipif(written_by("0.1.0") == RUNNING, reason=f"needs a Python other than {RUNNING}, which wrote the "
-                    "fixture (on this one, test_kernel_restores_the_notebook_code_of_a_0_1_0_store runs)")
+@pytest.mark.skipif(
+    written_by("0.1.0") == RUNNING,
+    reason=f"needs a Python other than {RUNNING}, which wrote the "
+    "fixture (on this one, test_kernel_restores_the_notebook_code_of_a_0_1_0_store runs)",
+)
 def test_kernel_on_another_python_keeps_the_notebook_code_as_not_restored(kernel_on_0_1_0_store):
     kernel = kernel_on_0_1_0_store
     assert "square (OtherPython: notebook code saved by Python 3.11" in kernel.banner, kernel.banner

@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
-from hypothesis import strategies as st
-
 from conftest import wait_saved
 from durable_kernel.checkpoints import CheckpointError, Store, snapshot
-from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import manifest as manifest_format
+from durable_kernel.checkpoints.location import open_store
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 from reliability_support import evil_pickle, report
 
 KEY = b"fuzz-key-" * 8
@@ -275,7 +274,15 @@ JSON_VALUES = st.recursive(
     max_leaves=6,
 )
 TOP_KEYS = [
-    "schema", "generation", "created", "execution_count", "identity", "cell", "writer", "versions", "variables",
+    "schema",
+    "generation",
+    "created",
+    "execution_count",
+    "identity",
+    "cell",
+    "writer",
+    "versions",
+    "variables",
     "skipped",
 ]
 VAR_KEYS = ["name", "type", "kind", "size", "digest", "inline", "buffers", "target"]
@@ -469,9 +476,18 @@ def test_kernel_starts_and_falls_back_over_a_store_full_of_hostile_files(start_k
     (nb.manifests_dir / ".tmp-1-dead").write_bytes(evil_pickle(sentinel))  # crash leftover
     kernel = start_kernel(session=SESSION)
     assert kernel.value("good") == "'gen 7'"  # its manifest is intact: only its evil blob is refused
-    assert "checkpoint 8 is not signed" in kernel.banner and "not restored: big (its saved data is damaged" in kernel.banner
+    assert (
+        "checkpoint 8 is not signed" in kernel.banner
+        and "not restored: big (its saved data is damaged" in kernel.banner
+    )
     kernel.execute("more = 1")
     wait_saved(kernel)
     assert not sentinel.exists()
-    report("fuzz: kernel over hostile store", capsys, hostile_generations=6, kernel_started=True,
-           restored="gen 7 less its evil blob", untrusted_code_ran=0)
+    report(
+        "fuzz: kernel over hostile store",
+        capsys,
+        hostile_generations=6,
+        kernel_started=True,
+        restored="gen 7 less its evil blob",
+        untrusted_code_ran=0,
+    )

@@ -11,7 +11,10 @@ import sys
 def _jupyter_kernelspecs(env) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)["kernelspecs"]
 
@@ -19,9 +22,20 @@ def _jupyter_kernelspecs(env) -> dict:
 def test_install_with_prefix_name_and_display_name_is_listed_by_jupyter(tmp_path):
     prefix = tmp_path / "prefix"
     result = subprocess.run(
-        [sys.executable, "-m", "durable_kernel", "install", "--prefix", str(prefix),
-         "--name", "durable-test", "--display-name", "Durable Test"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "durable_kernel",
+            "install",
+            "--prefix",
+            str(prefix),
+            "--name",
+            "durable-test",
+            "--display-name",
+            "Durable Test",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "Installed kernelspec durable-test" in result.stdout

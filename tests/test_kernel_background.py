@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import KernelPool, wait_saved
 
 SESSION = "background.ipynb"
@@ -169,7 +168,10 @@ def test_checkpoint_child_killed_while_writing_leaves_the_previous_checkpoint_lo
     blobs_before = {p.name for p in notebook.blobs_dir.rglob("*") if p.is_file()}
 
     # Eight 16 MiB arrays: eight blob files, written one after the other before the manifest.
-    run(kernel, "import numpy as np\nx = 'in flight'\nblocks = [np.full(2_000_000, k, dtype=np.float64) for k in range(8)]")
+    run(
+        kernel,
+        "import numpy as np\nx = 'in flight'\nblocks = [np.full(2_000_000, k, dtype=np.float64) for k in range(8)]",
+    )
     child = checkpoint_child(kernel)
     caught = False
     while not caught and stop(child):

@@ -103,8 +103,10 @@ def test_truncated_array_buffer_in_newest_checkpoint_costs_only_its_variable(poo
     os.truncate(path, 1000)
     kernel = pool.start(session=SESSION)
     holds(kernel, "'vec' not in dir() and data == " + SECOND)
-    assert f"not restored: vec (its saved data is damaged (blob {buffer['digest'][:12]} has 1000 bytes, " \
-        "expected 800000 (truncated?)))" in kernel.banner, kernel.banner
+    assert (
+        f"not restored: vec (its saved data is damaged (blob {buffer['digest'][:12]} has 1000 bytes, "
+        "expected 800000 (truncated?)))" in kernel.banner
+    ), kernel.banner
     assert kernel.execute("%checkpoint restore 1 vec").error == ""
     assert kernel.value("float(vec.sum())") == "100000.0"
 
@@ -129,8 +131,14 @@ def test_manifest_signed_with_another_key_is_never_unpickled(pool, tmp_path):
     evil = planted_pickle(sentinel)
     forged = dict(notebook.read_manifest(2).data, generation=3)
     forged["variables"] = [
-        {"name": "data", "type": "builtins.bytes", "kind": "pickle", "size": len(evil),
-         "digest": digest(evil), "inline": base64.b64encode(evil).decode()},
+        {
+            "name": "data",
+            "type": "builtins.bytes",
+            "kind": "pickle",
+            "size": len(evil),
+            "digest": digest(evil),
+            "inline": base64.b64encode(evil).decode(),
+        },
     ]
     path = notebook.manifests_dir / "000000000003.manifest"
     path.write_bytes(manifest_format.encode(forged, b"another user's key " * 3))

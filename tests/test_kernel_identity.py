@@ -9,7 +9,6 @@ name at all, so the kernel's working folder is the identity.
 from __future__ import annotations
 
 import pytest
-
 from conftest import KernelPool, user_variables, wait_saved
 
 

@@ -8,7 +8,6 @@ rule of what "the same namespace" means.
 from __future__ import annotations
 
 import pytest
-
 from conftest import holds, user_variables, wait_saved
 
 SESSION = "namespace.ipynb"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import holds, wait_saved
 
 SESSION = "roundtrip.ipynb"
@@ -96,7 +95,10 @@ def test_numpy_arrays_come_back_equal_with_dtype_and_shape(restored):
 
 def test_pandas_dataframe_comes_back_equal(restored):
     holds(restored, "df.equals(pd.DataFrame({'x': [1, 2, 3], 'y': ['a', 'b', 'c'], 'z': [0.5, None, 2.5]}))")
-    holds(restored, "list(df.dtypes.astype(str)) == list(pd.DataFrame({'x': [1], 'y': ['a'], 'z': [0.5]}).dtypes.astype(str))")
+    holds(
+        restored,
+        "list(df.dtypes.astype(str)) == list(pd.DataFrame({'x': [1], 'y': ['a'], 'z': [0.5]}).dtypes.astype(str))",
+    )
 
 
 def test_function_defined_in_the_notebook_still_works(restored):
@@ -140,9 +142,9 @@ def test_every_variable_comes_back(restored):
 
 
 def test_banner_tells_how_many_variables_came_back_and_as_of_which_cell(restored):
-    assert (
-        f"durable-kernel: restored {len(VARIABLES)} variables for {SESSION}, saved " in restored.banner
-    ), restored.banner
+    assert f"durable-kernel: restored {len(VARIABLES)} variables for {SESSION}, saved " in restored.banner, (
+        restored.banner
+    )
     assert f"as of In [{restored.last_count_before}]: " in restored.banner
     assert "arr, big, by, counter, cube, d, df," in restored.banner
 
@@ -188,8 +190,10 @@ def test_shutdown_sent_the_moment_the_last_reply_arrives_still_saves_that_cell(s
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
     kernel = start_kernel(session="shutdown-race.ipynb", env=env)
     # Saving it takes a second, far longer than the kernel takes to exit if nobody waits.
-    slow = "import time\nclass SlowToSave:\n    def __reduce__(self):\n        time.sleep(1)\n" \
+    slow = (
+        "import time\nclass SlowToSave:\n    def __reduce__(self):\n        time.sleep(1)\n"
         "        return (str, ('the cell just before the shutdown',))\nlast = SlowToSave()"
+    )
     assert not kernel.execute(slow).error
     kernel.shutdown()
     assert start_kernel(session="shutdown-race.ipynb").value("last") == "'the cell just before the shutdown'"

@@ -13,7 +13,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import holds, user_variables, wait_saved
 from reliability_support import report
 from server_support import JupyterServer
@@ -36,9 +35,7 @@ def slow_cell(name: str, text: str, seconds: float = 8) -> str:
 # --- 1. restart and shutdown right after a cell ----------------------------------------------
 
 
-def test_restart_with_the_clients_defaults_keeps_a_cell_whose_checkpoint_outlasts_the_client_wait(
-    start_kernel, capsys
-):
+def test_restart_with_the_clients_defaults_keeps_a_cell_whose_checkpoint_outlasts_the_client_wait(start_kernel, capsys):
     kernel = start_kernel(session="restart-slow.ipynb")
     assert kernel.km.shutdown_wait_time == 5.0  # jupyter_client's default: nothing tuned here
     assert not kernel.execute(slow_cell("last", "the last cell")).error
@@ -46,8 +43,14 @@ def test_restart_with_the_clients_defaults_keeps_a_cell_whose_checkpoint_outlast
     kernel.restart()  # what JupyterLab's Kernel -> Restart does
     assert kernel.value("last") == "'the last cell'"
     assert "waited" in kernel.banner and "for the previous kernel's last checkpoint" in kernel.banner, kernel.banner
-    report("restart after a slow checkpoint (restart_kernel, defaults)", capsys, rounds=1, lost=0,
-           untrusted_code_ran=0, seconds=round(time.monotonic() - started, 1))
+    report(
+        "restart after a slow checkpoint (restart_kernel, defaults)",
+        capsys,
+        rounds=1,
+        lost=0,
+        untrusted_code_ran=0,
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
 def test_shutdown_with_the_clients_defaults_keeps_a_cell_whose_checkpoint_outlasts_the_client_wait(
@@ -58,8 +61,9 @@ def test_shutdown_with_the_clients_defaults_keeps_a_cell_whose_checkpoint_outlas
     kernel.shutdown()  # km.shutdown_kernel(now=False), as closing a notebook does
     again = start_kernel(session="shutdown-slow.ipynb")
     assert again.value("last") == "'the last cell'"
-    report("shutdown after a slow checkpoint (shutdown_kernel, defaults)", capsys, rounds=1, lost=0,
-           untrusted_code_ran=0)
+    report(
+        "shutdown after a slow checkpoint (shutdown_kernel, defaults)", capsys, rounds=1, lost=0, untrusted_code_ran=0
+    )
 
 
 def test_a_restarted_kernel_can_bind_its_ports_while_the_old_checkpoint_is_still_written(start_kernel):
@@ -84,8 +88,9 @@ def test_a_cell_finished_during_a_checkpoint_is_saved_before_the_next_long_cell_
     again = start_kernel(session="queued.ipynb")
     assert again.value("(a, b)") == "('cell A', 'cell B')"
     assert "c" not in user_variables(again)
-    report("cell ended during a checkpoint, kill during the next long cell", capsys, rounds=1, lost=0,
-           untrusted_code_ran=0)
+    report(
+        "cell ended during a checkpoint, kill during the next long cell", capsys, rounds=1, lost=0, untrusted_code_ran=0
+    )
 
 
 # --- 12. %checkpoint clear ------------------------------------------------------------------------
@@ -141,16 +146,16 @@ def test_jupyterlab_rename_on_first_save_then_restart_keeps_the_state(server, ca
     assert out["stdout"] == "[1, 2, 3]\n", out
     assert f"restored 1 variable for {server.root / 'analysis.ipynb'}" in out["stderr"], out
     client.close()
-    report("JupyterLab rename, then Kernel -> Restart (jupyter_server)", capsys, rounds=1, lost=0,
-           untrusted_code_ran=0)
+    report("JupyterLab rename, then Kernel -> Restart (jupyter_server)", capsys, rounds=1, lost=0, untrusted_code_ran=0)
 
 
 def test_kernel_follows_a_rename_made_while_it_ran_even_without_the_server_extension(tmp_path, jupyter_dirs):
     root = tmp_path / "bare-root"
     root.mkdir()
     env = {**os.environ, **jupyter_dirs, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
-    server = JupyterServer(root, env, tmp_path / "bare-server.log",
-                           ["--ServerApp.jpserver_extensions=durable_kernel.serverext=False"])
+    server = JupyterServer(
+        root, env, tmp_path / "bare-server.log", ["--ServerApp.jpserver_extensions=durable_kernel.serverext=False"]
+    )
     try:
         server.new_notebook("Untitled.ipynb")
         session = server.open_notebook("Untitled.ipynb")
@@ -181,8 +186,13 @@ def test_jupyterlab_rename_while_closed_then_reopen_keeps_the_state(server, caps
     client = server.client(reopened["kernel"]["id"])
     assert client.run("print(nums)")["stdout"] == "[1, 2, 3]\n"
     client.close()
-    report("JupyterLab rename while shut down, then reopen (jupyter_server)", capsys, rounds=1, lost=0,
-           untrusted_code_ran=0)
+    report(
+        "JupyterLab rename while shut down, then reopen (jupyter_server)",
+        capsys,
+        rounds=1,
+        lost=0,
+        untrusted_code_ran=0,
+    )
 
 
 def test_vscode_rename_of_a_running_notebook_moves_its_state(start_kernel, tmp_path):
@@ -229,7 +239,12 @@ def test_durable_kernel_mv_moves_the_state_to_the_new_path(start_kernel, tmp_pat
     assert not kernel.execute("nums = [1, 2, 3]").error
     wait_saved(kernel)
     kernel.shutdown()
-    done = subprocess.run([sys.executable, "-m", "durable_kernel", "mv", str(old), str(new)],
-                          capture_output=True, text=True, env={**os.environ, **jupyter_dirs}, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "durable_kernel", "mv", str(old), str(new)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **jupyter_dirs},
+        timeout=60,
+    )
     assert done.returncode == 0 and f"to {new}" in done.stdout, done
     assert start_kernel(session=str(new)).value("nums") == "[1, 2, 3]"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from cgroup_support import memory_cgroup
 from conftest import holds, wait_saved
 from durable_kernel.checkpoints import Store
@@ -52,8 +51,15 @@ def test_a_kernel_near_its_containers_memory_limit_stays_alive_and_says_why(star
     again = start_kernel(session="container.ipynb")
     assert again.value("x") == "4"
     assert oom_kills == 0
-    report("container memory limit 1150 MiB, ~760 MiB namespace", capsys, rounds=1, lost=0,
-           untrusted_code_ran=0, kernel_alive=True, oom_kills=oom_kills)
+    report(
+        "container memory limit 1150 MiB, ~760 MiB namespace",
+        capsys,
+        rounds=1,
+        lost=0,
+        untrusted_code_ran=0,
+        kernel_alive=True,
+        oom_kills=oom_kills,
+    )
 
 
 # --- 8. foreground saves -------------------------------------------------------------------------------
@@ -90,7 +96,9 @@ SLOW = "import time\nclass Slow:\n    def __reduce__(self):\n        time.sleep(
 
 
 def test_a_foreground_save_that_hangs_is_stopped_and_the_variable_skipped(start_kernel, jupyter_dirs, capsys):
-    kernel = start_kernel(session="fg-slow.ipynb", extra_arguments=[*FOREGROUND, "--DurableKernel.checkpoint_timeout=2"])
+    kernel = start_kernel(
+        session="fg-slow.ipynb", extra_arguments=[*FOREGROUND, "--DurableKernel.checkpoint_timeout=2"]
+    )
     out = kernel.execute(SLOW + "\nkept = 1", timeout=120)
     assert out.status == "ok", out
     assert "took longer than 2 s while saving 'slow'; 'slow' is skipped until it is reassigned" in out.stderr, out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import wait_saved
 
 
@@ -102,7 +101,9 @@ def test_restore_removes_variables_the_generation_did_not_have(kernel):
 def test_restore_of_an_unknown_id_is_one_clear_line(kernel):
     run(kernel, "x = 1")
     out = kernel.execute("%checkpoint restore 99")
-    assert complaint(out) == "UsageError: %checkpoint: no checkpoint 99 for this notebook; %checkpoint list shows the ids"
+    assert (
+        complaint(out) == "UsageError: %checkpoint: no checkpoint 99 for this notebook; %checkpoint list shows the ids"
+    )
     out = kernel.execute("%checkpoint restore latest")
     assert "is not a checkpoint id" in complaint(out)
 

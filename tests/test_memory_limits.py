@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cgroup_support import enclosing_limit, memory_cgroup
-
 from durable_kernel import memory
 
 MiB = 1 << 20

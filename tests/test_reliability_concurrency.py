@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from conftest import wait_saved
-from durable_kernel.checkpoints import blobs
+from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, blobs, snapshot
 from durable_kernel.checkpoints.location import open_store
-from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, snapshot
 from reliability_support import report
 
 KEY = b"concurrency-key-" * 4

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from conftest import wait_saved
 from reliability_support import report, run_storm, temp_leftovers
 

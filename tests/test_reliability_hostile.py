@@ -20,12 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_saved
 from durable_kernel.checkpoints import Store, snapshot
-from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import manifest as manifest_format
 from durable_kernel.checkpoints.blobs import digest
+from durable_kernel.checkpoints.location import open_store
 from reliability_support import Evil, evil_pickle, report
 
 SESSION = "hostile.ipynb"
@@ -132,8 +131,13 @@ def test_planted_checkpoint_never_runs_and_the_kernel_says_why(case, start_kerne
     kernel.execute("y = 2")
     wait_saved(kernel)
     assert not sentinel.exists()
-    report(f"planted: {case}", capsys, kernel_started=True, restored=2 if blob_case else 1,
-           untrusted_code_ran=int(sentinel.exists()))
+    report(
+        f"planted: {case}",
+        capsys,
+        kernel_started=True,
+        restored=2 if blob_case else 1,
+        untrusted_code_ran=int(sentinel.exists()),
+    )
 
 
 @pytest.mark.parametrize("mode", [0o770, 0o707])
@@ -247,4 +251,7 @@ def test_kernel_restores_the_rest_past_a_blob_that_is_a_directory(start_kernel, 
     path.mkdir()
     kernel = start_kernel(session=SESSION)
     assert kernel.value("x") == "2", kernel.banner
-    assert "not restored: big (its saved data is damaged (blob" in kernel.banner and "is not a regular file" in kernel.banner
+    assert (
+        "not restored: big (its saved data is damaged (blob" in kernel.banner
+        and "is not a regular file" in kernel.banner
+    )

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_saved
 from durable_kernel.checkpoints import Store
 from durable_kernel.checkpoints.location import open_store
@@ -26,7 +25,8 @@ RESUMED = "checkpoints are being saved again"
 def last_result(kernel) -> dict:
     wait_saved(kernel)
     out = kernel.execute(
-        "print(__import__('json').dumps(__import__('dataclasses').asdict(get_ipython().kernel.last_outcome) if get_ipython().kernel.last_outcome else {}, default=str))", silent=True
+        "print(__import__('json').dumps(__import__('dataclasses').asdict(get_ipython().kernel.last_outcome) if get_ipython().kernel.last_outcome else {}, default=str))",
+        silent=True,
     )
     assert not out.error, out.error
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -98,9 +98,7 @@ class Disk:
             inject = tmp_path / "inject"
             inject.mkdir()
             (inject / "sitecustomize.py").write_text(_INJECTOR.format(flag=str(self.flag), store=str(self.store)))
-            self.env["PYTHONPATH"] = os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]).rstrip(
-                os.pathsep
-            )
+            self.env["PYTHONPATH"] = os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
     def fill(self, leave: int = 4 << 20) -> None:
         if self.kind == "tmpfs":

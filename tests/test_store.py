@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from durable_kernel.checkpoints import (
     SCHEMA_VERSION,
     CorruptCheckpoint,

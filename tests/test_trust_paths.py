@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import holds, user_variables, wait_saved
 from durable_kernel.checkpoints import load_or_create_key, location
-from durable_kernel.checkpoints.location import open_store
 from durable_kernel.checkpoints import manifest as manifest_format
+from durable_kernel.checkpoints.location import open_store
 from reliability_support import mounted_tmpfs, report
 
 SESSION = "trust.ipynb"
@@ -39,8 +38,13 @@ def the_store(jupyter_dirs):
 
 
 def cli(jupyter_dirs, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "durable_kernel", *args], capture_output=True, text=True,
-                          env={**os.environ, **jupyter_dirs}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "durable_kernel", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **jupyter_dirs},
+        timeout=timeout,
+    )
 
 
 def saved_and_killed(start_kernel, code: str, session: str = SESSION, **kwargs) -> None:
@@ -150,8 +154,14 @@ def test_one_flipped_byte_in_a_reused_blob_is_repaired_and_costs_nothing(start_k
     again = start_kernel(session=SESSION)
     assert len(user_variables(again)) == 28  # np, big, v0..v24, n
     holds(again, "np.array_equal(big, np.random.default_rng(1).random(1 << 20))")
-    report("one flipped byte in a reused 8 MiB blob, 6 cells, kill -9", capsys, rounds=1, lost=0,
-           untrusted_code_ran=0, told=len(repaired))
+    report(
+        "one flipped byte in a reused 8 MiB blob, 6 cells, kill -9",
+        capsys,
+        rounds=1,
+        lost=0,
+        untrusted_code_ran=0,
+        told=len(repaired),
+    )
 
 
 # --- 5. the kernel always starts --------------------------------------------------------------------
@@ -299,8 +309,9 @@ def test_a_blob_another_user_planted_is_never_mapped_nor_reused(start_kernel, ju
     blob = nb.blob_path(var["buffers"][0]["digest"])
     os.chown(blob, OTHER_UID, OTHER_UID)  # the right bytes, but theirs: they could rewrite it at any time
     kernel = start_kernel(session=SESSION)
-    assert f"not restored: arr (its saved data is damaged (blob {blob.name[:12]} belongs to another user" in \
-        kernel.banner, kernel.banner
+    assert (
+        f"not restored: arr (its saved data is damaged (blob {blob.name[:12]} belongs to another user" in kernel.banner
+    ), kernel.banner
     assert not kernel.execute("arr = np.zeros(1 << 17)").error  # the user computes it again
     wait_saved(kernel)
     assert blob.stat().st_uid == os.geteuid()  # the store's copy is the user's own again
@@ -323,8 +334,15 @@ def test_bytes_substituted_in_a_blob_are_not_loaded_nor_signed_again_without_ver
     wait_saved(kernel)
     newest = nb.read_manifest(nb.generations()[0])
     assert "arr" not in {v["name"] for v in newest.variables}
-    report("substituted bytes with verify_on_restore=False", capsys, inputs=1, lost=0, untrusted_code_ran=0,
-           loaded=False, signed_again=False)
+    report(
+        "substituted bytes with verify_on_restore=False",
+        capsys,
+        inputs=1,
+        lost=0,
+        untrusted_code_ran=0,
+        loaded=False,
+        signed_again=False,
+    )
 
 
 # --- 15. secrets ------------------------------------------------------------------------------------
@@ -389,8 +407,11 @@ def test_a_notebook_name_with_escape_codes_is_shown_escaped(start_kernel, jupyte
 def test_under_umask_0_every_folder_the_kernel_creates_is_private(start_kernel, tmp_path):
     store = tmp_path / "deep" / "er" / "store"
     data = tmp_path / "fresh" / "jupyter"
-    kernel = start_kernel(session=SESSION, env={"DURABLE_KERNEL_DIR": str(store), "JUPYTER_DATA_DIR": str(data)},
-                          preexec_fn=lambda: os.umask(0))
+    kernel = start_kernel(
+        session=SESSION,
+        env={"DURABLE_KERNEL_DIR": str(store), "JUPYTER_DATA_DIR": str(data)},
+        preexec_fn=lambda: os.umask(0),
+    )
     assert not kernel.execute("x = 1").error
     wait_saved(kernel)
     created = [tmp_path / "deep", tmp_path / "deep" / "er", store, tmp_path / "fresh", data]
@@ -420,8 +441,13 @@ def test_gc_while_notebooks_are_cleared_never_fails(jupyter_dirs, capsys):
         for i in range(3):  # many blob folders: deleting them takes a while
             arrays = {f"a{j}": np.full(10_000, float(j + 1000 * round_)) for j in range(400)}
             store.notebook(f"n{i}.ipynb").commit(snapshot(arrays), execution_count=1)
-        clear = subprocess.Popen([sys.executable, "-m", "durable_kernel", "clear", "--all"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **jupyter_dirs})
+        clear = subprocess.Popen(
+            [sys.executable, "-m", "durable_kernel", "clear", "--all"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **jupyter_dirs},
+        )
         time.sleep(0.02 * round_)
         gc = cli(jupyter_dirs, "gc")
         _, clear_err = clear.communicate(timeout=60)
