@@ -368,7 +368,7 @@ def checkpoint_files(store_root: Path, jupyter_data: Path) -> tuple[list[Path], 
     nb = open_store(environ={"DURABLE_KERNEL_DIR": str(store_root), "JUPYTER_DATA_DIR": str(jupyter_data)}).notebook(
         SESSION
     )
-    gen = nb.generations()[0]
+    gen = nb.checkpoint_ids()[0]
     man = nb.read_manifest(gen)
     files = [nb.manifest_path(gen)]
     raw = files[0].read_bytes()
@@ -379,12 +379,12 @@ def checkpoint_files(store_root: Path, jupyter_data: Path) -> tuple[list[Path], 
 
 
 def durable_phase(gib: float, args: argparse.Namespace, tmp: Path, cold_method: str) -> dict[str, Any]:
-    from durable_kernel.checkpoints import disk_usage, storage_key
+    from durable_kernel.checkpoints import disk_usage, folder_name
 
     r: dict[str, Any] = {}
     env = kernel_env(tmp, True)
     store_root = tmp / "store"
-    nb_dir = store_root / storage_key(SESSION)
+    nb_dir = store_root / folder_name(SESSION)
     k = BenchKernel("durable-python3", env, tmp / "durable.log")
     try:
         r["start_empty_s"] = k.start_to_first_result

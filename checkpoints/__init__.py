@@ -18,7 +18,7 @@ from .errors import (
     UnsafeStore,
     UntrustedCheckpoint,
 )
-from .manifest import SCHEMA_VERSION, Manifest, printable, storage_key
+from .manifest import SCHEMA_VERSION, Manifest, folder_name, printable
 from .serialize import NotRestored, Skipped, Snapshot, Variable, snapshot
 from .signing import default_key_path, load_or_create_key
 from .store import CommitResult, NotebookStore, Restored, Store, disk_usage
@@ -46,5 +46,5 @@ __all__ = [
     "load_or_create_key",
     "printable",
     "snapshot",
-    "storage_key",
+    "folder_name",
 ]

@@ -2,7 +2,7 @@
 
 Layout under the store's root (folders 0700, files 0600, all the user's own)::
 
-    <root>/<folder>/              one folder per notebook; folder = manifest.storage_key(identity)
+    <root>/<folder>/              one folder per notebook; folder = manifest.folder_name(identity)
         lock                      flock'd while committing, pruning, clearing or moving
         saving                    flock'd (shared) by every checkpoint process while it lives
         settings.json             remembered per-notebook settings (excluded names)
@@ -30,7 +30,7 @@ from . import manifest as manifest_format
 from .backend import LocalFolder, NotARegularFile, NotOwned, TooLarge
 from .errors import CorruptCheckpoint, UnsafeStore, UntrustedCheckpoint
 from .files import TMP_PREFIX, check_private, disk_usage, make_private_dirs
-from .manifest import storage_key
+from .manifest import folder_name
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class NotebookFolder:
     def __init__(self, root: Path, identity: str, folder: Path | None = None):
         self.root = root
         self.identity = identity
-        self.dir = folder if folder is not None else root / storage_key(identity)
+        self.dir = folder if folder is not None else root / folder_name(identity)
         self.manifests_dir = self.dir / "manifests"
         self.blobs_dir = self.dir / "blobs"
         self.files = LocalFolder(self.dir)
@@ -75,7 +75,7 @@ class NotebookFolder:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(path, 0o700)
 
-    def generations(self) -> list[int]:
+    def checkpoint_ids(self) -> list[int]:
         """Committed checkpoint ids, newest first."""
         names = self.files.list("manifests")
         return sorted((int(m.group(1)) for m in map(_CHECKPOINT_FILE.match, names) if m), reverse=True)

@@ -22,7 +22,7 @@ from typing import Any
 from . import retention
 from .errors import CheckpointError
 from .files import TMP_PREFIX
-from .manifest import Manifest, printable, storage_key
+from .manifest import Manifest, folder_name, printable
 from .store import NotebookStore, Store, disk_usage
 
 #: A temp file beside settings.json (written without the lock) is only taken
@@ -37,7 +37,7 @@ class NoSuchNotebook(LookupError):
 
 def notebook_at(store: Store, folder: Path, identity: str | None = None) -> NotebookStore:
     """A :class:`NotebookStore` for one notebook folder, whatever identity it was stored under."""
-    if identity is not None and storage_key(identity) == folder.name:
+    if identity is not None and folder_name(identity) == folder.name:
         return store.notebook(identity)
     return store.notebook_at(folder, identity)
 
@@ -105,7 +105,7 @@ def _mtime(path: Path) -> float:
 def describe(store: Store, folder: Path) -> NotebookInfo:
     """Read one notebook folder: identity, generations, newest checkpoint, size."""
     nb = notebook_at(store, folder)
-    gens = nb.generations()
+    gens = nb.checkpoint_ids()
     newest: Manifest | None = None
     problems: list[str] = []
     for gen in gens:
@@ -152,7 +152,7 @@ def find(store: Store, name: str) -> NotebookInfo:
             if path not in candidates:
                 candidates.append(path)
     for candidate in candidates:
-        folder = store.root / storage_key(candidate)
+        folder = store.root / folder_name(candidate)
         if (folder / "manifests").is_dir():
             info = describe(store, folder)
             if info.identity is None:
@@ -329,7 +329,7 @@ def orphans(stored: list[Stored], identity: str) -> list[Stored]:
 
 def newest_verified(nb: NotebookStore) -> Manifest | None:
     """The newest checkpoint of ``nb`` that verifies, or None."""
-    for gen in nb.generations():
+    for gen in nb.checkpoint_ids():
         try:
             return nb.read_manifest(gen)
         except CheckpointError:

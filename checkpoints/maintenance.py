@@ -131,7 +131,7 @@ def move(store: Store, source: NotebookStore, target_identity: str) -> Moved:
     with first.locked(create=first is target), second.locked(create=second is target):
         manifests = []
         left = 0
-        for gen in sorted(source.generations()):
+        for gen in sorted(source.checkpoint_ids()):
             try:
                 manifests.append(source.read_manifest(gen))
             except CheckpointError:
@@ -151,7 +151,7 @@ def move(store: Store, source: NotebookStore, target_identity: str) -> Moved:
             touched.add(dst.parent)
         for folder in touched:
             fsync_dir(folder)
-        base = max(target.generations(), default=0)
+        base = max(target.checkpoint_ids(), default=0)
         moved = []
         for offset, man in enumerate(manifests, start=1):
             data = {**man.data, "identity": target_identity, "generation": base + offset}

@@ -203,14 +203,14 @@ def signed_data(
             f"{where} says it is checkpoint {found_gen}: an older checkpoint renamed or copied "
             "over a newer one; it was not loaded"
         )
-    if folder is not None and (not isinstance(identity, str) or storage_key(identity) != folder):
+    if folder is not None and (not isinstance(identity, str) or folder_name(identity) != folder):
         raise UntrustedCheckpoint(
             f"{where} belongs to another notebook ({printable(str(identity))}) and was copied here; it was not loaded"
         )
     return data
 
 
-def storage_key(identity: str) -> str:
+def folder_name(identity: str) -> str:
     """The folder name for a notebook identity: a hash, never the path itself."""
     return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 

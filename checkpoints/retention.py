@@ -49,7 +49,7 @@ def prune(nb: NotebookFolder, key: bytes, keep: int, verified: dict[int, dict[st
     verified JSON (None: it does not verify), if the caller read them already.
     """
     if verified is None:
-        verified = {gen: signed(nb, key, gen) for gen in nb.generations()}
+        verified = {gen: signed(nb, key, gen) for gen in nb.checkpoint_ids()}
     mine = [gen for gen in sorted(verified, reverse=True) if verified[gen] is not None]
     for gen in mine[max(keep, 1) :]:
         nb.files.delete(nb.manifest_key(gen))
@@ -69,7 +69,7 @@ def blobs_needed(
     keep a blob alive, never get one unpickled).
     """
     if verified is None:
-        verified = {gen: signed(nb, key, gen) for gen in nb.generations()}
+        verified = {gen: signed(nb, key, gen) for gen in nb.checkpoint_ids()}
     needed: set[str] | None = set()
     problems: list[str] = []
     for gen, data in verified.items():

@@ -31,7 +31,7 @@ from .blobs import BlobReader, BlobWriter, digest, stamps_named_by
 from .errors import CheckpointError, CorruptCheckpoint, SaveError, UnsafeStore
 from .files import disk_usage, fsync_dir
 from .folder import NotebookFolder
-from .manifest import Manifest, storage_key
+from .manifest import Manifest, folder_name
 from .serialize import Loader, Skipped, Snapshot
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 #: Payloads up to this size live inside the manifest instead of a blob file.
 INLINE_MAX_BYTES = 16 * 1024
 
-__all__ = ["CommitResult", "NotebookStore", "Restored", "Store", "digest", "disk_usage", "storage_key"]
+__all__ = ["CommitResult", "NotebookStore", "Restored", "Store", "digest", "disk_usage", "folder_name"]
 
 
 @dataclass
@@ -145,7 +145,7 @@ class NotebookStore(NotebookFolder):
     def _commit_locked(
         self, snap: Snapshot, execution_count: int, cell: str, writer: dict[str, Any], keep: int
     ) -> CommitResult:
-        gens = self.generations()
+        gens = self.checkpoint_ids()
         kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
         previous = next((data for data in kept.values() if data is not None), None)
         if previous is not None and _newer_from_same_writer(previous.get("writer"), writer):
@@ -287,7 +287,7 @@ class NotebookStore(NotebookFolder):
     def load_latest_with_reasons(self, verify_buffers: bool = True) -> tuple[Restored | None, list[str]]:
         """Like :meth:`load_latest`, plus one line per generation that failed."""
         reasons: list[str] = []
-        for gen in self.generations():
+        for gen in self.checkpoint_ids():
             try:
                 restored = self.load(gen, verify_buffers)
             except UnsafeStore:
@@ -308,7 +308,7 @@ class NotebookStore(NotebookFolder):
             reference = manifest_format.fingerprint(self.read_manifest(newer_than).data)
         except CheckpointError:
             reference = {}
-        for gen in self.generations():
+        for gen in self.checkpoint_ids():
             if gen >= newer_than or len(found) == len(names):
                 continue
             try:

@@ -275,7 +275,7 @@ class DurableKernel(IPythonKernel):
         old = self.identity
         self.wait_for_checkpoint(self.restore_wait)
         try:
-            if self.notebook.generations():
+            if self.notebook.checkpoint_ids():
                 maintenance.move(self.store, self.notebook, name)
         except (CheckpointError, OSError) as exc:
             self.log.exception("moving the state of a renamed notebook failed")

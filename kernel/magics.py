@@ -91,14 +91,14 @@ class CheckpointMagics(Magics):
         if not (text.isascii() and text.isdigit()):
             raise UsageError(f"%checkpoint: {text!r} is not a checkpoint id; %checkpoint list shows the ids")
         gen = int(text)
-        if gen not in self.notebook.generations():
+        if gen not in self.notebook.checkpoint_ids():
             raise UsageError(f"%checkpoint: no checkpoint {gen} for this notebook; %checkpoint list shows the ids")
         return self.notebook.read_manifest(gen)
 
     def _manifests(self) -> list[Manifest]:
         """Readable kept manifests, newest first."""
         found = []
-        for gen in self.notebook.generations():
+        for gen in self.notebook.checkpoint_ids():
             try:
                 found.append(self.notebook.read_manifest(gen))
             except CheckpointError:
@@ -294,7 +294,7 @@ class CheckpointMagics(Magics):
     def _do_clear(self, args: list[str]) -> None:
         self._no_args(args, "clear")
         self.kernel.wait_for_checkpoint(self.kernel.restore_wait)
-        count = len(self.notebook.generations())
+        count = len(self.notebook.checkpoint_ids())
         freed = maintenance.clear_notebook(self.notebook)
         self.kernel.forget_current_state()
         print(

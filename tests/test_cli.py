@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from durable_kernel.checkpoints import Store, snapshot, storage_key
+from durable_kernel.checkpoints import Store, folder_name, snapshot
 from durable_kernel.checkpoints.location import open_store
 
 DAY = 86400
@@ -148,9 +148,9 @@ def test_list_marks_a_notebook_whose_checkpoints_are_not_signed_with_our_key(sto
     Store(store.root, b"another user's key").notebook("other.ipynb").commit(snapshot({"y": 2}), execution_count=1)
     result = ok("list")
     assert "nb.ipynb" in result.stdout
-    assert f"(unknown: folder {storage_key('other.ipynb')})" in result.stdout
+    assert f"(unknown: folder {folder_name('other.ipynb')})" in result.stdout
     assert "not signed with this user's key" in result.stderr
-    assert nb.generations() == [1]
+    assert nb.checkpoint_ids() == [1]
 
 
 def test_dir_option_before_or_after_the_command_beats_the_environment(store, tmp_path, monkeypatch):
@@ -184,7 +184,7 @@ def test_show_finds_a_notebook_by_relative_or_absolute_path_or_identity(store, t
         result = ok("show", name, cwd=cwd)
         assert result.stdout.startswith(f"Notebook:    {identity}\n")
     assert "Notebook:    session-name" in ok("show", "session-name").stdout
-    assert "Notebook:    session-name" in ok("show", storage_key("session-name")).stdout
+    assert "Notebook:    session-name" in ok("show", folder_name("session-name")).stdout
 
     out = ok("show", identity).stdout
     assert "as of In [4]" in out and "Cell:        n = 3" in out and "just now" in out
@@ -246,7 +246,7 @@ def test_clear_one_notebook_by_relative_path_keeps_the_others_and_its_settings(s
     other = commit(store, "b.ipynb", {"y": 1})
     out = ok("clear", "a.ipynb", cwd=tmp_path).stdout
     assert out.startswith("Removed 1 checkpoint (") and "KiB" in out and identity in out
-    assert nb.generations() == [] and other.generations() == [1]
+    assert nb.checkpoint_ids() == [] and other.checkpoint_ids() == [1]
     assert nb.read_settings() == {"exclude": ["secret_*"]}
     assert [n["identity"] for n in json.loads(ok("list", "--json").stdout)["notebooks"]] == ["b.ipynb"]
 
@@ -257,10 +257,10 @@ def test_clear_older_than_removes_only_notebooks_unused_that_long(store):
     new = commit(store, "new.ipynb", {"x": 1}, at=now - 2 * DAY)
     dry = ok("clear", "--older-than", "30d", "--dry-run").stdout
     assert "Would remove 1 checkpoint" in dry and "old.ipynb" in dry and "new.ipynb" not in dry
-    assert old.generations() == [1]
+    assert old.checkpoint_ids() == [1]
     data = json.loads(ok("clear", "--older-than", "30d", "--json").stdout)
     assert [c["identity"] for c in data["cleared"]] == ["old.ipynb"] and data["freed"] > 0
-    assert old.generations() == [] and new.generations() == [1]
+    assert old.checkpoint_ids() == [] and new.checkpoint_ids() == [1]
     assert "nothing removed" in ok("clear", "--older-than", "4w").stdout
 
 
@@ -269,7 +269,7 @@ def test_clear_all(store):
     b = commit(store, "b", {"x": blob(40_000)})
     out = ok("clear", "--all").stdout
     assert "Freed" in out and "2 notebooks" in out
-    assert a.generations() == [] and b.generations() == []
+    assert a.checkpoint_ids() == [] and b.checkpoint_ids() == []
     assert "No checkpoints" in ok("list").stdout
 
 
@@ -285,7 +285,7 @@ def test_clear_all(store):
 def test_clear_bad_inputs_are_one_line_and_remove_nothing(store, args, status, text):
     nb = commit(store, "a", {"x": 1})
     one_line_error(run("clear", *args), status, text)
-    assert nb.generations() == [1]
+    assert nb.checkpoint_ids() == [1]
 
 
 # --- gc -----------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def _blob_files(nb) -> set[str]:
 
 
 def _all_kept_generations_load(nb) -> None:
-    for gen in nb.generations():
+    for gen in nb.checkpoint_ids():
         restored = nb.load(gen, verify_buffers=True)  # verifies every blob's digest
         assert not restored.not_restored
 
@@ -329,7 +329,7 @@ def test_gc_frees_orphans_and_temp_files_and_keeps_every_needed_blob(store):
     nb, leftovers = _make_garbage(store)
     other = commit(store, "other", {"big": blob(120_000, 9)})
     needed = set()
-    for gen in nb.generations():
+    for gen in nb.checkpoint_ids():
         needed |= nb.read_manifest(gen).blob_digests()
     before = _blob_files(nb)
     assert len(before - needed) == 1  # the orphan

@@ -41,7 +41,7 @@ def start_with_config(pool, session: str, config_file: str, text: str):
 def saved_names(pool, session: str) -> list[str]:
     """The variables in the notebook's newest checkpoint, read from the store."""
     notebook = pool.notebook(session)
-    newest = notebook.generations()[0]
+    newest = notebook.checkpoint_ids()[0]
     return sorted(v["name"] for v in notebook.read_manifest(newest).variables)
 
 
@@ -87,7 +87,7 @@ def test_keep_generations_in_a_config_file_sets_how_many_checkpoints_are_kept(po
         wait_saved(kernel)  # one checkpoint per cell
     kernel.kill()
 
-    assert pool.notebook(session).generations() == [3, 2]
+    assert pool.notebook(session).checkpoint_ids() == [3, 2]
     restarted = start_with_config(pool, session, config, "c.DurableKernel.keep_generations = 2\n")
     assert restarted.value("x") == "3"
     listed = restarted.execute("%checkpoint list").stdout.splitlines()[1:]

@@ -88,7 +88,7 @@ def open_notebook(copy: Path):
 
 def manifest_json(release: str, generation: int = 2) -> dict:
     """A fixture's manifest, as stored (read from the checked-in files, unverified)."""
-    folder = FIXTURES / f"format-{release}" / "store" / manifest_format.storage_key(IDENTITY)
+    folder = FIXTURES / f"format-{release}" / "store" / manifest_format.folder_name(IDENTITY)
     raw = (folder / "manifests" / f"{generation:012d}.manifest").read_bytes()
     return json.loads(manifest_format.body_of(raw))
 
@@ -112,7 +112,7 @@ def needs_its_python(release: str) -> None:
 
 def stored_pickles(release: str):
     """``(generation, variable name, pickle bytes)`` of every stored pickle of a fixture."""
-    folder = FIXTURES / f"format-{release}" / "store" / manifest_format.storage_key(IDENTITY)
+    folder = FIXTURES / f"format-{release}" / "store" / manifest_format.folder_name(IDENTITY)
     for generation in (1, 2):
         for var in manifest_json(release, generation)["variables"]:
             if var["kind"] != "pickle":
@@ -253,7 +253,7 @@ def test_every_name_a_stored_pickle_calls_still_exists(release):
 
 
 def test_blobs_are_named_by_the_blake3_digest_of_their_bytes(release):
-    blobs = FIXTURES / f"format-{release}" / "store" / manifest_format.storage_key(IDENTITY) / "blobs"
+    blobs = FIXTURES / f"format-{release}" / "store" / manifest_format.folder_name(IDENTITY) / "blobs"
     files = [p for p in blobs.rglob("*") if p.is_file()]
     assert len(files) == 3
     for path in files:
@@ -282,7 +282,7 @@ def test_manifest_holds_the_documented_fields(release):
 
 
 def test_newest_checkpoint_is_the_one_after_the_last_cell(notebook, restored):
-    assert notebook.generations() == [2, 1]
+    assert notebook.checkpoint_ids() == [2, 1]
     assert (restored.manifest.generation, restored.manifest.execution_count) == (2, 3)
     assert restored.manifest.data["cell"] == "# Cellule 3 — fonctions définies dans le notebook"
 

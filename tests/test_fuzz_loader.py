@@ -96,7 +96,7 @@ def template(tmp_path_factory) -> Path:
     nb = Store(root, KEY).notebook(SESSION)
     for gen, values in states().items():
         nb.commit(snapshot(values), execution_count=gen, keep=5)
-    assert nb.generations() == [3, 2, 1]
+    assert nb.checkpoint_ids() == [3, 2, 1]
     return root
 
 

@@ -136,7 +136,7 @@ def test_checkpoints_asked_for_while_one_runs_coalesce_into_the_newest_state(gat
     last = run(kernel, "x = 5")
     release.touch()
     wait_saved(kernel)
-    assert notebook.generations() == [3, 2, 1]
+    assert notebook.checkpoint_ids() == [3, 2, 1]
     assert stored(notebook, 2)["x"] == 1
     assert stored(notebook, 3)["x"] == 5
     assert notebook.read_manifest(3).execution_count == last.execution_count
@@ -146,11 +146,11 @@ def test_checkpoint_child_killed_while_pickling_leaves_the_previous_checkpoint_n
     kernel, release, notebook = gated
     run(kernel, "x = 'committed'")
     wait_saved(kernel)
-    before = notebook.generations()
+    before = notebook.checkpoint_ids()
     run(kernel, f"gate = Gate({str(release)!r})\nx = 'in flight'")
     os.kill(checkpoint_child(kernel), signal.SIGKILL)
     wait_saved(kernel)
-    assert notebook.generations() == before
+    assert notebook.checkpoint_ids() == before
     restored, reasons = notebook.load_latest_with_reasons()
     assert reasons == [] and restored.values["x"] == "committed"
     release.touch()
@@ -164,7 +164,7 @@ def test_checkpoint_child_killed_while_writing_leaves_the_previous_checkpoint_lo
     run(kernel, "x = 'committed'")
     wait_saved(kernel)
     notebook = pool.notebook(SESSION)
-    before = notebook.generations()
+    before = notebook.checkpoint_ids()
     blobs_before = {p.name for p in notebook.blobs_dir.rglob("*") if p.is_file()}
 
     # Eight 16 MiB arrays: eight blob files, written one after the other before the manifest.
@@ -176,7 +176,7 @@ def test_checkpoint_child_killed_while_writing_leaves_the_previous_checkpoint_lo
     caught = False
     while not caught and stop(child):
         # The child is frozen: look at the store, then kill it or let it go on a little.
-        if notebook.generations() != before:
+        if notebook.checkpoint_ids() != before:
             os.kill(child, signal.SIGCONT)
             break  # too late: it committed
         written = {p.name for p in notebook.blobs_dir.rglob("*") if p.is_file()} - blobs_before
@@ -188,7 +188,7 @@ def test_checkpoint_child_killed_while_writing_leaves_the_previous_checkpoint_lo
     assert caught, "the checkpoint child committed before it could be stopped half-way"
     wait_saved(kernel)
 
-    assert notebook.generations() == before
+    assert notebook.checkpoint_ids() == before
     restored, reasons = notebook.load_latest_with_reasons()
     assert reasons == [] and restored.values["x"] == "committed"
     kernel.kill()
@@ -203,7 +203,7 @@ def test_restored_memory_mapped_array_is_writable_without_changing_its_blob(pool
     wait_saved(kernel)
     kernel.kill()
     notebook = pool.notebook(SESSION)
-    (var,) = [v for v in notebook.read_manifest(notebook.generations()[0]).variables if v["name"] == "arr"]
+    (var,) = [v for v in notebook.read_manifest(notebook.checkpoint_ids()[0]).variables if v["name"] == "arr"]
     (buffer,) = var["buffers"]
     blob = notebook.blobs_dir / buffer["digest"][:2] / buffer["digest"]
     original = hashlib.sha256(blob.read_bytes()).hexdigest()

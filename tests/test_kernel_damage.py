@@ -47,7 +47,7 @@ def two_checkpoints(pool: KernelPool, *cells: str):
         wait_saved(kernel)
     kernel.kill()
     notebook = pool.notebook(SESSION)
-    assert notebook.generations() == list(range(len(cells), 0, -1))
+    assert notebook.checkpoint_ids() == list(range(len(cells), 0, -1))
     return notebook
 
 

@@ -26,7 +26,7 @@ def the_store(jupyter_dirs) -> Store:
 
 def newest_skipped(jupyter_dirs, session: str) -> dict[str, str]:
     nb = the_store(jupyter_dirs).notebook(session)
-    return {s["name"]: s["reason"] for s in nb.read_manifest(nb.generations()[0]).skipped}
+    return {s["name"]: s["reason"] for s in nb.read_manifest(nb.checkpoint_ids()[0]).skipped}
 
 
 # --- 7. a container's memory limit -------------------------------------------------------------------

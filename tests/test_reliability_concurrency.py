@@ -55,7 +55,7 @@ def test_two_kernels_on_one_notebook(start_kernel, jupyter_dirs, capsys):
 
     nb = open_store(environ=jupyter_dirs).notebook(SESSION)
     corrupt = []
-    for gen in nb.generations():
+    for gen in nb.checkpoint_ids():
         try:
             restored = nb.load(gen)
             owner, step, data = (restored.values[k] for k in ("owner", "step", "data"))
@@ -63,7 +63,7 @@ def test_two_kernels_on_one_notebook(start_kernel, jupyter_dirs, capsys):
                 corrupt.append(gen)
         except CheckpointError as exc:
             corrupt.append(f"{gen}: {exc}")
-    newest = nb.read_manifest(nb.generations()[0])
+    newest = nb.read_manifest(nb.checkpoint_ids()[0])
     assert corrupt == []
     assert newest.data["writer"]["pid"] == a.pid
     told_a = sum(s.count(ANOTHER.format(pid=b.pid)) for s in said_a)
@@ -78,7 +78,7 @@ def test_two_kernels_on_one_notebook(start_kernel, jupyter_dirs, capsys):
         capsys,
         kernels=2,
         concurrent_cells=2 * bursts,
-        generations_checked=len(nb.generations()),
+        generations_checked=len(nb.checkpoint_ids()),
         corrupt=0,
         newest_wins=True,
         each_told_once=True,
@@ -191,7 +191,7 @@ def test_commits_and_gc_in_a_loop_never_lose_a_just_committed_generation(tmp_pat
         out, _ = gc.communicate(timeout=60)
     gc_runs = int(out.strip() or 0)
     broken = []
-    for gen in nb.generations():
+    for gen in nb.checkpoint_ids():
         try:
             damaged = nb.load(gen).damaged
             if damaged:

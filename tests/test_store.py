@@ -18,9 +18,9 @@ from durable_kernel.checkpoints import (
     Store,
     UnsafeStore,
     UntrustedCheckpoint,
+    folder_name,
     load_or_create_key,
     snapshot,
-    storage_key,
 )
 from durable_kernel.checkpoints import manifest as manifest_format
 
@@ -107,8 +107,8 @@ def test_identity_is_hashed_never_joined_into_a_path(store):
     nb = store.notebook("../../etc/passwd")
     commit(nb, {"x": 1})
     assert nb.dir.parent == store.root
-    assert nb.dir.name == storage_key("../../etc/passwd")
-    assert nb.read_manifest(nb.generations()[0]).identity == "../../etc/passwd"
+    assert nb.dir.name == folder_name("../../etc/passwd")
+    assert nb.read_manifest(nb.checkpoint_ids()[0]).identity == "../../etc/passwd"
 
 
 def test_notebooks_do_not_see_each_other(store):
@@ -122,7 +122,7 @@ def test_keeps_the_last_generations_and_their_blobs_only(store):
     nb = store.notebook("a.ipynb")
     for count in range(1, 9):
         commit(nb, {"arr": np.full(50_000, count)}, count=count, keep=3)
-    assert nb.generations() == [8, 7, 6]
+    assert nb.checkpoint_ids() == [8, 7, 6]
     blobs = [p for p in nb.blobs_dir.rglob("*") if p.is_file()]
     assert len(blobs) == 3
     assert nb.load(6).values["arr"][0] == 6
@@ -172,7 +172,7 @@ def test_manifest_records_what_the_issue_asks(store):
 
 
 def _newest_manifest(nb) -> Path:
-    return nb.manifest_path(nb.generations()[0])
+    return nb.manifest_path(nb.checkpoint_ids()[0])
 
 
 def test_truncated_blob_costs_only_its_variable(store):
@@ -289,7 +289,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_files(sto
     with pytest.raises(SaveError, match="No space left"):
         commit(nb, {"arr": np.ones(100_000)}, count=2)
     monkeypatch.undo()
-    assert nb.generations() == [1]
+    assert nb.checkpoint_ids() == [1]
     assert not list(nb.dir.rglob(".tmp-*"))
     assert (nb.load_latest().values["arr"] == 0).all()
 
@@ -323,7 +323,7 @@ def test_unchanged_state_refreshes_the_newest_generation_instead_of_adding_one(s
     nb.commit(snapshot({"x": 1}), execution_count=1, cell="x = 1")
     nb.commit(snapshot({"x": 2}), execution_count=2, cell="x = 2")
     nb.commit(snapshot({"x": 2}), execution_count=3, cell="print(x)")
-    assert nb.generations() == [2, 1]
+    assert nb.checkpoint_ids() == [2, 1]
     newest = nb.read_manifest(2)
     assert newest.execution_count == 3 and newest.data["cell"] == "x = 2"
 

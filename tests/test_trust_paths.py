@@ -135,7 +135,7 @@ def test_one_flipped_byte_in_a_reused_blob_is_repaired_and_costs_nothing(start_k
     assert not kernel.execute(cell).error  # 27 variables, one of them 8 MiB
     wait_saved(kernel)
     nb = the_store(jupyter_dirs).notebook(SESSION)
-    var = next(v for v in nb.read_manifest(nb.generations()[0]).variables if v["name"] == "big")
+    var = next(v for v in nb.read_manifest(nb.checkpoint_ids()[0]).variables if v["name"] == "big")
     blob = nb.blob_path(var["buffers"][0]["digest"])
     with open(blob, "r+b") as f:  # one byte, same size, in place
         f.seek(4 << 20)
@@ -305,7 +305,7 @@ def test_a_blob_another_user_planted_is_never_mapped_nor_reused(start_kernel, ju
     needs_root()
     saved_and_killed(start_kernel, "import numpy as np\narr = np.zeros(1 << 17)")
     nb = the_store(jupyter_dirs).notebook(SESSION)
-    var = next(v for v in nb.read_manifest(nb.generations()[0]).variables if v["name"] == "arr")
+    var = next(v for v in nb.read_manifest(nb.checkpoint_ids()[0]).variables if v["name"] == "arr")
     blob = nb.blob_path(var["buffers"][0]["digest"])
     os.chown(blob, OTHER_UID, OTHER_UID)  # the right bytes, but theirs: they could rewrite it at any time
     kernel = start_kernel(session=SESSION)
@@ -323,7 +323,7 @@ def test_bytes_substituted_in_a_blob_are_not_loaded_nor_signed_again_without_ver
 ):
     saved_and_killed(start_kernel, "import numpy as np\narr = np.zeros(1 << 17)")
     nb = the_store(jupyter_dirs).notebook(SESSION)
-    var = next(v for v in nb.read_manifest(nb.generations()[0]).variables if v["name"] == "arr")
+    var = next(v for v in nb.read_manifest(nb.checkpoint_ids()[0]).variables if v["name"] == "arr")
     blob = nb.blob_path(var["buffers"][0]["digest"])
     with open(blob, "r+b") as f:
         f.write(b"\x01" * 8)  # same size, other bytes
@@ -332,7 +332,7 @@ def test_bytes_substituted_in_a_blob_are_not_loaded_nor_signed_again_without_ver
     assert "not restored: arr (its saved data is damaged" in kernel.banner, kernel.banner
     assert not kernel.execute("y = 1").error
     wait_saved(kernel)
-    newest = nb.read_manifest(nb.generations()[0])
+    newest = nb.read_manifest(nb.checkpoint_ids()[0])
     assert "arr" not in {v["name"] for v in newest.variables}
     report(
         "substituted bytes with verify_on_restore=False",
