@@ -332,16 +332,18 @@ class DurableKernel(IPythonKernel):
             # copying a large process's page tables then costs the user nothing.
             self._checkpoint_due = True
         else:
-            self._checkpoint(max(self.shell.execution_count - 1, 0))  # part of the cell: it shows busy meanwhile
+            self._checkpoint(self._cell_number())  # part of the cell: it shows busy meanwhile
         if getattr(getattr(result, "info", None), "store_history", True):
             self.notices.show()  # a user's cell, not a client's quiet request
 
-    async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *, concurrent: bool = False) -> None:
+    async def dispatch_shell(self, msg: Any, /, *args: Any, **kwargs: Any) -> None:
         """Handle a shell message, then start the checkpoint its cell asked for."""
-        await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
+        # Passed on as given: ipykernel 6 passes only msg, 7.0-7.3 add subshell_id, 7.4 concurrent
+        # (and 7.4 needs Python 3.11, so Python 3.10 always gets an older one).
+        await super().dispatch_shell(msg, *args, **kwargs)
         if self._checkpoint_due:
             try:
-                self._checkpoint(max(self.shell.execution_count - 1, 0))
+                self._checkpoint(self._cell_number())
             finally:
                 # Only now: a shutdown waits on this flag, then on the child.
                 self._checkpoint_due = False
@@ -405,10 +407,22 @@ class DurableKernel(IPythonKernel):
         # Let the previous cell's checkpoint land first, under its own label (a newer
         # request would supersede it); if this cell changed nothing since, it is refreshed.
         self._saver.wait(timeout)
-        self._checkpoint(self.shell.execution_count)
+        self._checkpoint(self._cell_number())
         if not self._saver.wait(timeout):
             return CheckpointOutcome.failed("timed out waiting for the checkpoint to be written")
         return self.last_outcome or CheckpointOutcome.failed("no checkpoint was taken")
+
+    def _cell_number(self) -> int:
+        """In [n] of the cell running now, else of the last cell run.
+
+        IPython 9.8+ counts a cell before running it, older IPython (all that Python 3.10
+        gets) after it, so ``shell.execution_count`` during a cell is n + 1 or n; the
+        running cell's ExecutionResult holds n in both.
+        """
+        running = getattr(self.shell.displayhook, "exec_result", None)
+        if running is not None and running.execution_count is not None and running.info.store_history:
+            return running.execution_count
+        return max(self.shell.execution_count - 1, 0)
 
     def _checkpoint(self, execution_count: int) -> None:
         """Start (or take, in the foreground) a checkpoint of the namespace as it is now.

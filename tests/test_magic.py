@@ -45,9 +45,19 @@ def test_save_commits_before_returning(kernel, start_kernel):
     assert start_kernel(session="magic.ipynb").value("value") == "'saved on demand'"
 
 
+def test_save_is_as_of_the_cell_it_ran_in(kernel):
+    """IPython 9.8+ counts a cell before running it, older IPython (Python 3.10's) after it."""
+    run(kernel, "x = 1")
+    wait_saved(kernel)
+    out = run(kernel, "y = 2\n%checkpoint save\n%checkpoint")  # read before the cell's own checkpoint
+    assert f"as of In [{out.execution_count}]" in out.stdout, out.stdout
+
+
 def test_list_shows_generations_newest_first_with_cell_and_changes(kernel):
     run(kernel, "a = 1")
+    wait_saved(kernel)  # else b = 2's checkpoint may still wait its turn, and a save supersedes it
     run(kernel, "b = 2")
+    wait_saved(kernel)
     run(kernel, "%checkpoint save")
     lines = run(kernel, "%checkpoint list").stdout.splitlines()
     assert lines[0].split()[:3] == ["id", "saved", "In"]
