@@ -122,8 +122,11 @@ class NotebookFolder:
         checkpoint that was started has finished, even after its kernel exited.
         """
         try:
-            self.ensure_dirs()
-            fd = os.open(self.dir / "saving", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:  # once per cell: the folders exist nearly always, so do not make sure first
+                fd = os.open(self.dir / "saving", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                self.ensure_dirs()
+                fd = os.open(self.dir / "saving", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
         with contextlib.suppress(OSError):  # someone waits for the savers this instant: the commit lock still orders us

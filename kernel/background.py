@@ -43,8 +43,12 @@ from .outcome import CheckpointOutcome
 
 log = logging.getLogger(__name__)
 
-_MAX_RESULT_BYTES = 1 << 20
 _PROGRESS_BYTES = 4096
+# The progress page: [0:8] the OOM-kill count the child saw as it started, plus one (0: unknown);
+# [8] 1 once the child has its turn to write; [12:16] length and [16:] name of the variable it is on.
+_OOM_AT = slice(0, 8)
+_TURN_AT = 8
+_NAME_AT = 16
 
 #: What a child runs: ``job(progress)`` pickles and commits, calling ``progress(name)`` per variable.
 Job = Callable[[Callable[[str], None]], CheckpointOutcome]
@@ -120,8 +124,6 @@ class _Child:
     #: where the child writes the name of the variable it is pickling
     progress: mmap.mmap
     started: float
-    #: the memory cgroup's count of OOM kills when the child was forked
-    oom_before: int | None = None
     superseded: bool = False
     chunks: list[bytes] = field(default_factory=list)
 
@@ -162,7 +164,9 @@ class BackgroundWriter:
         """
         with self._lock:
             for child in self._children[1:]:
-                if not child.superseded:  # waiting for its turn: nothing written yet
+                # Only a child still waiting for its turn: one that has started writing is let finish
+                # (its commit is a newer state than any on disk; killing it would waste its work).
+                if not child.superseded and not child.progress[_TURN_AT]:
                     child.superseded = True
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, signal.SIGKILL)
@@ -190,11 +194,17 @@ class BackgroundWriter:
         result_r, result_w = os.pipe()
         baton_r, baton_w = os.pipe()
         progress = mmap.mmap(-1, _PROGRESS_BYTES)
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork() in a threaded process; the child
-            # only pickles, writes files and _exits, touching no other thread's locks.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns about fork() in a threaded process; the child
+                # only pickles, writes files and _exits, touching no other thread's locks.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError:  # out of processes or memory: the caller saves in the foreground
+            for fd in (result_r, result_w, baton_r, baton_w):
+                os.close(fd)
+            progress.close()
+            raise
         if pid == 0:  # child: never returns
             for fd in (result_r, baton_r, *others):
                 with contextlib.suppress(OSError):
@@ -204,7 +214,7 @@ class BackgroundWriter:
         os.close(baton_w)
         for fd in keep_fds:
             os.close(fd)
-        self._children.append(_Child(pid, result_r, baton_r, progress, time.monotonic(), oom_kills()))
+        self._children.append(_Child(pid, result_r, baton_r, progress, time.monotonic()))
         self._lock.notify_all()
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
@@ -224,12 +234,16 @@ class BackgroundWriter:
         status = 1
 
         def report(name: str) -> None:
-            data = name.encode("utf-8", "replace")[: _PROGRESS_BYTES - 4]
-            progress[4 : 4 + len(data)] = data
-            progress[:4] = len(data).to_bytes(4, "little")
+            data = name.encode("utf-8", "replace")[: _PROGRESS_BYTES - _NAME_AT]
+            progress[_NAME_AT : _NAME_AT + len(data)] = data
+            progress[_NAME_AT - 4 : _NAME_AT] = len(data).to_bytes(4, "little")
 
         try:
             gc.disable()
+            # Read here, not in the kernel: it costs the user nothing, and the child
+            # has allocated nothing yet, so a later kill is not counted before it.
+            oom = oom_kills()
+            progress[_OOM_AT] = (0 if oom is None else oom + 1).to_bytes(8, "little")
             os.setsid()  # a signal to the kernel's process group does not end a checkpoint
             # When memory runs out (a container's limit), the OOM killer must
             # take this child, never the kernel holding the user's state.
@@ -245,6 +259,7 @@ class BackgroundWriter:
                 with contextlib.suppress(OSError):
                     while os.read(fd, 4096):
                         pass
+            progress[_TURN_AT] = 1
             if timeout:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -254,7 +269,7 @@ class BackgroundWriter:
             except BaseException as exc:  # report everything; the kernel decides what to show
                 log.exception("background checkpoint failed")
                 outcome = CheckpointOutcome.failed(str(exc) or type(exc).__name__)
-            data = outcome.to_json()[:_MAX_RESULT_BYTES]
+            data = outcome.to_json()
             with contextlib.suppress(OSError):  # the kernel may be gone: the commit is what counts
                 while data:
                     data = data[os.write(write_fd, data) :]
@@ -262,38 +277,56 @@ class BackgroundWriter:
             os._exit(status)
 
     def _watch(self) -> None:
+        # poll, not select: a kernel with many open files has fds above select's 1024 limit.
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        watched: dict[int, _Child] = {}
         while True:
-            with self._lock:
-                children = {c.result_fd: c for c in self._children}
-            ready, _, _ = select.select([self._wake_r, *children], [], [])
-            for fd in ready:
-                if fd == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    continue
-                child = children[fd]
-                chunk = os.read(fd, 65536)
-                if chunk:
-                    child.chunks.append(chunk)
-                    continue
-                self._finish(child)
+            try:
+                with self._lock:
+                    children = {c.result_fd: c for c in self._children}
+                for fd in children.keys() - watched.keys():
+                    poller.register(fd, select.POLLIN)
+                watched = children
+                for fd, _ in poller.poll():
+                    if fd == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                        continue
+                    child = children[fd]
+                    chunk = os.read(fd, 65536)
+                    if chunk:
+                        child.chunks.append(chunk)
+                        continue
+                    poller.unregister(fd)
+                    del watched[fd]
+                    self._finish(child)
+            except Exception:  # the watcher must outlive any one child's trouble
+                log.exception("checkpoint watcher")
+                time.sleep(0.1)
 
     def _finish(self, child: _Child) -> None:
-        os.close(child.result_fd)
-        _, status = os.waitpid(child.pid, 0)
+        try:
+            _, status = os.waitpid(child.pid, 0)
+        except ChildProcessError:  # reaped elsewhere (a user's own os.wait): how it ended is unknown
+            status = 0
         outcome = None
         if not child.superseded:
             outcome = CheckpointOutcome.from_json(b"".join(child.chunks))
             if outcome is None:
                 outcome = self._explain_death(child, status)
             outcome.wall_seconds = time.monotonic() - child.started
+        if outcome is not None:
             try:
-                self._on_outcome(outcome)
+                self._on_outcome(outcome)  # before the child leaves the list: wait() returns after it
             except Exception:
                 log.exception("checkpoint outcome handler failed")
         with self._lock:
+            # Off the list as its fds are closed: a fork under the lock lists the fds its child
+            # must close, and a number closed while still listed may be reused by that fork's pipes.
+            self._children.remove(child)
+            os.close(child.result_fd)
             os.close(child.baton_fd)
             child.progress.close()
-            self._children.remove(child)
             self._lock.notify_all()
 
     def _explain_death(self, child: _Child, status: int) -> CheckpointOutcome:
@@ -302,8 +335,8 @@ class BackgroundWriter:
             return CheckpointOutcome.failed(
                 f"the checkpoint process exited with status {os.waitstatus_to_exitcode(status)}"
             )
-        size = int.from_bytes(child.progress[:4], "little")
-        on = child.progress[4 : 4 + size].decode("utf-8", "replace")
+        size = int.from_bytes(child.progress[_NAME_AT - 4 : _NAME_AT], "little")
+        on = child.progress[_NAME_AT : _NAME_AT + size].decode("utf-8", "replace")
         where = f" while saving {on!r}" if on else ""
         sig = os.WTERMSIG(status)
         if sig == signal.SIGALRM:
@@ -314,11 +347,12 @@ class BackgroundWriter:
             )
         if sig == signal.SIGKILL:
             after = oom_kills()
+            before = int.from_bytes(child.progress[_OOM_AT], "little") - 1
             mem = available_memory()
             if (
-                child.oom_before is not None
+                before >= 0
                 and after is not None
-                and after > child.oom_before
+                and after > before
                 or (mem.limit is not None and mem.available is not None and mem.available < mem.limit // 10)
             ):
                 return CheckpointOutcome.failed(

@@ -342,11 +342,23 @@ class DurableKernel(IPythonKernel):
         # (and 7.4 needs Python 3.11, so Python 3.10 always gets an older one).
         await super().dispatch_shell(msg, *args, **kwargs)
         if self._checkpoint_due:
+            self._let_iopub_send()
             try:
                 self._checkpoint(self._cell_number())
             finally:
                 # Only now: a shutdown waits on this flag, then on the child.
                 self._checkpoint_due = False
+
+    def _let_iopub_send(self) -> None:
+        # The reply is sent, but the idle status waits in the IOPub thread's queue: a fork
+        # holds the GIL (and the memory map) while it copies page tables, so forking now
+        # would hold back the message the client is waiting for by the fork's duration.
+        thread = getattr(self.iopub_socket, "io_thread", None)
+        if thread is None or not hasattr(thread, "schedule"):
+            return
+        sent = threading.Event()
+        thread.schedule(sent.set)  # runs after the messages queued before it
+        sent.wait(0.05)
 
     # --- save path -----------------------------------------------------------
 

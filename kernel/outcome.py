@@ -7,6 +7,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Enough to tell the user (who sees ten names) and to recognise a skip reported before.
+_MAX_SKIPPED = 1000
+_MAX_TEXT = 300
+
 
 @dataclass
 class CheckpointOutcome:
@@ -37,7 +41,14 @@ class CheckpointOutcome:
     out_of_memory: bool = False
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), default=str).encode()
+        """JSON of bounded size: a namespace of 100,000 unsaveable objects must not make a huge message."""
+        data = dataclasses.asdict(self)
+        data["skipped"] = [
+            (name[:_MAX_TEXT], tname[:_MAX_TEXT], reason[:_MAX_TEXT])
+            for name, tname, reason in self.skipped[:_MAX_SKIPPED]
+        ]
+        data["error"] = self.error[: 4 * _MAX_TEXT]
+        return json.dumps(data, default=str).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> CheckpointOutcome | None:

@@ -10,6 +10,7 @@ comes back to the kernel (across the fork as JSON).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -24,6 +25,8 @@ from .background import BackgroundWriter, fork_supported, memory_for_fork
 from .memory import available_memory
 from .notices import Notices
 from .outcome import CheckpointOutcome
+
+log = logging.getLogger(__name__)
 
 #: Free memory a foreground save leaves untouched, so the kernel itself survives it.
 _FOREGROUND_RESERVE = 64 << 20
@@ -154,8 +157,16 @@ class Saver:
     def save(self, request: SaveRequest, keep_fds: list[int] | None = None) -> None:
         """Start the checkpoint (a child) or take it now (the foreground). Never raises for a bad variable."""
         if self._children is not None and self._room_to_fork():
-            self._children.request(request.run, keep_fds=keep_fds)
-            return
+            try:
+                self._children.request(request.run, keep_fds=keep_fds)
+                return
+            except OSError as exc:  # no process or memory to fork with: the foreground still saves
+                log.warning("cannot fork a checkpoint process", exc_info=True)
+                self._notices.once(
+                    "fork",
+                    f"a background checkpoint process could not be started ({exc.strerror or exc}): "
+                    "saving in the foreground, so cells wait for checkpoints.",
+                )
         for fd in keep_fds or []:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -228,3 +228,24 @@ def test_checkpoint_after_restoring_a_large_array_completes(pool):
     run(restored, "large = large + 1\nafter_restore = True")
     done = run(restored, "k = get_ipython().kernel\nprint(k.wait_for_checkpoint(60), k.last_outcome.ok)")
     assert done.stdout == "True True\n", done.stdout
+
+
+def test_cells_run_back_to_back_never_report_a_lost_checkpoint(pool):
+    """Each cell forks while earlier children finish: a finished child's pipes must not be
+    closed while a new fork still lists them (a reused fd number made a child lose its outcome)."""
+    kernel = pool.start(session="back-to-back.ipynb")
+    outputs = [kernel.execute(f"x = {i}").stderr for i in range(300)]
+    wait_saved(kernel)
+    outputs.append(kernel.execute("y = 1").stderr)
+    assert not [o for o in outputs if "not saved" in o], [o for o in outputs if o][:3]
+    assert kernel.value("get_ipython().kernel.last_outcome.ok") == "True"
+
+
+def test_an_outcome_naming_thousands_of_unsaved_variables_still_reaches_the_kernel(pool):
+    kernel = pool.start(session="many-unsaved.ipynb")
+    long = "n" * 200
+    run(kernel, f"import threading\nfor i in range(6000): globals()[f'{long}{{i}}'] = threading.Lock()")
+    wait_saved(kernel)
+    out = kernel.execute("1")
+    assert "checkpoint not saved" not in out.stderr, out.stderr
+    assert "not saved:" in out.stderr and "more" in out.stderr, out.stderr
