@@ -142,9 +142,12 @@ class BlobWriter:
     def carry(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         """A manifest entry of an earlier checkpoint, kept as it was (its blobs still there and intact)."""
         out = dict(entry)
-        if entry.get("kind") != "pickle":  # a module or an alias: a name, no data
+        if entry.get("kind") not in ("pickle", "member"):  # a module or an alias: a name, no data
             return out
-        digests = [] if "inline" in entry else [(entry["digest"], entry.get("size", 0), out)]
+        # A member's stream is its group's first variable's; a group's stream holds every member's part.
+        has_stream = entry.get("kind") == "pickle" and "inline" not in entry
+        bound = 1 << 62 if "members" in entry else entry.get("size", 0)
+        digests = [(entry["digest"], bound, out)] if has_stream else []
         out["buffers"] = [dict(b) for b in entry.get("buffers", [])]
         digests += [(b["digest"], b["size"], b) for b in out["buffers"]]
         if not out["buffers"]:

@@ -18,7 +18,8 @@ The signature is checked before the JSON is even parsed.  The JSON holds::
                       ("kernel": its connection file's name, which survives a restart;
                       "seq": which of that kernel's checkpoints this is)
     versions          {"python", "dill", "durable_kernel", "packages": {...}}
-    variables         [{name, type, kind, size, digest?, inline?, stamp?, buffers?, target?, python?}]
+    variables         [{name, type, kind, size, digest?, inline?, stamp?, buffers?, target?, python?,
+                        members?, span?, part?}]
     skipped           [{name, type, reason}]
 
 A variable of kind ``pickle`` has its payload either ``inline`` (base64, for
@@ -27,6 +28,13 @@ of its out-of-band buffers, in pickle order.  ``stamp`` (on a variable for its
 payload blob, on each buffer for its own) is ``[inode, ctime_ns]`` of the blob
 file as committed: a file whose stamp is unchanged has not been written since,
 so it can be reused or mapped without hashing it again; any other is checked.
+Variables that share objects (``fig`` and its ``ax``) are saved together, as
+one pickle stream that loads them in turn with one memo: the first one is of
+kind ``pickle`` and lists ``members`` (itself first), holding the stream;
+each other is of kind ``member`` with ``target`` naming the first.  Each has
+its own ``buffers`` (the stream takes them in member order), its ``span``
+``[start, end]`` in the stream and ``part``, the digest of that slice (what a
+diff compares).  Schema 2 added groups; schema 1 manifests load unchanged.
 ``python`` (on a variable carried forward unloaded from an older checkpoint)
 is the version of the Python that pickled it, and wins over
 ``versions.python``: notebook code (bytecode) loads only on that minor version.
@@ -49,7 +57,9 @@ from typing import Any
 from . import signing
 from .errors import CorruptCheckpoint, IncompatibleCheckpoint, UntrustedCheckpoint
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The oldest schema this version still loads (1: 0.1 and 0.2, before groups).
+OLDEST_SCHEMA = 1
 MAGIC = b"durable-kernel-manifest\n"
 #: Manifests larger than this are refused unread: no honest one comes close.
 MAX_MANIFEST_BYTES = 1 << 30
@@ -97,8 +107,8 @@ def fingerprint(data: dict[str, Any]) -> dict[str, tuple]:
     """Per variable, what identifies its stored value: equal fingerprints, equal values."""
     return {
         var["name"]: (
-            var.get("kind"),
-            var.get("digest") or var.get("target"),
+            "pickle" if var.get("kind") == "member" else var.get("kind"),
+            var.get("part") or var.get("digest") or var.get("target"),
             tuple(b.get("digest") for b in var.get("buffers", [])),
         )
         for var in data.get("variables", [])
@@ -195,7 +205,7 @@ def signed_data(
             f"{where} was written by a newer durable-kernel (schema {schema}, this one reads "
             f"{SCHEMA_VERSION}); upgrade durable-kernel to load it"
         )
-    if schema < SCHEMA_VERSION:
+    if schema < OLDEST_SCHEMA:
         raise IncompatibleCheckpoint(f"{where} uses old schema {schema}, which this version cannot read")
     found_gen, identity = data.get("generation"), data.get("identity")
     if generation is not None and found_gen != generation:
@@ -241,20 +251,14 @@ def _validate(data: dict[str, Any], where: str) -> None:
             raise CorruptCheckpoint(f"{where}: manifest entry {str(item)[:80]!r} is malformed")
     for var in data["variables"]:
         ok = isinstance(var, dict) and isinstance(var.get("name"), str) and isinstance(var.get("type", ""), str)
-        ok = (
-            ok
-            and isinstance(var.get("size", 0), int)
-            and var.get("kind")
-            in (
-                "pickle",
-                "module",
-                "alias",
-            )
-        )
-        if ok and var["kind"] == "pickle":
-            ok = isinstance(var.get("digest"), str) and bool(_DIGEST.match(var["digest"]))
-            ok = ok and isinstance(var.get("inline", ""), str) and isinstance(var.get("buffers", []), list)
-            ok = ok and _stamp_ok(var.get("stamp"))
+        ok = ok and isinstance(var.get("size", 0), int) and var.get("kind") in ("pickle", "member", "module", "alias")
+        if ok and var["kind"] in ("pickle", "member"):
+            if var["kind"] == "pickle":
+                ok = isinstance(var.get("digest"), str) and bool(_DIGEST.match(var["digest"]))
+                ok = ok and isinstance(var.get("inline", ""), str) and _stamp_ok(var.get("stamp"))
+            else:
+                ok = isinstance(var.get("target"), str)
+            ok = ok and isinstance(var.get("buffers", []), list)
             ok = ok and all(
                 isinstance(b, dict)
                 and isinstance(b.get("digest"), str)
@@ -268,6 +272,34 @@ def _validate(data: dict[str, Any], where: str) -> None:
             ok = isinstance(var.get("target"), str)
         if not ok:
             raise CorruptCheckpoint(f"{where}: manifest entry {str(var)[:80]!r} is malformed")
+    _validate_groups(data["variables"], where)
+
+
+def _validate_groups(variables: list[dict[str, Any]], where: str) -> None:
+    """Every group's first variable lists its members, each of which names it back, once."""
+    by_name = {var["name"]: var for var in variables}
+    claimed: set[str] = set()
+    for var in variables:
+        members = var.get("members")
+        if members is None:
+            continue
+        ok = (
+            var["kind"] == "pickle"
+            and isinstance(members, list)
+            and len(members) > 1
+            and members[0] == var["name"]
+            and all(isinstance(m, str) for m in members)
+            and len(set(members)) == len(members)
+        )
+        ok = ok and all(
+            by_name.get(m, {}).get("kind") == "member" and by_name[m].get("target") == var["name"] for m in members[1:]
+        )
+        if not ok or claimed & set(members):
+            raise CorruptCheckpoint(f"{where}: the group of {printable(var['name'])} is malformed")
+        claimed.update(members)
+    for var in variables:
+        if var["kind"] == "member" and var["name"] not in claimed:
+            raise CorruptCheckpoint(f"{where}: {printable(var['name'])} belongs to no group")
 
 
 def _stamp_ok(stamp: Any) -> bool:

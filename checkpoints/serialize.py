@@ -30,6 +30,7 @@ references, so each variable loads once whatever the order.
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib
 import io
 import pickle
@@ -63,13 +64,19 @@ class Variable:
     #: for a variable carried forward unloaded (see :class:`NotRestored`): its
     #: manifest entry in the checkpoint it came from, stored again as it is
     stored: dict[str, Any] | None = None
+    #: variables saved together (they share objects): where this one's pickle lies in
+    #: the group's stream, its own part of it, and (on the first) every member's name
+    span: tuple[int, int] | None = None
+    part: bytes | None = None
+    members: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         """Bytes this variable takes in the store (before deduplication)."""
         if self.stored is not None:
             return int(self.stored.get("size", 0))
-        return len(self.payload) + sum(b.nbytes for b in self.buffers)
+        own = self.part if self.part is not None else self.payload
+        return len(own) + sum(b.nbytes for b in self.buffers)
 
 
 @dataclass
@@ -177,6 +184,16 @@ def _dumps_dill(obj: Any) -> bytes:
     return dill.dumps(obj, protocol=5, recurse=False, byref=False)
 
 
+def ndarray_view(root: Any, start: int, shape: tuple, strides: tuple, dtype: Any, writeable: bool) -> Any:
+    """A numpy array that views ``root`` (as it did when saved), not a copy of its data."""
+    import numpy
+
+    view = numpy.ndarray(shape, dtype, buffer=root, offset=start, strides=strides)
+    if not writeable:
+        view.flags.writeable = False
+    return view
+
+
 def import_module(name: str) -> types.ModuleType:
     """A module met inside a variable, imported again by its name."""
     return importlib.import_module(name)
@@ -236,15 +253,29 @@ class _Output(io.BytesIO):
 
 
 class _Pickler(pickle.Pickler):
-    """The C pickler, handing only what it cannot do by reference to dill."""
+    """The C pickler, handing only what it cannot do by reference to dill.
 
-    def __init__(self, file: _Output, top_level: Mapping[int, tuple[str, int]], buffers: list[memoryview]):
+    While pickling it notes every object whose identity matters (see
+    :func:`_sharing_keys`) in ``owners``, so objects met by two variables
+    are found; ``views`` (ids of arrays shared as a whole) makes an array
+    that views one of them pickle as a view of it, not as a copy.
+    """
+
+    def __init__(
+        self,
+        file: _Output,
+        top_level: Mapping[int, tuple[str, int]],
+        buffers: list[memoryview],
+        owners: _Owners | None = None,
+        views: set[int] | frozenset[int] = frozenset(),
+    ):
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
         self._file = file
         self._top_level = top_level
         self._buffers = buffers
+        self._owners = owners
+        self._views = views
         self.current: int = 0
-        self.position: int = 0
 
     def _take_buffer(self, buf: pickle.PickleBuffer) -> bool:
         view = buf.raw()
@@ -258,12 +289,18 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         # Only called for objects that are not builtin containers or atoms, so
         # plain data keeps the C pickler's speed.
-        ref = self._top_level.get(id(obj))
-        if ref is not None and id(obj) != self.current:
-            if ref[1] < self.position or isinstance(obj, (types.FunctionType, type)):
-                return variable, (ref[0],)
+        if isinstance(obj, (types.FunctionType, type)):
+            ref = self._top_level.get(id(obj))
+            if ref is not None and id(obj) != self.current:
+                return variable, (ref[0],)  # one class object for every variable's instances
+            if _defined_in_notebook(obj):
+                return load_dill, (_dumps_dill(obj),)
+            return NotImplemented
+        if isinstance(obj, types.ModuleType):
+            return import_module, (obj.__name__,)
         numpy = sys.modules.get("numpy")
-        if numpy is not None and self._file.limit is not None and isinstance(obj, numpy.ndarray):
+        is_array = numpy is not None and isinstance(obj, numpy.ndarray)
+        if is_array and self._file.limit is not None:
             # numpy's __reduce__ copies a memmap or a non-contiguous array
             # whole before the pickler sees a byte: refuse it before that.
             self._file.out_of_band += obj.nbytes
@@ -271,62 +308,128 @@ class _Pickler(pickle.Pickler):
                 self._file.check()
             finally:
                 self._file.out_of_band -= obj.nbytes
-        if isinstance(obj, types.ModuleType):
-            return import_module, (obj.__name__,)
-        if isinstance(obj, (types.FunctionType, type)) and _defined_in_notebook(obj):
-            return load_dill, (_dumps_dill(obj),)
+        if self._owners is not None:
+            self._owners.meet(obj, numpy if is_array else None)
+        if is_array and self._views:
+            root = _array_root(obj, numpy)
+            if root is not obj and id(root) in self._views:
+                return _as_view_of(obj, root, numpy)
         return NotImplemented
 
 
-class _SharingPickler(_Pickler):
-    """Also keeps top-level containers shared when met inside other variables."""
+def _array_root(array: Any, numpy: Any) -> Any:
+    """The array at the end of ``array``'s chain of bases (itself if it owns its data)."""
+    root = array
+    while isinstance(root.base, numpy.ndarray):
+        root = root.base
+    return root
 
-    def __init__(
-        self,
-        file: _Output,
-        top_level: Mapping[int, tuple[str, int]],
-        buffers: list[memoryview],
-        containers: Mapping[int, tuple[str, int]],
-    ):
-        super().__init__(file, top_level, buffers)
-        self._containers = containers
 
-    def persistent_id(self, obj: Any) -> Any:
-        ref = self._containers.get(id(obj))
-        if ref is not None and ref[1] < self.position:
-            return ref[0]
-        return None
+def _as_view_of(array: Any, root: Any, numpy: Any) -> Any:
+    """Reduce ``array`` as a view of ``root``: restored, it looks into the restored root."""
+    if not (root.flags.c_contiguous or root.flags.f_contiguous) or array.dtype.hasobject:
+        return NotImplemented
+    start = array.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return ndarray_view, (root, start, array.shape, array.strides, array.dtype, bool(array.flags.writeable))
+
+
+class _Owners:
+    """Which variable first met each object whose identity matters, and which variables
+    met an object another one met first (``links``): those are saved together."""
+
+    def __init__(self) -> None:
+        self.first: dict[Any, int] = {}
+        self.links: set[tuple[int, int]] = set()
+        #: roots of arrays met as views, and arrays met whole: a view of one met whole
+        #: (or a root viewed from two variables) is saved as a view
+        self.viewed: dict[int, set[int]] = {}
+        self.whole: set[int] = set()
+        # Keeps every object noted alive until the snapshot ends, so that no id is
+        # reused by another object (a temporary made by some __reduce__) meanwhile.
+        self._held: list[Any] = []
+        self._value_type: dict[type, bool] = {}
+        self.index = 0
+
+    def meet(self, obj: Any, numpy: Any) -> None:
+        if numpy is not None:
+            root = _array_root(obj, numpy)
+            if root is obj:
+                self.whole.add(id(obj))
+            else:
+                self.viewed.setdefault(id(root), set()).add(self.index)
+                self._note(id(root), root)
+        elif self._is_value(obj):
+            return
+        self._note(id(obj), obj)
+
+    def _note(self, key: int, obj: Any) -> None:
+        first = self.first.setdefault(key, self.index)
+        if first != self.index:
+            self.links.add((first, self.index))
+        elif len(self._held) < _MAX_HELD:
+            self._held.append(obj)
+
+    def _is_value(self, obj: Any) -> bool:
+        """Immutable values (an enum member, a dtype, a date, a sympy expression) may be
+        copies after a restore: their identity carries no meaning, and linking every
+        variable that mentions ``float64`` would save them all as one."""
+        t = type(obj)
+        known = self._value_type.get(t)
+        if known is None:
+            known = isinstance(obj, enum.Enum) or (t.__eq__ is not object.__eq__ and _hashable(obj))
+            self._value_type[t] = known
+        return known
+
+    def shared_roots(self) -> set[int]:
+        """Arrays whose views must stay views: met whole somewhere, or viewed from two variables."""
+        return {root for root, where in self.viewed.items() if root in self.whole or len(where) > 1}
+
+
+#: Objects whose ids are held at most (past it, a rare id reuse only saves two variables together).
+_MAX_HELD = 10_000_000
+
+
+def _hashable(obj: Any) -> bool:
+    try:
+        hash(obj)
+    except Exception:  # noqa: BLE001  # any __hash__ that refuses
+        return False
+    return True
 
 
 _CONTAINERS = (list, dict, set, bytearray)
-#: Past this many top-level containers, watching each one after every variable
-#: costs more than sharing them all.
-_MAX_CONTAINERS_WATCHED = 256
 
 
 class _ContainerWatch:
-    """Tells, after a fast pickle, whether it met an earlier variable's container.
+    """Tells, after a pickle, which other variables' lists, dicts, sets or bytearrays it met.
 
-    The C pickler's memo holds a reference to every object it pickled, so
-    until the memo is cleared a top-level container met inside the variable
-    has one more reference than before: only such a variable is pickled again
-    with ``persistent_id`` sharing, and nobody else pays a Python call per object.
+    The C pickler never shows builtin containers to Python code (that keeps it
+    fast), but its memo holds a reference to every object it pickled: until
+    the memo is cleared, a top-level container met inside the variable has one
+    more reference than before.  Only containers held by something besides the
+    namespace can be met inside another variable, so only those are watched.
     """
 
     def __init__(self, namespace: Mapping[str, Any], containers: Mapping[int, tuple[str, int]]):
-        self.watched = [(namespace[name], position) for name, position in containers.values()]
+        self.watched = []
+        for name, position in containers.values():
+            obj = namespace[name]
+            # namespace, `obj` and getrefcount's argument: nothing else holds it
+            if sys.getrefcount(obj) > 3:
+                self.watched.append((obj, position))
 
     def counts(self) -> list[int]:
         """Reference counts now, taken just before each pickle: buffers kept from earlier
         variables hold references too, so one baseline for the whole snapshot would not do."""
         return [sys.getrefcount(obj) for obj, _ in self.watched]
 
-    def met_earlier(self, position: int, before: list[int]) -> bool:
-        """Did the pickle just made (memo still full) meet a container of a variable before ``position``?"""
-        return any(
-            pos < position and sys.getrefcount(obj) > count
+    def met(self, position: int, before: list[int]) -> list[int]:
+        """Positions of the other variables whose container the pickle just made (memo still full) met."""
+        return [
+            pos
             for (obj, pos), count in zip(self.watched, before, strict=True)
-        )
+            if pos != position and sys.getrefcount(obj) > count
+        ]
 
 
 def _reason(exc: BaseException) -> str:
@@ -405,66 +508,160 @@ def _snapshot(
     for position, name in enumerate(names):
         first_name.setdefault(id(namespace[name]), (name, position))
     containers = {oid: ref for oid, ref in first_name.items() if type(namespace[ref[0]]) in _CONTAINERS}
-    share_all = len(containers) > _MAX_CONTAINERS_WATCHED
-    watch = _ContainerWatch(namespace, containers) if containers and not share_all else None
+    watch = _ContainerWatch(namespace, containers) if containers else None
+    owners = _Owners()
 
-    variables: list[Variable] = []
-    skipped: list[Skipped] = []
-    for name in names:
+    # Pass 1: each variable on its own, noting the objects it meets.
+    entries: dict[int, Variable | Skipped] = {}
+    for position, name in enumerate(names):
         value = namespace[name]
         tname = type_name(value)
-        owner, position = first_name[id(value)]
+        owner = first_name[id(value)][0]
         if name in skip:
-            skipped.append(Skipped(name, tname, skip[name]))
-            continue
-        if owner != name:
-            variables.append(Variable(name, tname, "alias", target=owner))
-            continue
-        if type(value) is NotRestored:
-            variables.append(Variable(name, value.type, value.entry.get("kind", "pickle"), stored=value.entry))
-            continue
-        if isinstance(value, types.ModuleType):
+            entries[position] = Skipped(name, tname, skip[name])
+        elif owner != name:
+            entries[position] = Variable(name, tname, "alias", target=owner)
+        elif type(value) is NotRestored:
+            entries[position] = Variable(name, value.type, value.entry.get("kind", "pickle"), stored=value.entry)
+        elif isinstance(value, types.ModuleType):
             if sys.modules.get(value.__name__) is value:
-                variables.append(Variable(name, tname, "module", target=value.__name__))
+                entries[position] = Variable(name, tname, "module", target=value.__name__)
             else:
-                skipped.append(Skipped(name, tname, "module cannot be imported again by its name"))
-            continue
+                entries[position] = Skipped(name, tname, "module cannot be imported again by its name")
+        else:
+            if progress is not None:
+                progress(name)
+            owners.index = position
+            before = watch.counts() if watch is not None else []
+            met: list[int] = []
+
+            def note_containers(position: int = position, before: list[int] = before, met: list[int] = met) -> None:
+                if watch is not None:
+                    met.extend(watch.met(position, before))
+
+            entries[position] = _pickle_one(
+                namespace,
+                [position],
+                names,
+                first_name,
+                max_variable_bytes,
+                memory_left,
+                stop_on,
+                owners,
+                frozenset(),
+                on_full_memo=note_containers,
+            )[0]
+            for other in met:
+                owners.links.add((other, position))
+
+    # Pass 2: variables that share an object are pickled again as one group, in one
+    # pickle stream, so the object is one object when they load.
+    pickled = {pos for pos, entry in entries.items() if isinstance(entry, Variable) and entry.kind == "pickle"}
+    roots = owners.shared_roots()
+    groups = _groups(owners.links, pickled)
+    grouped = {pos for group in groups for pos in group}
+    # A variable holding both an array and a view of it is pickled again on its own, keeping the view.
+    groups += [[pos] for pos in sorted(pickled - grouped) if any(pos in owners.viewed.get(r, ()) for r in roots)]
+    for group in groups:
         if progress is not None:
-            progress(name)
-        sharing = share_all
-        while True:
-            buf = _Output(max_variable_bytes, memory_left)
-            buffers: list[memoryview] = []
-            if sharing:
-                pickler: _Pickler = _SharingPickler(buf, first_name, buffers, containers)
-            else:
-                pickler = _Pickler(buf, first_name, buffers)
-            pickler.current = id(value)
-            pickler.position = position
-            before = watch.counts() if watch is not None and not sharing else []
-            try:
-                pickler.dump(value)
-                again = bool(before) and watch.met_earlier(position, before)  # type: ignore[union-attr]
-            except TooLarge as exc:
-                skipped.append(Skipped(name, tname, str(exc)))
-                break
-            except RecursionError:
-                skipped.append(Skipped(name, tname, "nested too deeply to pickle (recursion limit)"))
-                break
-            except (KeyboardInterrupt, *stop_on):  # type: ignore[misc]  # a tuple of exception types
-                raise
-            except BaseException as exc:  # any failure of any object's pickling hooks, SystemExit too
-                skipped.append(Skipped(name, tname, _reason(exc)))
-                break
-            finally:
-                # Let go of every object the memo holds now: the pickler sits in
-                # a cycle with its buffer callback and is only freed by gc.
-                pickler.clear_memo()
-            if not again:
-                variables.append(Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=buffers))
-                break
-            sharing = True  # it holds an earlier variable's list or dict: keep them one object
+            progress(names[group[0]])
+        for pos, entry in zip(
+            group,
+            _pickle_one(namespace, group, names, first_name, max_variable_bytes, memory_left, stop_on, None, roots),
+            strict=True,
+        ):
+            entries[pos] = entry
+
+    variables = [e for _, e in sorted(entries.items()) if isinstance(e, Variable)]
+    skipped = [e for _, e in sorted(entries.items()) if isinstance(e, Skipped)]
     return Snapshot(variables, skipped)
+
+
+def _groups(links: set[tuple[int, int]], pickled: set[int]) -> list[list[int]]:
+    """Connected sets of more than one variable (positions, in namespace order)."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    for a, b in links:
+        if a in pickled and b in pickled:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    members: dict[int, list[int]] = {}
+    for x in parent:
+        members.setdefault(find(x), []).append(x)
+    return [sorted(set(group) | {root}) for root, group in sorted(members.items())]
+
+
+def _pickle_one(
+    namespace: Mapping[str, Any],
+    group: list[int],
+    names: list[str],
+    first_name: Mapping[int, tuple[str, int]],
+    max_variable_bytes: int | None,
+    memory_left: Callable[[], int | None] | None,
+    stop_on: tuple[type[BaseException], ...],
+    owners: _Owners | None,
+    views: set[int] | frozenset[int],
+    on_full_memo: Callable[[], None] | None = None,
+) -> list[Variable | Skipped]:
+    """Pickle the variables at positions ``group`` into one stream (one memo: what they share
+    stays shared); a failure skips them all, with the reason."""
+    buf = _Output(max_variable_bytes, memory_left)
+    pickler = _Pickler(buf, first_name, [], owners, views)
+    spans: list[tuple[int, int, list[memoryview]]] = []
+    failed = ""
+    try:
+        for pos in group:
+            value = namespace[names[pos]]
+            pickler.current = id(value)
+            start, buffers = buf.tell(), len(pickler._buffers)
+            pickler.dump(value)
+            spans.append((start, buf.tell(), pickler._buffers[buffers:]))
+        if on_full_memo is not None:
+            on_full_memo()
+    except TooLarge as exc:
+        failed = str(exc)
+    except RecursionError:
+        failed = "nested too deeply to pickle (recursion limit)"
+    except (KeyboardInterrupt, *stop_on):  # type: ignore[misc]  # a tuple of exception types
+        raise
+    except BaseException as exc:  # any failure of any object's pickling hooks, SystemExit too
+        failed = _reason(exc)
+    finally:
+        # Let go of every object the memo holds now: the pickler sits in
+        # a cycle with its buffer callback and is only freed by gc.
+        pickler.clear_memo()
+    tnames = [type_name(namespace[names[pos]]) for pos in group]
+    if failed:
+        if len(group) > 1:
+            failed = f"{failed} (saved together with {', '.join(names[p] for p in group if p != group[0])})"
+        return [Skipped(names[pos], t, failed) for pos, t in zip(group, tnames, strict=True)]
+    payload = buf.getvalue()
+    if len(group) == 1:
+        return [Variable(names[group[0]], tnames[0], "pickle", payload=payload, buffers=spans[0][2])]
+    leader = names[group[0]]
+    out: list[Variable | Skipped] = []
+    for i, (pos, (start, end, buffers)) in enumerate(zip(group, spans, strict=True)):
+        out.append(
+            Variable(
+                names[pos],
+                tnames[i],
+                "pickle" if i == 0 else "member",
+                payload=payload if i == 0 else b"",
+                buffers=buffers,
+                target="" if i == 0 else leader,
+                span=(start, end),
+                part=payload[start:end],
+                members=[names[p] for p in group] if i == 0 else [],
+            )
+        )
+    return out
 
 
 # --- restore ------------------------------------------------------------------
@@ -510,9 +707,12 @@ class Loader:
         self,
         entries: Mapping[str, tuple[str, str, Callable[[], tuple[bytes, list[Any]]]]],
         python: Mapping[str, str | None] | None = None,
+        groups: Mapping[str, list[str]] | None = None,
     ):
         self._entries = entries
         self._python = python or {}
+        #: first variable of a group -> every member, in stream order (kind "member": target is the first)
+        self._groups = groups or {}
         self._values: dict[str, Any] = {}
         self._failed: dict[str, str] = {}
         self._loading: set[str] = set()
@@ -542,6 +742,12 @@ class Loader:
                 value = importlib.import_module(target)
             elif kind == "alias":
                 value = self.get(target)
+            elif kind == "member":
+                self._load_group(target)
+                value = self._values[name]
+            elif name in self._groups:
+                self._load_group(name)
+                value = self._values[name]
             else:
                 payload, buffers = read()
                 self._unpickling.append(name)
@@ -550,18 +756,49 @@ class Loader:
                 finally:
                     self._unpickling.pop()
         except _MissingVariable as exc:
-            self._failed[name] = str(exc)
+            self._fail(name, str(exc))
             raise
         except RecursionError:
-            self._failed[name] = "nested too deeply to unpickle (recursion limit)"
+            self._fail(name, "nested too deeply to unpickle (recursion limit)")
             raise _MissingVariable(f"depends on {name!r}, which was not restored") from None
         except Exception as exc:
-            self._failed[name] = _reason(exc)
+            self._fail(name, _reason(exc))
             raise _MissingVariable(f"depends on {name!r}, which was not restored") from None
         finally:
             self._loading.discard(name)
         self._values[name] = value
         return value
+
+    def _fail(self, name: str, reason: str) -> None:
+        """``name`` failed; so did everything saved in one stream with it."""
+        kind, target, _ = self._entries[name]
+        first = target if kind == "member" else name
+        for member in self._groups.get(first, [name]):
+            self._failed.setdefault(member, reason)
+
+    def _load_group(self, first: str) -> None:
+        """Unpickle a group's stream, one member after another with one memo; on failure
+        every member fails with the same reason."""
+        members = self._groups.get(first, [first])
+        if all(m in self._values for m in members):
+            return
+        self._loading.update(members)
+        unpickler = None
+        try:
+            payload, buffers = self._entries[first][2]()
+            unpickler = _Unpickler(io.BytesIO(payload), buffers=buffers)
+            for member in members:
+                self._unpickling.append(member)
+                try:
+                    self._values[member] = unpickler.load()
+                finally:
+                    self._unpickling.pop()
+        except Exception:
+            for member in members:
+                self._values.pop(member, None)
+            raise
+        finally:
+            self._loading.difference_update(members)
 
     def load_all(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Load every entry: ``(values, {name: reason})`` for those that failed."""

@@ -166,21 +166,33 @@ class NotebookStore(NotebookFolder):
                     entries.append({**carried, "name": var.name})
                 continue
             entry: dict[str, Any] = {"name": var.name, "type": var.type, "kind": var.kind, "size": var.size}
-            if var.kind != "pickle":
+            if var.kind not in ("pickle", "member"):
                 entry["target"] = var.target
                 entries.append(entry)
                 continue
-            entry["digest"] = digest(var.payload)
-            if len(var.payload) <= INLINE_MAX_BYTES:
-                entry["inline"] = base64.b64encode(var.payload).decode("ascii")
+            if var.span is not None and var.part is not None:
+                # Saved together with others: its place in the group's stream, and a digest of
+                # its own part, so a diff can tell which member changed.
+                entry["span"] = list(var.span)
+                entry["part"] = digest(var.part)
+            if var.kind == "member":
+                entry["target"] = var.target
             else:
-                entry["stamp"] = writing.put(entry["digest"], var.payload, var.name)
+                if var.members:
+                    entry["members"] = var.members
+                entry["digest"] = digest(var.payload)
+                if len(var.payload) <= INLINE_MAX_BYTES:
+                    entry["inline"] = base64.b64encode(var.payload).decode("ascii")
+                else:
+                    entry["stamp"] = writing.put(entry["digest"], var.payload, var.name)
             if var.buffers:
                 entry["buffers"] = []
                 for buf in var.buffers:
                     d = digest(buf)
                     entry["buffers"].append({"digest": d, "size": buf.nbytes, "stamp": writing.put(d, buf, var.name)})
             entries.append(entry)
+        entries, broken = _whole_groups(entries)
+        skipped += broken
         for folder in writing.touched:
             fsync_dir(folder)
         if writing.touched:
@@ -246,26 +258,39 @@ class NotebookStore(NotebookFolder):
         reading = BlobReader(self, where, verify_buffers)
         entries = {}
         damaged: dict[str, str] = {}
+        by_name = {v["name"]: v for v in man.variables}
+        groups: dict[str, list[str]] = {}
         for var in man.variables:
+            if var["kind"] == "member":
+                continue  # loaded with its group's first variable
             if var["kind"] != "pickle":
                 entries[var["name"]] = (var["kind"], var["target"], _constant((b"", [])))
                 continue
+            members = [var["name"]]
+            if "members" in var:
+                members = [m for m in var["members"] if m in by_name]
+                groups[var["name"]] = members
+            # A group's stream holds every member's part: its size bound is theirs together.
+            whole = {**var, "size": sum(by_name[m].get("size", 0) for m in members)} if len(members) > 1 else var
             try:
-                payload = reading.payload(var)
-                buffers = [reading.buffer(b) for b in var.get("buffers", [])]
+                payload = reading.payload(whole)
+                buffers = [reading.buffer(b) for m in members for b in by_name[m].get("buffers", [])]
             except CorruptCheckpoint as exc:
-                damaged[var["name"]] = str(exc).removeprefix(f"{where}: ")
+                # One stream: a damaged part costs every variable saved with it.
+                for m in members:
+                    damaged[m] = str(exc).removeprefix(f"{where}: ")
                 continue
             entries[var["name"]] = ("pickle", "", _constant((payload, buffers)))
+            for m in members[1:]:
+                entries[m] = ("member", var["name"], _constant((b"", [])))
         types = {v["name"]: v.get("type", "?") for v in man.variables}
         versions = man.data.get("versions")
         written = versions.get("python") if isinstance(versions, dict) else None
         # A variable carried forward unloaded keeps the Python that pickled it.
         python: dict[str, str | None] = {
-            v["name"]: v.get("python", written) for v in man.variables if v["kind"] == "pickle"
+            v["name"]: v.get("python", written) for v in man.variables if v["kind"] in ("pickle", "member")
         }
-        values, failed = Loader(entries, python).load_all()
-        by_name = {v["name"]: v for v in man.variables}
+        values, failed = Loader(entries, python, groups).load_all()
         not_restored = [Skipped(s.get("name", "?"), s.get("type", "?"), s.get("reason", "?")) for s in man.skipped]
         not_restored += [
             Skipped(name, types.get(name, "?"), f"its saved data is damaged ({reason})")
@@ -317,17 +342,22 @@ class NotebookStore(NotebookFolder):
                 continue
             prints = manifest_format.fingerprint(man.data)
             reading = BlobReader(self, f"checkpoint {gen}", True)
+            by_name = {v["name"]: v for v in man.variables}
             for var in man.variables:
                 name = var["name"]
                 if name not in names or name in found or prints.get(name) == reference.get(name):
                     continue
+                if var["kind"] == "member":
+                    var = by_name.get(var["target"], var)  # intact if its group's stream is
                 if var["kind"] != "pickle":
                     found[name] = gen
                     continue
+                members = [by_name[m] for m in var.get("members", [var["name"]]) if m in by_name]
                 with contextlib.suppress(CorruptCheckpoint):
-                    reading.payload(var)
-                    for buf in var.get("buffers", []):
-                        reading.buffer(buf)
+                    reading.payload({**var, "size": sum(m.get("size", 0) for m in members)})
+                    for member in members:
+                        for buf in member.get("buffers", []):
+                            reading.buffer(buf)
                     found[name] = gen
         return found
 
@@ -357,6 +387,37 @@ def _same_state(newest: dict[str, Any], entries: list[dict[str, Any]], skipped: 
     return manifest_format.fingerprint(newest) == manifest_format.fingerprint({"variables": entries}) and sorted(
         s.get("name") for s in newest.get("skipped", [])
     ) == sorted(s["name"] for s in skipped)
+
+
+def _whole_groups(entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Drop groups carried forward unloaded that lost a member (its name was reassigned):
+    their stream loads only whole, and a manifest naming a missing member would not load at all."""
+    by_name = {e["name"]: e for e in entries}
+    broken: dict[str, str] = {}
+    for entry in entries:
+        members = entry.get("members")
+        if entry.get("kind") == "member" and by_name.get(entry.get("target"), {}).get("members") is None:
+            broken[entry["name"]] = str(entry.get("target"))
+        elif members and any(
+            by_name.get(m, {}).get("kind") != "member" or by_name[m].get("target") != entry["name"] for m in members[1:]
+        ):
+            for m in members:
+                mine = by_name.get(m, {}).get("kind") == "member" and by_name[m].get("target") == entry["name"]
+                if m == entry["name"] or mine:
+                    broken[m] = entry["name"]
+    if not broken:
+        return entries, []
+    kept = [e for e in entries if e["name"] not in broken]
+    dropped = [
+        {
+            "name": e["name"],
+            "type": e.get("type", "?"),
+            "reason": f"it was saved together with {broken[e['name']]}, which was reassigned before it loaded again",
+        }
+        for e in entries
+        if e["name"] in broken
+    ]
+    return kept, dropped
 
 
 def _constant(value: Any):
