@@ -268,39 +268,55 @@ class _Pickler(pickle.Pickler):
         buffers: list[memoryview],
         owners: _Owners | None = None,
         views: set[int] | frozenset[int] = frozenset(),
+        kinds: dict[type, int] | None = None,
     ):
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
         self._file = file
         self._top_level = top_level
-        self._buffers = buffers
+        #: the out-of-band buffers taken, in pickle order
+        self.taken = buffers
         self._owners = owners
         self._views = views
+        self._kinds = {} if kinds is None else kinds
         self.current: int = 0
 
     def _take_buffer(self, buf: pickle.PickleBuffer) -> bool:
         view = buf.raw()
         if view.nbytes < OUT_OF_BAND_MIN_BYTES:
             return True  # keep small buffers in-band
-        self._buffers.append(view)
+        self.taken.append(view)
         self._file.out_of_band += view.nbytes
         self._file.check()
         return False
 
     def reducer_override(self, obj: Any) -> Any:
         # Only called for objects that are not builtin containers or atoms, so
-        # plain data keeps the C pickler's speed.
-        if isinstance(obj, (types.FunctionType, type)):
+        # plain data keeps the C pickler's speed; one dict lookup sorts the rest.
+        kind = self._kinds.get(type(obj))
+        if kind is None:
+            kind = self._kinds[type(obj)] = _kind_of(obj)
+        if kind == _IDENTITY:
+            owners = self._owners
+            if owners is not None:  # inline: called for every instance pickled
+                first = owners.first.setdefault(id(obj), owners.index)
+                if first != owners.index:
+                    owners.links.add((first, owners.index))
+                elif len(owners.held) < _MAX_HELD:
+                    owners.held.append(obj)
+            return NotImplemented
+        if kind == _VALUE:
+            return NotImplemented
+        if kind == _CODE:
             ref = self._top_level.get(id(obj))
             if ref is not None and id(obj) != self.current:
                 return variable, (ref[0],)  # one class object for every variable's instances
             if _defined_in_notebook(obj):
                 return load_dill, (_dumps_dill(obj),)
             return NotImplemented
-        if isinstance(obj, types.ModuleType):
+        if kind == _MODULE:
             return import_module, (obj.__name__,)
-        numpy = sys.modules.get("numpy")
-        is_array = numpy is not None and isinstance(obj, numpy.ndarray)
-        if is_array and self._file.limit is not None:
+        numpy = sys.modules["numpy"]  # an array: numpy is imported
+        if self._file.limit is not None:
             # numpy's __reduce__ copies a memmap or a non-contiguous array
             # whole before the pickler sees a byte: refuse it before that.
             self._file.out_of_band += obj.nbytes
@@ -308,13 +324,32 @@ class _Pickler(pickle.Pickler):
                 self._file.check()
             finally:
                 self._file.out_of_band -= obj.nbytes
+        root = _array_root(obj, numpy)
         if self._owners is not None:
-            self._owners.meet(obj, numpy if is_array else None)
-        if is_array and self._views:
-            root = _array_root(obj, numpy)
-            if root is not obj and id(root) in self._views:
-                return _as_view_of(obj, root, numpy)
+            self._owners.meet_array(obj, root)
+        if root is not obj and id(root) in self._views:
+            return _as_view_of(obj, root, numpy)
         return NotImplemented
+
+
+# What reducer_override does with an object, decided once per type.
+_IDENTITY, _VALUE, _CODE, _MODULE, _ARRAY = range(5)
+
+
+def _kind_of(obj: Any) -> int:
+    if isinstance(obj, (types.FunctionType, type)):
+        return _CODE
+    if isinstance(obj, types.ModuleType):
+        return _MODULE
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(obj, numpy.ndarray):
+        return _ARRAY
+    # Immutable values (an enum member, a dtype, a date, a sympy expression) may be
+    # copies after a restore: their identity carries no meaning, and linking every
+    # variable that mentions ``float64`` would save them all as one.
+    if isinstance(obj, enum.Enum) or (type(obj).__eq__ is not object.__eq__ and _hashable(obj)):
+        return _VALUE
+    return _IDENTITY
 
 
 def _array_root(array: Any, numpy: Any) -> Any:
@@ -338,47 +373,32 @@ class _Owners:
     met an object another one met first (``links``): those are saved together."""
 
     def __init__(self) -> None:
-        self.first: dict[Any, int] = {}
+        self.first: dict[int, int] = {}
         self.links: set[tuple[int, int]] = set()
-        #: roots of arrays met as views, and arrays met whole: a view of one met whole
-        #: (or a root viewed from two variables) is saved as a view
-        self.viewed: dict[int, set[int]] = {}
-        self.whole: set[int] = set()
         # Keeps every object noted alive until the snapshot ends, so that no id is
         # reused by another object (a temporary made by some __reduce__) meanwhile.
-        self._held: list[Any] = []
-        self._value_type: dict[type, bool] = {}
+        self.held: list[Any] = []
+        #: roots of arrays met as views (root id -> variables), and arrays met whole: a view
+        #: of one met whole (or a root viewed from two variables) is saved as a view
+        self.viewed: dict[int, set[int]] = {}
+        self.whole: set[int] = set()
+        #: the position of the variable being pickled
         self.index = 0
 
-    def meet(self, obj: Any, numpy: Any) -> None:
-        if numpy is not None:
-            root = _array_root(obj, numpy)
-            if root is obj:
-                self.whole.add(id(obj))
-            else:
-                self.viewed.setdefault(id(root), set()).add(self.index)
-                self._note(id(root), root)
-        elif self._is_value(obj):
-            return
-        self._note(id(obj), obj)
+    def meet_array(self, array: Any, root: Any) -> None:
+        if root is array:
+            self.whole.add(id(array))
+        else:
+            self.viewed.setdefault(id(root), set()).add(self.index)
+            self._note(root)
+        self._note(array)
 
-    def _note(self, key: int, obj: Any) -> None:
-        first = self.first.setdefault(key, self.index)
+    def _note(self, obj: Any) -> None:
+        first = self.first.setdefault(id(obj), self.index)
         if first != self.index:
             self.links.add((first, self.index))
-        elif len(self._held) < _MAX_HELD:
-            self._held.append(obj)
-
-    def _is_value(self, obj: Any) -> bool:
-        """Immutable values (an enum member, a dtype, a date, a sympy expression) may be
-        copies after a restore: their identity carries no meaning, and linking every
-        variable that mentions ``float64`` would save them all as one."""
-        t = type(obj)
-        known = self._value_type.get(t)
-        if known is None:
-            known = isinstance(obj, enum.Enum) or (t.__eq__ is not object.__eq__ and _hashable(obj))
-            self._value_type[t] = known
-        return known
+        elif len(self.held) < _MAX_HELD:
+            self.held.append(obj)
 
     def shared_roots(self) -> set[int]:
         """Arrays whose views must stay views: met whole somewhere, or viewed from two variables."""
@@ -508,10 +528,13 @@ def _snapshot(
     for position, name in enumerate(names):
         first_name.setdefault(id(namespace[name]), (name, position))
     containers = {oid: ref for oid, ref in first_name.items() if type(namespace[ref[0]]) in _CONTAINERS}
-    watch = _ContainerWatch(namespace, containers) if containers else None
+    watch: _ContainerWatch | None = _ContainerWatch(namespace, containers) if containers else None
+    if watch is not None and not watch.watched:
+        watch = None
     owners = _Owners()
 
     # Pass 1: each variable on its own, noting the objects it meets.
+    pickling = _Pickling(namespace, names, first_name, max_variable_bytes, memory_left, stop_on)
     entries: dict[int, Variable | Skipped] = {}
     for position, name in enumerate(names):
         value = namespace[name]
@@ -532,27 +555,8 @@ def _snapshot(
             if progress is not None:
                 progress(name)
             owners.index = position
-            before = watch.counts() if watch is not None else []
-            met: list[int] = []
-
-            def note_containers(position: int = position, before: list[int] = before, met: list[int] = met) -> None:
-                if watch is not None:
-                    met.extend(watch.met(position, before))
-
-            entries[position] = _pickle_one(
-                namespace,
-                [position],
-                names,
-                first_name,
-                max_variable_bytes,
-                memory_left,
-                stop_on,
-                owners,
-                frozenset(),
-                on_full_memo=note_containers,
-            )[0]
-            for other in met:
-                owners.links.add((other, position))
+            before = watch.counts() if watch is not None else None
+            entries[position] = pickling.one(position, tname, owners, watch, before)
 
     # Pass 2: variables that share an object are pickled again as one group, in one
     # pickle stream, so the object is one object when they load.
@@ -565,11 +569,7 @@ def _snapshot(
     for group in groups:
         if progress is not None:
             progress(names[group[0]])
-        for pos, entry in zip(
-            group,
-            _pickle_one(namespace, group, names, first_name, max_variable_bytes, memory_left, stop_on, None, roots),
-            strict=True,
-        ):
+        for pos, entry in zip(group, pickling.group(group, roots), strict=True):
             entries[pos] = entry
 
     variables = [e for _, e in sorted(entries.items()) if isinstance(e, Variable)]
@@ -598,70 +598,96 @@ def _groups(links: set[tuple[int, int]], pickled: set[int]) -> list[list[int]]:
     return [sorted(set(group) | {root}) for root, group in sorted(members.items())]
 
 
-def _pickle_one(
-    namespace: Mapping[str, Any],
-    group: list[int],
-    names: list[str],
-    first_name: Mapping[int, tuple[str, int]],
-    max_variable_bytes: int | None,
-    memory_left: Callable[[], int | None] | None,
-    stop_on: tuple[type[BaseException], ...],
-    owners: _Owners | None,
-    views: set[int] | frozenset[int],
-    on_full_memo: Callable[[], None] | None = None,
-) -> list[Variable | Skipped]:
-    """Pickle the variables at positions ``group`` into one stream (one memo: what they share
-    stays shared); a failure skips them all, with the reason."""
-    buf = _Output(max_variable_bytes, memory_left)
-    pickler = _Pickler(buf, first_name, [], owners, views)
-    spans: list[tuple[int, int, list[memoryview]]] = []
-    failed = ""
-    try:
-        for pos in group:
-            value = namespace[names[pos]]
-            pickler.current = id(value)
-            start, buffers = buf.tell(), len(pickler._buffers)
+class _Pickling:
+    """One snapshot's pickling: a variable on its own (pass 1), or a group as one stream (pass 2)."""
+
+    def __init__(
+        self,
+        namespace: Mapping[str, Any],
+        names: list[str],
+        first_name: Mapping[int, tuple[str, int]],
+        max_variable_bytes: int | None,
+        memory_left: Callable[[], int | None] | None,
+        stop_on: tuple[type[BaseException], ...],
+    ):
+        self.namespace, self.names, self.first_name = namespace, names, first_name
+        self.limit, self.memory_left, self.stop_on = max_variable_bytes, memory_left, stop_on
+        self.kinds: dict[type, int] = {}
+
+    def one(
+        self, position: int, tname: str, owners: _Owners, watch: _ContainerWatch | None, before: list[int] | None
+    ) -> Variable | Skipped:
+        """Pickle one variable, noting in ``owners`` what it shares with others."""
+        name = self.names[position]
+        buf = _Output(self.limit, self.memory_left)
+        pickler = _Pickler(buf, self.first_name, [], owners, frozenset(), self.kinds)
+        value = self.namespace[name]
+        pickler.current = id(value)
+        try:
             pickler.dump(value)
-            spans.append((start, buf.tell(), pickler._buffers[buffers:]))
-        if on_full_memo is not None:
-            on_full_memo()
-    except TooLarge as exc:
-        failed = str(exc)
-    except RecursionError:
-        failed = "nested too deeply to pickle (recursion limit)"
-    except (KeyboardInterrupt, *stop_on):  # type: ignore[misc]  # a tuple of exception types
-        raise
-    except BaseException as exc:  # any failure of any object's pickling hooks, SystemExit too
-        failed = _reason(exc)
-    finally:
-        # Let go of every object the memo holds now: the pickler sits in
-        # a cycle with its buffer callback and is only freed by gc.
-        pickler.clear_memo()
-    tnames = [type_name(namespace[names[pos]]) for pos in group]
-    if failed:
-        if len(group) > 1:
-            failed = f"{failed} (saved together with {', '.join(names[p] for p in group if p != group[0])})"
-        return [Skipped(names[pos], t, failed) for pos, t in zip(group, tnames, strict=True)]
-    payload = buf.getvalue()
-    if len(group) == 1:
-        return [Variable(names[group[0]], tnames[0], "pickle", payload=payload, buffers=spans[0][2])]
-    leader = names[group[0]]
-    out: list[Variable | Skipped] = []
-    for i, (pos, (start, end, buffers)) in enumerate(zip(group, spans, strict=True)):
-        out.append(
+            if watch is not None and before is not None:
+                # The memo is still full: containers it holds have one more reference.
+                owners.links.update((other, position) for other in watch.met(position, before))
+        except (KeyboardInterrupt, *self.stop_on):  # type: ignore[misc]  # a tuple of exception types
+            raise
+        except BaseException as exc:  # any failure of any object's pickling hooks, SystemExit too
+            return Skipped(name, tname, _failure(exc))
+        finally:
+            # Let go of every object the memo holds now: the pickler sits in
+            # a cycle with its buffer callback and is only freed by gc.
+            pickler.clear_memo()
+        return Variable(name, tname, "pickle", payload=buf.getvalue(), buffers=pickler.taken)
+
+    def group(self, group: list[int], views: set[int]) -> list[Variable | Skipped]:
+        """Pickle the variables at positions ``group`` into one stream (one memo: what they share
+        stays shared); a failure skips them all, with the reason."""
+        buf = _Output(self.limit, self.memory_left)
+        pickler = _Pickler(buf, self.first_name, [], None, views, self.kinds)
+        spans: list[tuple[int, int, list[memoryview]]] = []
+        names = [self.names[pos] for pos in group]
+        tnames = [type_name(self.namespace[name]) for name in names]
+        try:
+            for name in names:
+                value = self.namespace[name]
+                pickler.current = id(value)
+                start, taken = buf.tell(), len(pickler.taken)
+                pickler.dump(value)
+                spans.append((start, buf.tell(), pickler.taken[taken:]))
+        except (KeyboardInterrupt, *self.stop_on):  # type: ignore[misc]  # a tuple of exception types
+            raise
+        except BaseException as exc:  # any failure of any object's pickling hooks, SystemExit too
+            failed = _failure(exc)
+            if len(group) > 1:
+                failed += f" (saved together with {', '.join(names[1:])})"
+            return [Skipped(name, t, failed) for name, t in zip(names, tnames, strict=True)]
+        finally:
+            pickler.clear_memo()
+        payload = buf.getvalue()
+        if len(group) == 1:
+            return [Variable(names[0], tnames[0], "pickle", payload=payload, buffers=spans[0][2])]
+        return [
             Variable(
-                names[pos],
-                tnames[i],
+                name,
+                tname,
                 "pickle" if i == 0 else "member",
                 payload=payload if i == 0 else b"",
-                buffers=buffers,
-                target="" if i == 0 else leader,
+                buffers=taken,
+                target="" if i == 0 else names[0],
                 span=(start, end),
                 part=payload[start:end],
-                members=[names[p] for p in group] if i == 0 else [],
+                members=names if i == 0 else [],
             )
-        )
-    return out
+            for i, (name, tname, (start, end, taken)) in enumerate(zip(names, tnames, spans, strict=True))
+        ]
+
+
+def _failure(exc: BaseException) -> str:
+    """Why a variable could not be pickled, in words."""
+    if isinstance(exc, TooLarge):
+        return str(exc)
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to pickle (recursion limit)"
+    return _reason(exc)
 
 
 # --- restore ------------------------------------------------------------------
