@@ -14,6 +14,7 @@ from durable_kernel.checkpoints import (
     SCHEMA_VERSION,
     CorruptCheckpoint,
     IncompatibleCheckpoint,
+    NotRestored,
     SaveError,
     Store,
     UnsafeStore,
@@ -385,3 +386,61 @@ def test_payload_blob_that_is_not_a_regular_file_costs_only_its_variable(store):
     restored = nb.load_latest()
     assert restored.values == {"x": 1}
     assert "not a regular file" in restored.damaged["big"]
+
+
+# --- variables saved together (they share objects) --------------------------------------------
+
+
+class _Part:
+    def __init__(self, whole=None):
+        self.whole = whole
+
+
+def _group_namespace():
+    whole = {"data": np.arange(100_000, dtype=np.float64), "parts": []}
+    part = _Part(whole)
+    whole["parts"].append(part)
+    return {"whole": whole, "part": part, "alone": [1, 2, 3]}
+
+
+def test_variables_that_share_an_object_load_as_one_group(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, _group_namespace())
+    values = nb.load_latest().values
+    assert values["whole"]["parts"][0] is values["part"] and values["part"].whole is values["whole"]
+    kinds = {v["name"]: v["kind"] for v in nb.read_manifest(1).variables}
+    assert kinds == {"whole": "pickle", "part": "member", "alone": "pickle"}
+
+
+def test_a_group_whose_member_list_does_not_match_its_members_is_refused_unloaded(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, _group_namespace())
+    path = nb.manifest_path(1)
+    data = manifest_format.signed_data(path.read_bytes(), KEY, "test")
+    next(v for v in data["variables"] if v["name"] == "whole")["members"] = ["whole", "alone"]
+    path.write_bytes(manifest_format.encode(data, KEY))
+    with pytest.raises(CorruptCheckpoint, match="group of whole is malformed"):
+        nb.load(1)
+
+
+def test_a_damaged_buffer_of_one_member_leaves_its_whole_group_unloaded(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, _group_namespace())
+    buffer = next(v for v in nb.read_manifest(1).variables if v["name"] == "whole")["buffers"][0]
+    _flip_a_byte(nb.blob_path(buffer["digest"]))
+    restored = nb.load_latest()
+    assert set(restored.damaged) == {"whole", "part"}
+    assert restored.values == {"alone": [1, 2, 3]}
+
+
+def test_a_group_carried_forward_unloaded_is_dropped_with_a_reason_when_a_member_is_reassigned(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, _group_namespace())
+    entries = {v["name"]: v for v in nb.read_manifest(1).variables}
+    carried = {name: NotRestored(name, "?", "gone", "", entries[name]) for name in ("whole", "part")}
+    commit(nb, {**carried, "part": "reassigned"}, count=2)
+    latest = nb.read_manifest(2)
+    assert {v["name"] for v in latest.variables} == {"part"}
+    assert "reassigned before it loaded again" in latest.skipped[0]["reason"]
+    commit(nb, carried, count=3)
+    assert {v["name"]: v["kind"] for v in nb.read_manifest(3).variables} == {"whole": "pickle", "part": "member"}
