@@ -194,6 +194,16 @@ def ndarray_view(root: Any, start: int, shape: tuple, strides: tuple, dtype: Any
     return view
 
 
+def torch_tensor(data: Any, offset: int, shape: tuple, strides: tuple, dtype: Any, requires_grad: bool) -> Any:
+    """A torch tensor over ``data``, the bytes of its storage as a numpy array (one array for
+    every tensor saved over that storage, so they share memory again), as it was saved."""
+    import torch
+
+    storage = torch.from_numpy(data).untyped_storage()
+    tensor = torch.empty(0, dtype=dtype).set_(storage, offset, shape, strides)
+    return tensor.requires_grad_() if requires_grad else tensor
+
+
 def import_module(name: str) -> types.ModuleType:
     """A module met inside a variable, imported again by its name."""
     return importlib.import_module(name)
@@ -278,6 +288,8 @@ class _Pickler(pickle.Pickler):
         self._owners = owners
         self._views = views
         self._kinds = {} if kinds is None else kinds
+        #: in a group: one storage object per torch storage met (by its address)
+        self._storages: dict[Any, Any] = {}
         self.current: int = 0
 
     def _take_buffer(self, buf: pickle.PickleBuffer) -> bool:
@@ -315,6 +327,8 @@ class _Pickler(pickle.Pickler):
             return NotImplemented
         if kind == _MODULE:
             return import_module, (obj.__name__,)
+        if kind == _TENSOR:
+            return self._tensor(obj)
         numpy = sys.modules["numpy"]  # an array: numpy is imported
         if self._file.limit is not None:
             # numpy's __reduce__ copies a memmap or a non-contiguous array
@@ -331,9 +345,33 @@ class _Pickler(pickle.Pickler):
             return _as_view_of(obj, root, numpy)
         return NotImplemented
 
+    def _tensor(self, tensor: Any) -> Any:
+        # torch pickles each tensor with a copy of its storage, so two tensors sharing one
+        # (a view, a state_dict and its model) come back apart.  Note the storage as what
+        # is shared; in a group, pickle one storage object per storage (the memo then keeps
+        # it one) and each tensor as a view into it.
+        if not (tensor.layout == sys.modules["torch"].strided and tensor.device.type == "cpu"):
+            return NotImplemented
+        if tensor.requires_grad and not tensor.is_leaf:
+            return NotImplemented  # torch refuses these with its own message
+        storage = tensor.untyped_storage()
+        key = ("torch storage", storage.data_ptr())
+        if self._owners is not None:
+            self._owners.meet_storage(key, storage)
+            return NotImplemented
+        if not self._views or "numpy" not in sys.modules:
+            return NotImplemented
+        data = self._storages.get(key)
+        if data is None:
+            # The storage's bytes as one numpy array: pickled out-of-band like any array.
+            torch = sys.modules["torch"]
+            data = self._storages[key] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        shape, strides = tuple(tensor.shape), tuple(tensor.stride())
+        return torch_tensor, (data, tensor.storage_offset(), shape, strides, tensor.dtype, tensor.requires_grad)
+
 
 # What reducer_override does with an object, decided once per type.
-_IDENTITY, _VALUE, _CODE, _MODULE, _ARRAY = range(5)
+_IDENTITY, _VALUE, _CODE, _MODULE, _ARRAY, _TENSOR = range(6)
 
 
 def _kind_of(obj: Any) -> int:
@@ -344,6 +382,9 @@ def _kind_of(obj: Any) -> int:
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(obj, numpy.ndarray):
         return _ARRAY
+    torch = sys.modules.get("torch")
+    if torch is not None and type(obj) is getattr(torch, "Tensor", None):
+        return _TENSOR
     # Immutable values (an enum member, a dtype, a date, a sympy expression) may be
     # copies after a restore: their identity carries no meaning, and linking every
     # variable that mentions ``float64`` would save them all as one.
@@ -373,8 +414,10 @@ class _Owners:
     met an object another one met first (``links``): those are saved together."""
 
     def __init__(self) -> None:
-        self.first: dict[int, int] = {}
+        self.first: dict[Any, int] = {}
         self.links: set[tuple[int, int]] = set()
+        #: variables holding two tensors of one storage: pickled again, keeping it one
+        self.self_shared: set[int] = set()
         # Keeps every object noted alive until the snapshot ends, so that no id is
         # reused by another object (a temporary made by some __reduce__) meanwhile.
         self.held: list[Any] = []
@@ -393,8 +436,16 @@ class _Owners:
             self._note(root)
         self._note(array)
 
+    def meet_storage(self, key: Any, storage: Any) -> None:
+        if self.first.get(key) == self.index:
+            self.self_shared.add(self.index)  # two tensors of this variable share it
+        self._note_key(key, storage)
+
     def _note(self, obj: Any) -> None:
-        first = self.first.setdefault(id(obj), self.index)
+        self._note_key(id(obj), obj)
+
+    def _note_key(self, key: Any, obj: Any) -> None:
+        first = self.first.setdefault(key, self.index)
         if first != self.index:
             self.links.add((first, self.index))
         elif len(self.held) < _MAX_HELD:
@@ -565,11 +616,16 @@ def _snapshot(
     groups = _groups(owners.links, pickled)
     grouped = {pos for group in groups for pos in group}
     # A variable holding both an array and a view of it is pickled again on its own, keeping the view.
-    groups += [[pos] for pos in sorted(pickled - grouped) if any(pos in owners.viewed.get(r, ()) for r in roots)]
+    groups += [
+        [pos]
+        for pos in sorted(pickled - grouped)
+        if pos in owners.self_shared or any(pos in owners.viewed.get(r, ()) for r in roots)
+    ]
     for group in groups:
         if progress is not None:
             progress(names[group[0]])
-        for pos, entry in zip(group, pickling.group(group, roots), strict=True):
+        # views: never empty in pass 2, so tensors there always share their storages
+        for pos, entry in zip(group, pickling.group(group, roots | {0}), strict=True):
             entries[pos] = entry
 
     variables = [e for _, e in sorted(entries.items()) if isinstance(e, Variable)]
