@@ -87,10 +87,6 @@ class Store:
         """The checkpoints of one notebook identity."""
         return NotebookStore(self, identity)
 
-    def notebook_at(self, folder: Path, identity: str | None = None) -> NotebookStore:
-        """The checkpoints in one notebook folder, whatever identity it was stored under."""
-        return NotebookStore(self, identity or "", folder=folder)
-
     def notebook_dirs(self) -> list[Path]:
         """Every notebook folder in the store."""
         try:

@@ -114,7 +114,7 @@ def follow_renamed_notebook(store: Store, notebook: NotebookStore, kernel_id: st
             continue
         if stored.created <= mine_created:
             return []
-        old = store.notebook_at(stored.folder, stored.identity)
+        old = inventory.notebook_at(store, stored.folder, stored.identity)
         lines = wait_for_previous_kernel(old, wait)
         moved = maintenance.move(store, old, notebook.identity)
         log.info("state of %s moved to %s: %s", stored.identity, notebook.identity, moved)
