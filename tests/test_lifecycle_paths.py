@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 from conftest import holds, user_variables, wait_saved
+from durable_kernel.checkpoints.location import open_store
 from reliability_support import report
 from server_support import JupyterServer
 
@@ -115,6 +118,56 @@ def test_after_checkpoint_clear_new_and_reassigned_variables_are_saved(start_ker
     wait_saved(kernel)
     kernel.kill()
     assert user_variables(start_kernel(session="clear-new.ipynb")) == ["kept", "new"]
+
+
+def _saving(nb) -> None:
+    """Wait until a checkpoint process of ``nb`` runs (it holds the notebook's saving file)."""
+    deadline = time.monotonic() + 30
+    while nb.wait_for_savers(0) is not False:
+        assert time.monotonic() < deadline, "no checkpoint process started"
+        time.sleep(0.05)
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "durable_kernel", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
+def test_durable_kernel_clear_waits_for_a_checkpoint_still_being_written(start_kernel, tmp_path, jupyter_dirs):
+    identity = str(tmp_path / "clear-while-saving.ipynb")
+    kernel = start_kernel(session=identity)
+    assert not kernel.execute("x = 1").error
+    wait_saved(kernel)
+    assert not kernel.execute(slow_cell("late", "saved while clear ran", seconds=4)).error
+    nb = open_store(environ=jupyter_dirs).notebook(identity)
+    _saving(nb)
+    done = _cli(jupyter_dirs, "clear", identity)
+    assert done.returncode == 0, done.stderr
+    wait_saved(kernel)
+    assert nb.checkpoint_ids() == []  # not the late checkpoint, committed right after the clear
+    kernel.kill()
+    assert user_variables(start_kernel(session=identity)) == []
+
+
+def test_durable_kernel_mv_waits_for_a_checkpoint_still_being_written(start_kernel, tmp_path, jupyter_dirs):
+    old, new = str(tmp_path / "a.ipynb"), str(tmp_path / "b.ipynb")
+    kernel = start_kernel(session=old)
+    assert not kernel.execute("x = 1").error
+    wait_saved(kernel)
+    assert not kernel.execute(slow_cell("late", "saved while mv ran", seconds=4)).error
+    store = open_store(environ=jupyter_dirs)
+    _saving(store.notebook(old))
+    done = _cli(jupyter_dirs, "mv", old, new)
+    assert done.returncode == 0, done.stderr
+    wait_saved(kernel)
+    kernel.kill()
+    assert store.notebook(old).checkpoint_ids() == []  # nothing committed under the old name after the move
+    assert start_kernel(session=new).value("(x, late)") == "(1, 'saved while mv ran')"
 
 
 # --- 2. renamed and moved notebooks -------------------------------------------------------------
@@ -231,9 +284,6 @@ def test_notebook_moved_in_a_file_manager_is_offered_and_adopted(start_kernel, t
 
 
 def test_durable_kernel_mv_moves_the_state_to_the_new_path(start_kernel, tmp_path, jupyter_dirs):
-    import subprocess
-    import sys
-
     old, new = tmp_path / "a.ipynb", tmp_path / "b.ipynb"
     kernel = start_kernel(session=str(old))
     assert not kernel.execute("nums = [1, 2, 3]").error
