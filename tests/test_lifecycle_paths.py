@@ -225,6 +225,46 @@ def test_kernel_follows_a_rename_made_while_it_ran_even_without_the_server_exten
         server.stop()
 
 
+def test_cells_saved_under_the_old_name_after_the_extension_moved_the_state_follow_it_at_restart(server, jupyter_dirs):
+    old, new = str(server.root / "Untitled.ipynb"), str(server.root / "analysis.ipynb")
+    store = open_store(environ=jupyter_dirs)
+    server.new_notebook("Untitled.ipynb")
+    session = server.open_notebook("Untitled.ipynb")
+    client = server.client(session["kernel"]["id"])
+    assert client.run("nums = [1, 2, 3]")["error"] == ""
+    client.run("assert get_ipython().kernel.wait_for_checkpoint(60)")
+    server.rename(session, "Untitled.ipynb", "analysis.ipynb")
+    deadline = time.monotonic() + 60
+    while store.notebook(old).checkpoint_ids() or not store.notebook(new).checkpoint_ids():
+        assert time.monotonic() < deadline, "the server extension did not move the state"
+        time.sleep(0.1)
+    # The running kernel knows nothing of the rename: it saves this cell under the old name.
+    assert client.run("more = 4")["error"] == ""
+    client.run("assert get_ipython().kernel.wait_for_checkpoint(60)")
+    assert store.notebook(old).checkpoint_ids()
+    server.restart(session["kernel"]["id"])
+    client.kc.wait_for_ready(timeout=90)
+    out = client.run("print(nums, more)")
+    assert out["stdout"] == "[1, 2, 3] 4\n", out
+    assert f"this notebook was renamed from {old}" in out["stderr"], out
+    client.close()
+
+
+def test_a_pid_based_kernel_id_does_not_take_another_notebooks_state(start_kernel, tmp_path, jupyter_dirs):
+    """jupyter console and ipykernel name the connection file after a pid: a later kernel
+    with the same pid (so the same id) for another notebook is not the same kernel session."""
+    a, b = str(tmp_path / "a.ipynb"), str(tmp_path / "b.ipynb")
+    (tmp_path / "run-1").mkdir()
+    (tmp_path / "run-2").mkdir()
+    first = start_kernel(session=a, connection_file=str(tmp_path / "run-1" / "kernel-4242.json"))
+    assert not first.execute("x = 1").error
+    wait_saved(first)
+    first.kill()
+    second = start_kernel(session=b, connection_file=str(tmp_path / "run-2" / "kernel-4242.json"))
+    assert user_variables(second) == []
+    assert open_store(environ=jupyter_dirs).notebook(a).checkpoint_ids() == [1]
+
+
 def test_jupyterlab_rename_while_closed_then_reopen_keeps_the_state(server, capsys):
     server.new_notebook("Untitled.ipynb")
     session = server.open_notebook("Untitled.ipynb")
