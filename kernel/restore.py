@@ -73,6 +73,9 @@ def restore(
 ) -> RestoreReport:
     """Load the newest checkpoint of ``notebook`` that verifies; raises ``CheckpointError``
     (an unsafe store) only when nothing may be loaded at all."""
+    # First, even with nothing saved yet: the user hears at once that this
+    # store's folders are not private (no checkpoint will be written there).
+    notebook.check_safe()
     lines = wait_for_previous_kernel(notebook, wait)
     if follow_renames and kernel_id:
         lines += follow_renamed_notebook(store, notebook, kernel_id, wait)

@@ -277,6 +277,15 @@ def test_group_writable_store_is_refused(store):
         nb.load_latest()
 
 
+def test_commit_into_a_folder_others_can_write_writes_nothing(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"x": 1})
+    os.chmod(nb.blobs_dir, 0o777)
+    with pytest.raises(UnsafeStore, match=f"chmod go-w {nb.blobs_dir}"):
+        commit(nb, {"x": 2, "big": np.ones(100_000)}, count=2)
+    assert nb.checkpoint_ids() == [1] and nb.blob_names() == set()
+
+
 def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_files(store, monkeypatch):
     nb = store.notebook("a.ipynb")
     commit(nb, {"arr": np.zeros(100_000)}, count=1)
