@@ -21,10 +21,13 @@ from durable_kernel.checkpoints import Store, folder_name, snapshot
 from durable_kernel.checkpoints.location import open_store
 
 DAY = 86400
+#: The command installed with the Python running the tests (the one checked against the source),
+#: not whichever ``durable-kernel`` comes first on PATH.
+COMMAND = str(Path(sys.executable).with_name("durable-kernel"))
 
 
 def run(*args: str, cwd: Path | None = None, module: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "durable_kernel"] if module else ["durable-kernel"]
+    cmd = [sys.executable, "-m", "durable_kernel"] if module else [COMMAND]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
@@ -375,10 +378,22 @@ def test_gc_keeps_the_blobs_of_an_untrusted_manifest(store):
     assert _blob_files(nb) == before
 
 
+def test_gc_keeps_the_blobs_of_a_manifest_others_can_write(store):
+    nb = commit(store, "nb.ipynb", {"old": blob(200_000, 1)}, count=1)
+    nb.commit(snapshot({"new": blob(100_000, 2)}), execution_count=2)
+    before = _blob_files(nb)
+    os.chmod(nb.manifest_path(1), 0o660)  # not trusted now; a chmod makes it loadable again
+    result = ok("gc")
+    assert "kept all its data because checkpoint 1 cannot be read: its manifest can be written" in result.stderr
+    assert _blob_files(nb) == before
+    os.chmod(nb.manifest_path(1), 0o600)
+    assert nb.load(1).values == {"old": blob(200_000, 1)}
+
+
 def test_gc_waits_for_the_notebook_lock(store):
     nb, leftovers = _make_garbage(store)
     with nb.locked():
-        proc = subprocess.Popen(["durable-kernel", "gc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([COMMAND, "gc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)
         assert proc.poll() is None, "gc did not wait for the lock"
         assert all(p.exists() for p in leftovers[:2])
