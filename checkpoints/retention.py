@@ -1,4 +1,4 @@
-"""What a notebook keeps and what goes: one plan for a commit's prune, ``gc``, ``du`` and ``clear``.
+"""What a notebook keeps and what goes: one plan for a commit's prune, ``gc`` and ``du``.
 
 Plan, then execute (a dry run simply does not execute), as restic prunes.
 Nothing that could not be verified is ever deleted: retention counts only the
