@@ -408,6 +408,30 @@ def test_gc_bad_input_is_one_line(jupyter_dirs, tmp_path):
     one_line_error(run("gc", "--dir", str(tmp_path / "missing")), 1, "does not exist")
 
 
+# --- mv -------------------------------------------------------------------------------------------
+
+
+def test_mv_gives_the_state_the_identity_a_kernel_for_new_will_have(store, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    # A notebook stored by path (as jupyter_server and VS Code name them), typed relative to the current folder.
+    commit(store, str(work / "a.ipynb"), {"x": 1})
+    out = ok("mv", "a.ipynb", "reports/b.ipynb", cwd=work).stdout
+    assert out == f"Moved 1 checkpoint from {work / 'a.ipynb'} to {work / 'reports' / 'b.ipynb'}.\n"
+    assert store.notebook(str(work / "reports" / "b.ipynb")).load_latest().values == {"x": 1}
+    assert store.notebook(str(work / "a.ipynb")).checkpoint_ids() == []
+    # A session name stays a name, even where the current folder has a file of the new name.
+    commit(store, "session-a", {"y": 2})
+    (work / "session-b").write_text("")
+    ok("mv", "session-a", "session-b", cwd=work)
+    assert store.notebook("session-b").load_latest().values == {"y": 2}
+    # Named by its folder key (as 'list' shows a notebook whose identity cannot be read).
+    commit(store, "by-key", {"z": 3})
+    moved = json.loads(ok("mv", folder_name("by-key"), "renamed", "--json", cwd=work).stdout)
+    assert (moved["from"], moved["to"], moved["checkpoints"]) == ("by-key", "renamed", [1])
+    assert store.notebook("renamed").load_latest().values == {"z": 3}
+
+
 # --- du -------------------------------------------------------------------------------------------
 
 
