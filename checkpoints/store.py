@@ -122,8 +122,9 @@ class NotebookStore(NotebookFolder):
 
         Raises :class:`SaveError` (with the previous checkpoint untouched) on any
         failure, such as a full disk, and :class:`UnsafeStore` (nothing written)
-        if other users own or can write into the store's folders.  If this kernel (``writer["id"]``) already
-        committed a state taken later (``writer["seq"]``), nothing is written.
+        if other users own or can write into the store's folders.  If this
+        kernel (``writer["id"]``) already committed a state taken later
+        (``writer["seq"]``), nothing is written.
         """
         started = time.perf_counter()
         try:

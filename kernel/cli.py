@@ -2,8 +2,9 @@
 
 ``list``, ``show``, ``clear``, ``gc``, ``du`` and ``mv`` work on the checkpoint
 store from a terminal, without a kernel: they read manifests only (``mv``
-signs them again for the new name) and never unpickle anything.  The store is the one the kernel uses: ``--dir``, else
-``$DURABLE_KERNEL_DIR``, else ``durable_kernel/`` under Jupyter's data dir.
+signs them again for the new name) and never unpickle anything.  The store
+is the one the kernel uses: ``--dir``, else ``$DURABLE_KERNEL_DIR``, else
+``durable_kernel/`` under Jupyter's data dir.
 """
 
 from __future__ import annotations
