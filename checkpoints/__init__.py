@@ -20,7 +20,7 @@ from .errors import (
 )
 from .manifest import SCHEMA_VERSION, Manifest, folder_name, printable
 from .serialize import NotRestored, Skipped, Snapshot, Variable, snapshot
-from .signing import default_key_path, load_or_create_key
+from .signing import load_or_create_key
 from .store import CommitResult, NotebookStore, Restored, Store, disk_usage
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "UnsafeStore",
     "UntrustedCheckpoint",
     "Variable",
-    "default_key_path",
     "disk_usage",
     "load_or_create_key",
     "printable",

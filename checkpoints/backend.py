@@ -1,12 +1,14 @@
-"""The byte-level operations a store needs from where it keeps its files, and the local folder that provides them.
+"""The byte-level file operations the store makes by key, on a local folder.
 
-A store names everything by a key, a ``/``-separated path under the
-notebook's folder (``manifests/000000000007.manifest``, ``blobs/ab/ab12...``).
-:class:`Backend` is what any place to keep them must offer; :class:`LocalFolder`
-is the first one (a folder on a local or mounted disk), and object storage
-adds another without touching the commit and load logic.  The local folder
-also offers what only a local file can: a guarded open for copy-on-write
-mapping, and each file's ``stat`` (the change-time stamps of ``blobs.py``).
+A store names its files by a key, a ``/``-separated path under the notebook's
+folder (``manifests/000000000007.manifest``, ``blobs/ab/ab12...``).
+:class:`LocalFolder` gets, puts, lists and deletes them: atomic replacement
+(temp file, fsync, rename), private files, guarded reads (a symlink is never
+followed, a FIFO never waited on, another user's file never trusted).
+:class:`Backend` names those operations.  It is not a complete seam for
+another kind of storage: commit and load also work on the local files
+directly (``stat`` stamps, hard links, folder fsyncs, copy-on-write maps of
+blobs, ``flock``), so object storage would need more than another class here.
 """
 
 from __future__ import annotations
@@ -35,19 +37,13 @@ class TooLarge(OSError):
 
 
 class Backend(Protocol):
-    """Where a store keeps its bytes."""
+    """The operations the store makes by key (see the module docstring for what it is not)."""
 
     def get(self, key: str, limit: int) -> bytes:
         """The object's bytes; :class:`TooLarge` past ``limit``, FileNotFoundError if absent."""
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        """``length`` bytes of the object from ``start`` (fewer at its end)."""
-
     def put(self, key: str, chunks: Iterable[Any]) -> int:
         """Create or replace the object (readers see the old or the new one whole); returns bytes written."""
-
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Create the object unless it exists (a conditional create); True if this call created it."""
 
     def publish(self, key: str, data: bytes) -> None:
         """:meth:`put`, made durable before returning: a checkpoint's commit point."""
@@ -97,32 +93,10 @@ class LocalFolder:
                 raise TooLarge(errno.EFBIG, f"has {info.st_size} bytes, more than {limit}")
             return f.read(limit + 1)
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        fd, _ = self.open_regular(key)
-        with open(fd, "rb") as f:
-            f.seek(start)
-            return f.read(length)
-
     def put(self, key: str, chunks: Iterable[Any]) -> int:
         path = self.path(key)
         make_private_dirs(path.parent)
         return write_atomically(path, chunks)
-
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self.path(key)
-        if os.path.lexists(path):
-            return False
-        make_private_dirs(path.parent)
-        tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-new")
-        write_atomically(tmp, [data])
-        try:
-            os.link(tmp, path)  # fails if it exists: the create-if-absent a rename cannot give
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
     def publish(self, key: str, data: bytes) -> None:
         path = self.path(key)

@@ -101,17 +101,41 @@ class NotebookFolder:
         With ``create=False`` (clearing, collecting) a notebook folder that is
         gone is not made again: FileNotFoundError.
         """
-        if create:
-            self.ensure_dirs()
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._acquire_lock(wait, create)
+        if fd is None:
+            yield False
+            return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
             yield True
         finally:
+            os.close(fd)
+
+    def _acquire_lock(self, wait: bool, create: bool) -> int | None:
+        """flock the ``lock`` file that is there now; its fd, or None if busy and ``wait`` is False."""
+        path = self.dir / "lock"
+        while True:
+            if create:
+                self.ensure_dirs()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = os.fstat(fd)
+                try:
+                    now: os.stat_result | None = os.stat(path)
+                except FileNotFoundError:
+                    now = None
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            # The lock file was deleted or replaced while we waited for it (by
+            # an older version's clear, or a user's rm -r): whoever opened the
+            # new file may hold it right now, so the lock we got excludes
+            # nobody.  Lock the file that is there now instead.
             os.close(fd)
 
     def hold_saving(self) -> int | None:
@@ -249,13 +273,36 @@ class NotebookFolder:
             log.warning("could not set aside damaged blob %s: %s", digest_hex[:12], exc)
 
     def clear(self) -> int:
-        """Delete every checkpoint of this notebook; returns bytes freed.
+        """Delete every checkpoint of this notebook (its manifests, then its blobs); returns bytes freed.
 
-        Callers hold :meth:`locked` (as ``%checkpoint clear`` and
-        ``durable-kernel clear`` do), so no commit is half-way meanwhile.
+        Call under :meth:`locked`, after :meth:`check_safe_to_delete`.  The
+        folder stays, with its ``lock`` and ``saving`` files (a process waiting
+        for either would otherwise hold the deleted file while the next one
+        holds its replacement, both "alone") and its settings (names the user
+        excluded on purpose).  Temp files beside the settings are gc's: they
+        are written without the lock, so their writer may still be at work.
         """
-        if not self.dir.exists():
-            return 0
-        freed = disk_usage(self.dir)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return freed
+        # Manifests first: a crash half-way leaves blobs that no manifest
+        # names (gc removes them), never a manifest whose blobs are gone.
+        return _empty(self.manifests_dir) + _empty(self.blobs_dir)
+
+
+def _empty(folder: Path) -> int:
+    """Delete everything inside ``folder`` (never following a symlink), keeping the folder; returns bytes freed."""
+    freed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in sorted(entries, key=lambda e: e.name):
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                freed += disk_usage(Path(entry.path))
+                shutil.rmtree(entry.path)
+            else:
+                size = entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.path)
+                freed += size
+        except FileNotFoundError:
+            continue
+    return freed

@@ -36,10 +36,11 @@ class NoSuchNotebook(LookupError):
 
 
 def notebook_at(store: Store, folder: Path, identity: str | None = None) -> NotebookStore:
-    """A :class:`NotebookStore` for one notebook folder, whatever identity it was stored under."""
+    """A :class:`NotebookStore` for one notebook folder, whatever identity it was stored under
+    (the one way to open a folder found by listing the store rather than by identity)."""
     if identity is not None and folder_name(identity) == folder.name:
         return store.notebook(identity)
-    return store.notebook_at(folder, identity)
+    return NotebookStore(store, identity or "", folder=folder)
 
 
 @dataclass
@@ -310,7 +311,7 @@ def newest_checkpoints(store: Store) -> list[Stored]:
     """Each notebook's newest checkpoint that verifies, newest first (manifests only, no sizes)."""
     found = []
     for folder in store.notebook_dirs():
-        man = newest_verified(store.notebook_at(folder))
+        man = newest_verified(notebook_at(store, folder))
         if man is not None:
             writer = man.data.get("writer")
             found.append(Stored(folder, man.identity, float(man.created), writer if isinstance(writer, dict) else {}))

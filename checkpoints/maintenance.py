@@ -2,24 +2,29 @@
 
 Every deletion happens under the notebook's lock (:meth:`NotebookFolder.locked`),
 the one a kernel holds while committing or pruning, so a commit in progress
-never loses a blob it just wrote.  What is stored is read through
-``inventory.py``.
+never loses a blob it just wrote.  Clearing and moving first wait for the
+notebook's checkpoint processes (its ``saving`` file), which would otherwise
+commit right after them.  What is stored is read through ``inventory.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import manifest as manifest_format
 from . import retention
 from .errors import CheckpointError, UnsafeStore
-from .files import check_private, disk_usage, fsync_dir, make_private_dirs, write_atomically
+from .files import check_private, fsync_dir, make_private_dirs, write_atomically
 from .inventory import NotebookInfo, describe, garbage, notebook_at
 from .manifest import printable
 from .store import NotebookStore, Store
+
+#: How long clearing and moving wait for a notebook's checkpoint processes to finish.
+SAVER_WAIT = 60.0
 
 
 @dataclass
@@ -74,28 +79,37 @@ def collect_all(store: Store) -> list[Collected]:
     return results
 
 
-def clear(store: Store, info: NotebookInfo) -> int:
+def clear(store: Store, info: NotebookInfo, wait: float = SAVER_WAIT) -> int:
     """Delete the checkpoints of a stored notebook (as ``list`` shows it); returns bytes freed."""
-    return clear_notebook(notebook_at(store, info.folder, info.identity))
+    return clear_notebook(notebook_at(store, info.folder, info.identity), wait)
 
 
-def clear_notebook(nb: NotebookStore) -> int:
+def clear_notebook(nb: NotebookStore, wait: float = SAVER_WAIT) -> int:
     """Delete one notebook's checkpoints under its lock; returns bytes freed.
 
-    Its remembered settings (names never to save) are kept: forgetting them
-    could make a kernel write a variable the user excluded on purpose.
+    A checkpoint process still running for it is waited for first (up to
+    ``wait`` seconds, else :class:`CheckpointError`): it would commit its
+    state right after the clear.  Its remembered settings (names never to
+    save) are kept: forgetting them could make a kernel write a variable the
+    user excluded on purpose.
     """
     nb.check_safe_to_delete()
-    settings = nb.read_settings()
+    wait_for_savers(nb, wait)
     try:
         with nb.locked(create=False):
-            freed = nb.clear()
-            if settings:
-                nb.write_settings(settings)
-                freed -= disk_usage(nb.dir)
-    except FileNotFoundError:  # cleared by someone else meanwhile
+            return nb.clear()
+    except FileNotFoundError:  # the folder was deleted meanwhile: nothing to clear
         return 0
-    return max(freed, 0)
+
+
+def wait_for_savers(nb: NotebookStore, wait: float) -> None:
+    """Wait until no checkpoint process of ``nb`` runs; :class:`CheckpointError` if one still does after
+    ``wait`` seconds.  Before taking the lock, which such a process needs to finish."""
+    if nb.wait_for_savers(wait) is False:
+        name = printable(nb.identity or nb.dir.name)
+        raise CheckpointError(
+            f"a checkpoint of {name} is still being written after {wait:g} s; nothing was changed, try again later"
+        )
 
 
 @dataclass
@@ -110,7 +124,7 @@ class Moved:
     left_behind: int = 0
 
 
-def move(store: Store, source: NotebookStore, target_identity: str) -> Moved:
+def move(store: Store, source: NotebookStore, target_identity: str, wait: float = SAVER_WAIT) -> Moved:
     """Move a notebook's checkpoints to another identity (a renamed or moved notebook).
 
     Every checkpoint of ``source`` that verifies is signed again for the new
@@ -119,7 +133,10 @@ def move(store: Store, source: NotebookStore, target_identity: str) -> Moved:
     Blobs are hard-linked (copied across file systems) before any manifest is
     written and the source is deleted last, so a crash at any instant leaves
     the state loadable from one place or the other.  Checkpoints that do not
-    verify (another key) are left where they are.  Both notebooks are locked.
+    verify (another key) are left where they are.  Both notebooks are locked,
+    after waiting (up to ``wait`` seconds, else :class:`CheckpointError`) for
+    their checkpoint processes: one still running would commit after the
+    move, under the old name or over the moved state.
     """
     target = store.notebook(target_identity)
     label = source.identity or source.dir.name
@@ -127,6 +144,9 @@ def move(store: Store, source: NotebookStore, target_identity: str) -> Moved:
         return Moved(label, target_identity, [])
     source.check_safe_to_delete()
     target.check_safe()
+    deadline = time.monotonic() + wait
+    wait_for_savers(source, wait)
+    wait_for_savers(target, max(deadline - time.monotonic(), 0.0))
     first, second = sorted((source, target), key=lambda nb: nb.dir.name)
     with first.locked(create=first is target), second.locked(create=second is target):
         manifests = []

@@ -1,4 +1,4 @@
-"""What a notebook keeps and what goes: one plan for a commit's prune, ``gc``, ``du`` and ``clear``.
+"""What a notebook keeps and what goes: one plan for a commit's prune, ``gc`` and ``du``.
 
 Plan, then execute (a dry run simply does not execute), as restic prunes.
 Nothing that could not be verified is ever deleted: retention counts only the
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from . import manifest as manifest_format
-from .errors import CheckpointError, CorruptCheckpoint
+from .errors import CheckpointError
 from .files import TMP_PREFIX
 from .folder import NotebookFolder
-
-log = logging.getLogger(__name__)
 
 #: ``(path, bytes)`` of each file a sweep removes
 Plan = list[tuple[Path, int]]
@@ -83,14 +80,19 @@ def blobs_needed(
 
 def _named_unverified(nb: NotebookFolder, checkpoint_id: int, problems: list[str]) -> set[str] | None:
     """Blobs an unverifiable manifest names; None if that cannot be told (keep them all).
-    One that can never load (gone, not a regular file, too big) needs nothing."""
+
+    Only a manifest that is gone needs nothing.  One that cannot be read
+    (another user's or writable by others, a symlink, not a regular file,
+    too big) keeps every blob: it may be readable again after a chmod or a
+    restored file, and a deleted blob is the one loss that cannot be undone.
+    """
     try:
         raw = nb.manifest_bytes(checkpoint_id)
-    except CorruptCheckpoint as exc:
-        log.warning("%s; its blobs are not kept", exc)
-        return set()
     except (OSError, CheckpointError) as exc:
-        problems.append(f"checkpoint {checkpoint_id} cannot be read: {getattr(exc, 'strerror', None) or exc}")
+        if not os.path.lexists(nb.manifest_path(checkpoint_id)):
+            return set()  # pruned or cleared meanwhile
+        why = str(exc).removeprefix(f"checkpoint {checkpoint_id}: ") if isinstance(exc, CheckpointError) else None
+        problems.append(f"checkpoint {checkpoint_id} cannot be read: {why or getattr(exc, 'strerror', None) or exc}")
         return None
     try:
         return manifest_format.referenced_blobs(json.loads(manifest_format.body_of(raw)))

@@ -27,22 +27,17 @@ from .files import make_private_dirs
 KEY_FILENAME = "durable_kernel_secret"
 
 
-def default_key_path() -> Path:
-    """``durable_kernel_secret`` in Jupyter's data dir, beside ``notebook_secret``."""
-    from jupyter_core.paths import jupyter_data_dir
+def load_or_create_key(path: Path, warnings: list[str] | None = None) -> bytes:
+    """Read the signing key at ``path``, creating it (mode 0600) on first use.
 
-    return Path(jupyter_data_dir()) / KEY_FILENAME
-
-
-def load_or_create_key(path: Path | None = None, warnings: list[str] | None = None) -> bytes:
-    """Read the signing key, creating it (mode 0600) on first use.
+    Where the key lives is ``location.key_path`` (the one place that decides).
 
     Raises :class:`KeyProblem` with a message that says how to fix it when the
     key can be neither read nor created (a read-only data dir, a folder in its
     place, another user's file).  ``warnings`` collects what the user should
     know although the key is usable (it was readable by others).
     """
-    path = Path(path) if path is not None else default_key_path()
+    path = Path(path)
     key = read_key(path, warnings)
     if key is not None:
         return key

@@ -87,10 +87,6 @@ class Store:
         """The checkpoints of one notebook identity."""
         return NotebookStore(self, identity)
 
-    def notebook_at(self, folder: Path, identity: str | None = None) -> NotebookStore:
-        """The checkpoints in one notebook folder, whatever identity it was stored under."""
-        return NotebookStore(self, identity or "", folder=folder)
-
     def notebook_dirs(self) -> list[Path]:
         """Every notebook folder in the store."""
         try:
@@ -125,12 +121,17 @@ class NotebookStore(NotebookFolder):
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
 
         Raises :class:`SaveError` (with the previous checkpoint untouched) on any
-        failure, such as a full disk.  If this kernel (``writer["id"]``) already
-        committed a state taken later (``writer["seq"]``), nothing is written.
+        failure, such as a full disk, and :class:`UnsafeStore` (nothing written)
+        if other users own or can write into the store's folders.  If this
+        kernel (``writer["id"]``) already committed a state taken later
+        (``writer["seq"]``), nothing is written.
         """
         started = time.perf_counter()
         try:
             with self.locked():
+                # Under the lock, so the folders checked are the ones written:
+                # never write a checkpoint others could change before it loads.
+                self.check_safe()
                 # Leftovers of crashed commits first: on a small disk they are
                 # what keeps this commit from fitting.
                 retention.remove(retention.sweep_plan(self, None))

@@ -1,9 +1,10 @@
 """The ``durable-kernel`` command: install the kernelspec, run the demo, manage the store.
 
-``list``, ``show``, ``clear``, ``gc`` and ``du`` work on the checkpoint store
-from a terminal, without a kernel: they read manifests only and never unpickle
-anything.  The store is the one the kernel uses: ``--dir``, else
-``$DURABLE_KERNEL_DIR``, else ``durable_kernel/`` under Jupyter's data dir.
+``list``, ``show``, ``clear``, ``gc``, ``du`` and ``mv`` work on the checkpoint
+store from a terminal, without a kernel: they read manifests only (``mv``
+signs them again for the new name) and never unpickle anything.  The store
+is the one the kernel uses: ``--dir``, else ``$DURABLE_KERNEL_DIR``, else
+``durable_kernel/`` under Jupyter's data dir.
 """
 
 from __future__ import annotations
@@ -172,7 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     mv.add_argument(
         "old", metavar="OLD", help="the notebook's old path (or identity, as 'durable-kernel list' shows it)"
     )
-    mv.add_argument("new", metavar="NEW", help="its new path")
+    mv.add_argument(
+        "new",
+        metavar="NEW",
+        help="its new path (relative to the current folder); for state stored under a session name "
+        "(DURABLE_KERNEL_SESSION) rather than a path, the new name as given",
+    )
 
     store_command(
         "du",
@@ -497,14 +503,7 @@ def _mv(store, args: argparse.Namespace) -> Any:
 
     info = inventory.find(store, args.old)
     source = inventory.notebook_at(store, info.folder, info.identity)
-    new = (
-        args.new
-        if not os.path.isabs(args.old) and args.old == info.identity and not os.path.exists(args.new)
-        else os.path.abspath(os.path.expanduser(args.new))
-    )
-    if os.path.isabs(info.identity or "") or os.path.sep in args.new or args.new.endswith(".ipynb"):
-        new = os.path.abspath(os.path.expanduser(args.new)) if os.path.isabs(info.identity or "") else new
-    moved = maintenance.move(store, source, new)
+    moved = maintenance.move(store, source, new_identity(info.identity, args.new))
     if args.json:
         return {
             "store": str(store.root),
@@ -524,3 +523,17 @@ def _mv(store, args: argparse.Namespace) -> Any:
             file=sys.stderr,
         )
     return None
+
+
+def new_identity(old_identity: str | None, new: str) -> str:
+    """The identity a kernel for the moved notebook will have, from NEW as the user typed it.
+
+    Of the same kind as the old one: a kernel names its notebook by absolute path
+    (jupyter_server, VS Code, the working folder), so a path NEW is made absolute
+    against the current folder; a notebook stored under a session name
+    (``DURABLE_KERNEL_SESSION``, taken as given) gets NEW as given, whatever files
+    the current folder holds.  An unknown old identity counts as a path.
+    """
+    if old_identity is not None and not os.path.isabs(old_identity):
+        return new
+    return os.path.abspath(os.path.expanduser(new))

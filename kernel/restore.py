@@ -16,13 +16,24 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
-from durable_kernel.checkpoints import NotebookStore, NotRestored, Restored, Store, inventory, maintenance, printable
+from durable_kernel.checkpoints import (
+    CheckpointError,
+    NotebookStore,
+    NotRestored,
+    Restored,
+    Store,
+    inventory,
+    maintenance,
+    printable,
+)
 
 from . import humanize
 
 log = logging.getLogger(__name__)
 
 _MISSING_MODULE = re.compile(r"No module named '([^'.]+)")
+#: A connection-file name made of a process id, not unique over time (see unique_kernel_id).
+_PID_KERNEL_ID = re.compile(r"^kernel-[0-9]+$")
 
 
 @dataclass
@@ -62,6 +73,9 @@ def restore(
 ) -> RestoreReport:
     """Load the newest checkpoint of ``notebook`` that verifies; raises ``CheckpointError``
     (an unsafe store) only when nothing may be loaded at all."""
+    # First, even with nothing saved yet: the user hears at once that this
+    # store's folders are not private (no checkpoint will be written there).
+    notebook.check_safe()
     lines = wait_for_previous_kernel(notebook, wait)
     if follow_renames and kernel_id:
         lines += follow_renamed_notebook(store, notebook, kernel_id, wait)
@@ -102,26 +116,51 @@ def wait_for_previous_kernel(notebook: NotebookStore, wait: float) -> list[str]:
     ]
 
 
+def unique_kernel_id(kernel_id: str) -> bool:
+    """Does ``kernel_id`` (the kernel's connection-file name) name one kernel session and no other?
+
+    Not when empty, nor when made of a process id (``kernel-12345``: ipykernel's own
+    default, jupyter console's): the next process with that pid gets the same name.
+    """
+    return bool(kernel_id) and not _PID_KERNEL_ID.match(kernel_id)
+
+
 def follow_renamed_notebook(store: Store, notebook: NotebookStore, kernel_id: str, wait: float) -> list[str]:
     """A restart of this kernel session under a new name (the notebook was renamed while its
-    kernel ran): move the state it saved under the old name to the new one."""
+    kernel ran): move the state it saved under an old name to the new one.
+
+    Every other notebook whose newest checkpoint this kernel session wrote, later than this
+    notebook's newest, is moved here, oldest first (so the newest state ends up newest).  This
+    notebook's own newest may be this session's too: the server extension moves the state at the
+    rename, and the running kernel then goes on saving under the old name until it restarts.
+    Only for a kernel id that names one session (:func:`unique_kernel_id`).
+    """
+    if not unique_kernel_id(kernel_id):
+        return []
     mine = inventory.newest_verified(notebook)
-    if mine is not None and mine.data.get("writer", {}).get("kernel") == kernel_id:
-        return []  # a plain restart: the newest state is already this notebook's
-    mine_created = mine.created if mine is not None else 0.0
-    for stored in inventory.newest_checkpoints(store):
-        if stored.writer.get("kernel") != kernel_id or stored.folder == notebook.dir:
+    mine_created = float(mine.created) if mine is not None else 0.0
+    renamed = [
+        stored
+        for stored in inventory.newest_checkpoints(store)
+        if stored.writer.get("kernel") == kernel_id and stored.folder != notebook.dir and stored.created > mine_created
+    ]
+    lines: list[str] = []
+    for stored in reversed(renamed):  # newest_checkpoints lists the newest first
+        old = inventory.notebook_at(store, stored.folder, stored.identity)
+        name = printable(stored.identity, 300)
+        lines += wait_for_previous_kernel(old, wait)
+        try:
+            moved = maintenance.move(store, old, notebook.identity, wait=0)  # waited for just above
+        except CheckpointError as exc:  # this notebook's own state still loads
+            log.warning("moving the state of %s to %s failed: %s", stored.identity, notebook.identity, exc)
+            lines.append(
+                f"this notebook was renamed from {name}, but its saved state could not be moved ({exc}); "
+                f"'%checkpoint adopt {shlex.quote(stored.identity)}' tries again."
+            )
             continue
-        if stored.created <= mine_created:
-            return []
-        old = store.notebook_at(stored.folder, stored.identity)
-        lines = wait_for_previous_kernel(old, wait)
-        moved = maintenance.move(store, old, notebook.identity)
         log.info("state of %s moved to %s: %s", stored.identity, notebook.identity, moved)
-        return lines + [
-            f"this notebook was renamed from {printable(stored.identity, 300)}; its saved state moved with it."
-        ]
-    return []
+        lines.append(f"this notebook was renamed from {name}; its saved state moved with it.")
+    return lines
 
 
 def offer_orphans(store: Store, identity: str) -> list[str]:

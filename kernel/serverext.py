@@ -69,7 +69,7 @@ def follow_rename(old: str, new: str) -> list[str]:
             target = os.path.join(new, stored.identity[len(prefix) :])
         else:
             continue
-        maintenance.move(store, store.notebook_at(stored.folder, stored.identity), target)
+        maintenance.move(store, inventory.notebook_at(store, stored.folder, stored.identity), target)
         log.info("durable-kernel: saved state of %s moved to %s", stored.identity, target)
         moved.append(stored.identity)
     return moved

@@ -79,9 +79,12 @@ class KernelProcess:
         extra_arguments: list[str] | None = None,
         startup_timeout: float = 60,
         log_file: str | None = None,
+        connection_file: str | None = None,
         **start_kwargs: Any,
     ):
         self.km = KernelManager(kernel_name=kernel_name)
+        if connection_file:  # its name is the kernel's id (else jupyter_client picks a unique one)
+            self.km.connection_file = connection_file
         full_env = {**os.environ, **(env or {})}
         full_env = {k: v for k, v in full_env.items() if v is not None}
         # The kernel's own log (its stderr) goes to log_file, or nowhere.

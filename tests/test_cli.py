@@ -21,10 +21,13 @@ from durable_kernel.checkpoints import Store, folder_name, snapshot
 from durable_kernel.checkpoints.location import open_store
 
 DAY = 86400
+#: The command installed with the Python running the tests (the one checked against the source),
+#: not whichever ``durable-kernel`` comes first on PATH.
+COMMAND = str(Path(sys.executable).with_name("durable-kernel"))
 
 
 def run(*args: str, cwd: Path | None = None, module: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "durable_kernel"] if module else ["durable-kernel"]
+    cmd = [sys.executable, "-m", "durable_kernel"] if module else [COMMAND]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
@@ -375,10 +378,22 @@ def test_gc_keeps_the_blobs_of_an_untrusted_manifest(store):
     assert _blob_files(nb) == before
 
 
+def test_gc_keeps_the_blobs_of_a_manifest_others_can_write(store):
+    nb = commit(store, "nb.ipynb", {"old": blob(200_000, 1)}, count=1)
+    nb.commit(snapshot({"new": blob(100_000, 2)}), execution_count=2)
+    before = _blob_files(nb)
+    os.chmod(nb.manifest_path(1), 0o660)  # not trusted now; a chmod makes it loadable again
+    result = ok("gc")
+    assert "kept all its data because checkpoint 1 cannot be read: its manifest can be written" in result.stderr
+    assert _blob_files(nb) == before
+    os.chmod(nb.manifest_path(1), 0o600)
+    assert nb.load(1).values == {"old": blob(200_000, 1)}
+
+
 def test_gc_waits_for_the_notebook_lock(store):
     nb, leftovers = _make_garbage(store)
     with nb.locked():
-        proc = subprocess.Popen(["durable-kernel", "gc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([COMMAND, "gc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)
         assert proc.poll() is None, "gc did not wait for the lock"
         assert all(p.exists() for p in leftovers[:2])
@@ -391,6 +406,30 @@ def test_gc_waits_for_the_notebook_lock(store):
 def test_gc_bad_input_is_one_line(jupyter_dirs, tmp_path):
     one_line_error(run("gc", "extra"), 2, "unrecognized arguments: extra")
     one_line_error(run("gc", "--dir", str(tmp_path / "missing")), 1, "does not exist")
+
+
+# --- mv -------------------------------------------------------------------------------------------
+
+
+def test_mv_gives_the_state_the_identity_a_kernel_for_new_will_have(store, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    # A notebook stored by path (as jupyter_server and VS Code name them), typed relative to the current folder.
+    commit(store, str(work / "a.ipynb"), {"x": 1})
+    out = ok("mv", "a.ipynb", "reports/b.ipynb", cwd=work).stdout
+    assert out == f"Moved 1 checkpoint from {work / 'a.ipynb'} to {work / 'reports' / 'b.ipynb'}.\n"
+    assert store.notebook(str(work / "reports" / "b.ipynb")).load_latest().values == {"x": 1}
+    assert store.notebook(str(work / "a.ipynb")).checkpoint_ids() == []
+    # A session name stays a name, even where the current folder has a file of the new name.
+    commit(store, "session-a", {"y": 2})
+    (work / "session-b").write_text("")
+    ok("mv", "session-a", "session-b", cwd=work)
+    assert store.notebook("session-b").load_latest().values == {"y": 2}
+    # Named by its folder key (as 'list' shows a notebook whose identity cannot be read).
+    commit(store, "by-key", {"z": 3})
+    moved = json.loads(ok("mv", folder_name("by-key"), "renamed", "--json", cwd=work).stdout)
+    assert (moved["from"], moved["to"], moved["checkpoints"]) == ("by-key", "renamed", [1])
+    assert store.notebook("renamed").load_latest().values == {"z": 3}
 
 
 # --- du -------------------------------------------------------------------------------------------

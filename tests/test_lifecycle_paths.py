@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 from conftest import holds, user_variables, wait_saved
+from durable_kernel.checkpoints.location import open_store
 from reliability_support import report
 from server_support import JupyterServer
 
@@ -117,6 +120,56 @@ def test_after_checkpoint_clear_new_and_reassigned_variables_are_saved(start_ker
     assert user_variables(start_kernel(session="clear-new.ipynb")) == ["kept", "new"]
 
 
+def _saving(nb) -> None:
+    """Wait until a checkpoint process of ``nb`` runs (it holds the notebook's saving file)."""
+    deadline = time.monotonic() + 30
+    while nb.wait_for_savers(0) is not False:
+        assert time.monotonic() < deadline, "no checkpoint process started"
+        time.sleep(0.05)
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "durable_kernel", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
+def test_durable_kernel_clear_waits_for_a_checkpoint_still_being_written(start_kernel, tmp_path, jupyter_dirs):
+    identity = str(tmp_path / "clear-while-saving.ipynb")
+    kernel = start_kernel(session=identity)
+    assert not kernel.execute("x = 1").error
+    wait_saved(kernel)
+    assert not kernel.execute(slow_cell("late", "saved while clear ran", seconds=4)).error
+    nb = open_store(environ=jupyter_dirs).notebook(identity)
+    _saving(nb)
+    done = _cli(jupyter_dirs, "clear", identity)
+    assert done.returncode == 0, done.stderr
+    wait_saved(kernel)
+    assert nb.checkpoint_ids() == []  # not the late checkpoint, committed right after the clear
+    kernel.kill()
+    assert user_variables(start_kernel(session=identity)) == []
+
+
+def test_durable_kernel_mv_waits_for_a_checkpoint_still_being_written(start_kernel, tmp_path, jupyter_dirs):
+    old, new = str(tmp_path / "a.ipynb"), str(tmp_path / "b.ipynb")
+    kernel = start_kernel(session=old)
+    assert not kernel.execute("x = 1").error
+    wait_saved(kernel)
+    assert not kernel.execute(slow_cell("late", "saved while mv ran", seconds=4)).error
+    store = open_store(environ=jupyter_dirs)
+    _saving(store.notebook(old))
+    done = _cli(jupyter_dirs, "mv", old, new)
+    assert done.returncode == 0, done.stderr
+    wait_saved(kernel)
+    kernel.kill()
+    assert store.notebook(old).checkpoint_ids() == []  # nothing committed under the old name after the move
+    assert start_kernel(session=new).value("(x, late)") == "(1, 'saved while mv ran')"
+
+
 # --- 2. renamed and moved notebooks -------------------------------------------------------------
 
 
@@ -170,6 +223,46 @@ def test_kernel_follows_a_rename_made_while_it_ran_even_without_the_server_exten
         client.close()
     finally:
         server.stop()
+
+
+def test_cells_saved_under_the_old_name_after_the_extension_moved_the_state_follow_it_at_restart(server, jupyter_dirs):
+    old, new = str(server.root / "Untitled.ipynb"), str(server.root / "analysis.ipynb")
+    store = open_store(environ=jupyter_dirs)
+    server.new_notebook("Untitled.ipynb")
+    session = server.open_notebook("Untitled.ipynb")
+    client = server.client(session["kernel"]["id"])
+    assert client.run("nums = [1, 2, 3]")["error"] == ""
+    client.run("assert get_ipython().kernel.wait_for_checkpoint(60)")
+    server.rename(session, "Untitled.ipynb", "analysis.ipynb")
+    deadline = time.monotonic() + 60
+    while store.notebook(old).checkpoint_ids() or not store.notebook(new).checkpoint_ids():
+        assert time.monotonic() < deadline, "the server extension did not move the state"
+        time.sleep(0.1)
+    # The running kernel knows nothing of the rename: it saves this cell under the old name.
+    assert client.run("more = 4")["error"] == ""
+    client.run("assert get_ipython().kernel.wait_for_checkpoint(60)")
+    assert store.notebook(old).checkpoint_ids()
+    server.restart(session["kernel"]["id"])
+    client.kc.wait_for_ready(timeout=90)
+    out = client.run("print(nums, more)")
+    assert out["stdout"] == "[1, 2, 3] 4\n", out
+    assert f"this notebook was renamed from {old}" in out["stderr"], out
+    client.close()
+
+
+def test_a_pid_based_kernel_id_does_not_take_another_notebooks_state(start_kernel, tmp_path, jupyter_dirs):
+    """jupyter console and ipykernel name the connection file after a pid: a later kernel
+    with the same pid (so the same id) for another notebook is not the same kernel session."""
+    a, b = str(tmp_path / "a.ipynb"), str(tmp_path / "b.ipynb")
+    (tmp_path / "run-1").mkdir()
+    (tmp_path / "run-2").mkdir()
+    first = start_kernel(session=a, connection_file=str(tmp_path / "run-1" / "kernel-4242.json"))
+    assert not first.execute("x = 1").error
+    wait_saved(first)
+    first.kill()
+    second = start_kernel(session=b, connection_file=str(tmp_path / "run-2" / "kernel-4242.json"))
+    assert user_variables(second) == []
+    assert open_store(environ=jupyter_dirs).notebook(a).checkpoint_ids() == [1]
 
 
 def test_jupyterlab_rename_while_closed_then_reopen_keeps_the_state(server, capsys):
@@ -231,9 +324,6 @@ def test_notebook_moved_in_a_file_manager_is_offered_and_adopted(start_kernel, t
 
 
 def test_durable_kernel_mv_moves_the_state_to_the_new_path(start_kernel, tmp_path, jupyter_dirs):
-    import subprocess
-    import sys
-
     old, new = tmp_path / "a.ipynb", tmp_path / "b.ipynb"
     kernel = start_kernel(session=str(old))
     assert not kernel.execute("nums = [1, 2, 3]").error

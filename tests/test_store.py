@@ -6,6 +6,7 @@ import os
 import pickle
 import stat
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from durable_kernel.checkpoints import (
     UntrustedCheckpoint,
     folder_name,
     load_or_create_key,
+    maintenance,
     snapshot,
 )
 from durable_kernel.checkpoints import manifest as manifest_format
@@ -276,6 +278,15 @@ def test_group_writable_store_is_refused(store):
         nb.load_latest()
 
 
+def test_commit_into_a_folder_others_can_write_writes_nothing(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"x": 1})
+    os.chmod(nb.blobs_dir, 0o777)
+    with pytest.raises(UnsafeStore, match=f"chmod go-w {nb.blobs_dir}"):
+        commit(nb, {"x": 2, "big": np.ones(100_000)}, count=2)
+    assert nb.checkpoint_ids() == [1] and nb.blob_names() == set()
+
+
 def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_files(store, monkeypatch):
     nb = store.notebook("a.ipynb")
     commit(nb, {"arr": np.zeros(100_000)}, count=1)
@@ -444,3 +455,70 @@ def test_a_group_carried_forward_unloaded_is_dropped_with_a_reason_when_a_member
     assert "reassigned before it loaded again" in latest.skipped[0]["reason"]
     commit(nb, carried, count=3)
     assert {v["name"]: v["kind"] for v in nb.read_manifest(3).variables} == {"whole": "pickle", "part": "member"}
+
+
+# --- locks and clearing ---------------------------------------------------------------------------
+
+
+def _fds_open_on(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path``'s inode."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.path.samestat(os.stat(f"/proc/self/fd/{fd}"), path.stat())
+        except OSError:
+            continue
+    return count
+
+
+def test_a_lock_file_replaced_while_waited_for_is_never_held_by_two_at_once(store):
+    nb = store.notebook("a.ipynb")
+    lock = nb.dir / "lock"
+    holders: list[str] = []
+    overlaps: list[tuple[str, list[str]]] = []
+    newcomer_in, newcomer_may_go = threading.Event(), threading.Event()
+
+    def hold(name: str, entered: threading.Event | None = None, until: threading.Event | None = None) -> None:
+        with nb.locked():
+            if holders:
+                overlaps.append((name, list(holders)))
+            holders.append(name)
+            if entered is not None:
+                entered.set()
+            if until is not None:
+                until.wait(30)
+            else:
+                time.sleep(0.3)
+            holders.remove(name)
+
+    with nb.locked():
+        waiter = threading.Thread(target=hold, args=("waiter",))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while _fds_open_on(lock) < 2:  # the waiter has the lock file open: it waits in flock
+            assert time.monotonic() < deadline, "the waiter never opened the lock file"
+            time.sleep(0.01)
+        time.sleep(0.2)
+        lock.unlink()  # as clear's rmtree did, or a user's rm -r
+        newcomer = threading.Thread(target=hold, args=("newcomer", newcomer_in, newcomer_may_go))
+        newcomer.start()
+        assert newcomer_in.wait(30)  # a new lock file nobody holds
+    time.sleep(0.5)  # the waiter now gets the deleted file's lock, which excludes nobody
+    newcomer_may_go.set()
+    waiter.join(30)
+    newcomer.join(30)
+    assert not waiter.is_alive() and not newcomer.is_alive()
+    assert overlaps == []
+
+
+def test_clear_keeps_the_lock_saving_and_settings_files(store):
+    nb = store.notebook("a.ipynb")
+    commit(nb, {"big": np.ones(100_000)})
+    nb.write_settings({"exclude": ["secret_*"]})
+    os.close(nb.hold_saving())
+    kept = {name: (nb.dir / name).stat().st_ino for name in ("lock", "saving", "settings.json")}
+    freed = maintenance.clear_notebook(nb)
+    assert freed >= 800_000
+    assert nb.checkpoint_ids() == [] and nb.blob_names() == set() and nb.load_latest() is None
+    assert {name: (nb.dir / name).stat().st_ino for name in kept} == kept
+    assert nb.read_settings() == {"exclude": ["secret_*"]}

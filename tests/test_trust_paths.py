@@ -301,6 +301,15 @@ def test_a_blobs_folder_others_can_write_is_refused(start_kernel, jupyter_dirs):
     assert f"{blobs} can be written by other users" in kernel.banner and f"chmod go-w {blobs}" in kernel.banner
 
 
+def test_a_store_others_can_write_is_refused_at_start_even_with_nothing_saved_yet(start_kernel, jupyter_dirs):
+    root = Path(jupyter_dirs["DURABLE_KERNEL_DIR"])
+    root.mkdir()
+    os.chmod(root, 0o777)  # a shared folder, such as a /tmp of one's own making
+    kernel = start_kernel(session=SESSION)
+    assert f"did not restore: {root} can be written by other users" in kernel.banner, kernel.banner
+    assert f"chmod go-w {root}" in kernel.banner
+
+
 def test_a_blob_another_user_planted_is_never_mapped_nor_reused(start_kernel, jupyter_dirs, capsys):
     needs_root()
     saved_and_killed(start_kernel, "import numpy as np\narr = np.zeros(1 << 17)")
