@@ -21,6 +21,8 @@ The signature is checked before the JSON is even parsed.  The JSON holds::
     variables         [{name, type, kind, size, digest?, inline?, stamp?, buffers?, target?, python?,
                         members?, span?, part?}]
     skipped           [{name, type, reason}]
+    cells?            [{execution_count, source, reads, binds, ok, seconds}]: the cells run, as the
+                      kernel records them (to say which cell made a variable, and to run it again)
 
 A variable of kind ``pickle`` has its payload either ``inline`` (base64, for
 small ones) or in the blob ``digest``; ``buffers`` lists the digests and sizes

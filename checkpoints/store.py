@@ -117,6 +117,7 @@ class NotebookStore(NotebookFolder):
         cell: str = "",
         keep: int = 5,
         writer: dict[str, Any] | None = None,
+        cells: list[dict[str, Any]] | None = None,
     ) -> CommitResult:
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
 
@@ -135,7 +136,7 @@ class NotebookStore(NotebookFolder):
                 # Leftovers of crashed commits first: on a small disk they are
                 # what keeps this commit from fitting.
                 retention.remove(retention.sweep_plan(self, None))
-                result = self._commit_locked(snap, execution_count, cell, writer or {}, keep)
+                result = self._commit_locked(snap, execution_count, cell, writer or {}, keep, cells)
         except CheckpointError:
             raise
         except OSError as exc:
@@ -144,7 +145,13 @@ class NotebookStore(NotebookFolder):
         return result
 
     def _commit_locked(
-        self, snap: Snapshot, execution_count: int, cell: str, writer: dict[str, Any], keep: int
+        self,
+        snap: Snapshot,
+        execution_count: int,
+        cell: str,
+        writer: dict[str, Any],
+        keep: int,
+        cells: list[dict[str, Any]] | None,
     ) -> CommitResult:
         gens = self.checkpoint_ids()
         kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
@@ -218,6 +225,8 @@ class NotebookStore(NotebookFolder):
             "variables": entries,
             "skipped": skipped,
         }
+        if cells:
+            data["cells"] = cells
         raw = manifest_format.encode(data, self.store.key)
         self.files.publish(self.manifest_key(generation), raw)  # the commit point
         written = writing.written + len(raw)

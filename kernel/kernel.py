@@ -28,9 +28,10 @@ from durable_kernel.checkpoints.location import open_store
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
-from . import __version__, humanize, identity
+from . import __version__, humanize, identity, recompute
 from .notices import PREFIX, Notices
 from .outcome import CheckpointOutcome
+from .recompute import CellHistory, record_cell
 from .restore import restore, wait_for_previous_kernel
 from .saver import Saver, SaveRequest
 
@@ -83,6 +84,22 @@ class DurableKernel(IPythonKernel):
     restore = Enum(
         ["auto", "off"], "auto", config=True, help="'auto' restores the last checkpoint at start; 'off' starts empty."
     )
+    recompute = Enum(
+        ["off", "ask", "auto"],
+        "ask",
+        config=True,
+        help="Variables a checkpoint could not save (a database connection, a generator) can be made again by "
+        "running again the cells that made them. 'ask': the restore notice names the cells and "
+        "'%checkpoint recompute NAME' runs them; 'auto': at start, run again the cells that succeeded before, took "
+        "less than recompute_max_seconds and assign nothing but what is missing (listed in the notice); "
+        "'off': say nothing about it.",
+    )
+    recompute_max_seconds = Float(
+        10.0,
+        config=True,
+        help="With recompute = 'auto': a cell that took longer than this when it ran is not run again at start "
+        "(it is named in the notice instead).",
+    )
     verify_on_restore = Bool(
         True,
         config=True,
@@ -133,6 +150,13 @@ class DurableKernel(IPythonKernel):
         # name -> id of the value: what %checkpoint clear forgot (not saved until rebound)
         self._forgotten: dict[str, int] = {}
         self._checkpoint_seq = 0
+        #: the cells run (restored ones first): what made each variable, and how to make it again
+        self.history = CellHistory()
+        #: (name, type, reason) of what the restored checkpoint could not save
+        self._unsaved_at_restore: list[tuple[str, str, str]] = []
+        #: checkpoint request seq -> the cell request it was taken after (where its news goes)
+        self._request_parents: dict[int, dict[str, Any]] = {}
+        self._cell_started = 0.0
         self._writer: dict[str, Any] = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -226,9 +250,55 @@ class DurableKernel(IPythonKernel):
             self.shell.user_ns.update(values)
             self._restored_names = values
             self.shell.execution_count = report.restored.manifest.execution_count + 1
+            self.history.restore(report.restored.manifest.data.get("cells"))
+            self._unsaved_at_restore = [
+                (s.get("name", ""), s.get("type", "?"), s.get("reason", "")) for s in report.restored.manifest.skipped
+            ]
+            # Told at restore: a checkpoint that still cannot save them is no news.
+            self._reported_skips = {n: f"{t}: {r}" for n, t, r in self._unsaved_at_restore}
+            report.lines += self._recompute_at_start()
         for line in report.lines:
             self.log.info(line)
         self._set_notice(report.lines, banner=report.banner_only)
+
+    def missing_unsaved(self) -> list[str]:
+        """Variables the restored checkpoint could not save that are still missing."""
+        return [name for name, _, _ in self._unsaved_at_restore if name not in self.shell.user_ns]
+
+    def _recompute_at_start(self) -> list[str]:
+        """How to make again what could not be saved; with recompute='auto', make what is safe to."""
+        missing = self.missing_unsaved()
+        if self.recompute == "off" or not missing:
+            return []
+        lines = []
+        try:
+            if self.recompute == "auto":
+                wanted = recompute.plan(
+                    self.history, missing, [n for n in self.shell.user_ns if n not in missing], missing
+                )
+                unsafe = {
+                    r.execution_count: why
+                    for r in wanted.cells
+                    if (why := recompute.safe_to_run_unasked(r, set(missing), self.recompute_max_seconds))
+                }
+                if wanted.cells and not unsafe:
+                    ran, error = recompute.run(self.shell, wanted.cells, set(missing))
+                    made = [n for n in missing if n in self.shell.user_ns]
+                    if ran:
+                        lines.append(
+                            f"made {humanize.names(made) or 'nothing'} again by running "
+                            + "; ".join(recompute.first_line(r) for r in ran)
+                        )
+                    if error:
+                        lines.append(f"running it again stopped: {error}")
+                for count, why in sorted(unsafe.items()):
+                    lines.append(f"In [{count}] was not run again at start: {why}")
+            types = {name: tname for name, tname, _ in self._unsaved_at_restore}
+            still = [(n, types.get(n, "?")) for n in self.missing_unsaved()]
+            lines += recompute.advice(still, self.history, [n for n in self.shell.user_ns if n not in dict(still)])
+        except Exception:  # making things again is a help, never a reason to fail the start
+            self.log.exception("recompute at start failed")
+        return lines
 
     def _set_notice(self, lines: list[str], banner: str = "") -> None:
         """What the banner says at start, and the first cell too (``banner``: news for the banner only)."""
@@ -310,6 +380,7 @@ class DurableKernel(IPythonKernel):
         self._learn_vscode_name()
         self._identity_final = True  # no name came: the working folder it is
         self._last_cell = self._label(getattr(info, "raw_cell", "") or "")
+        self._cell_started = time.monotonic()
         self.notices.show()
 
     def _label(self, cell: str) -> str:
@@ -327,6 +398,9 @@ class DurableKernel(IPythonKernel):
         self._learn_vscode_name()
         if not self.enabled or self.notebook is None or self._saver is None:
             return
+        info = getattr(result, "info", None)
+        if getattr(info, "store_history", True):
+            self._record_cell(result, getattr(info, "raw_cell", "") or "")
         if self._saver.forks:
             # Fork once the reply and idle status are on their way (dispatch_shell):
             # copying a large process's page tables then costs the user nothing.
@@ -359,6 +433,30 @@ class DurableKernel(IPythonKernel):
         sent = threading.Event()
         thread.schedule(sent.set)  # runs after the messages queued before it
         sent.wait(0.05)
+
+    def _record_cell(self, result: Any, raw_cell: str) -> None:
+        """Remember the cell that just ran (its names, for recompute); never fails the cell."""
+        try:
+            count = result.execution_count if result.execution_count is not None else self._cell_number()
+            record = record_cell(
+                count,
+                raw_cell,
+                ok=bool(result.success),
+                seconds=time.monotonic() - self._cell_started,
+                transform=self.shell.transform_cell,
+                private=self._label(raw_cell) != raw_cell.strip().split("\n", 1)[0][:200],
+            )
+            self.history.add(record, self._parent_message())
+        except Exception:
+            self.log.exception("could not record the cell")
+
+    def _parent_message(self) -> dict[str, Any] | None:
+        """The request being handled (ipykernel 6.0+), to send late news to its cell."""
+        try:
+            parent = self.get_parent("shell")
+        except Exception:  # noqa: BLE001  # older ipykernel, or no request
+            return None
+        return parent if isinstance(parent, dict) and parent.get("header") else None
 
     # --- save path -----------------------------------------------------------
 
@@ -399,6 +497,8 @@ class DurableKernel(IPythonKernel):
         (so the next start is fresh); a name assigned again is saved as usual."""
         ns = self.shell.user_ns
         self._forgotten = {name: id(ns[name]) for name in self.names_to_save()}
+        self._unsaved_at_restore = []
+        self.history = CellHistory()
 
     def replace_namespace(self, values: dict[str, Any]) -> None:
         """Make the user's variables exactly ``values`` (excluded names are left alone)."""
@@ -455,7 +555,14 @@ class DurableKernel(IPythonKernel):
             keep=self.keep_generations,
             max_variable_bytes=self.max_variable_bytes,
             skip={name: reason for name, (oid, reason) in self._skip_until_rebound.items() if id(ns.get(name)) == oid},
+            cells=self.history.to_json(),
+            missing=[u for u in self._unsaved_at_restore if u[0] not in ns],
         )
+        parent = self._parent_message()
+        if parent is not None:
+            self._request_parents[self._checkpoint_seq] = parent
+            for old in [seq for seq in self._request_parents if seq < self._checkpoint_seq - 8]:
+                del self._request_parents[old]
         try:
             hold = self.notebook.hold_saving()
             self._saver.save(request, keep_fds=[hold] if hold is not None else [])
@@ -503,10 +610,38 @@ class DurableKernel(IPythonKernel):
                 # Trying again after every cell would only bring the container to its limit again.
                 self._skip_until_rebound[name] = (id(ns[name]), f"{reason}; it is skipped until it is reassigned")
         skipped = {name: f"{tname}: {reason}" for name, tname, reason in outcome.skipped}
-        new = [f"{n} ({r})" for n, r in skipped.items() if self._reported_skips.get(n) != r]
+        new = [n for n, r in skipped.items() if self._reported_skips.get(n) != r]
         self._reported_skips = skipped
-        if new:
-            self.notices.add(f"not saved: {humanize.names(new, 10)}")
+        self._tell_not_saved([(n, skipped[n]) for n in new], outcome.seq)
+
+    def _tell_not_saved(self, new: list[tuple[str, str]], seq: int) -> None:
+        """Say under the cell that assigned each variable that it was not saved (the checkpoint
+        finished after that cell: frontends place output by the request it answers)."""
+        by_cell: dict[int, list[str]] = {}
+        for name, why in new:
+            maker = self.history.maker(name)
+            count = maker.execution_count if maker is not None and maker.execution_count in self.history.parents else -1
+            by_cell.setdefault(count, []).append(f"{name} ({why})")
+        for count, items in by_cell.items():
+            line = f"{PREFIX}not saved: {humanize.names(items, 10)}"
+            parent = self.history.parents.get(count) or self._request_parents.get(seq)
+            if parent is None or not self._publish_stderr(line, parent):
+                self.notices.add(line)
+
+    def _publish_stderr(self, text: str, parent: dict[str, Any]) -> bool:
+        """Send ``text`` as stderr output of the cell whose request is ``parent`` (from any thread)."""
+        try:
+            self.session.send(
+                self.iopub_socket,
+                "stream",
+                {"name": "stderr", "text": text + "\n"},
+                parent=parent,
+                ident=self._topic("stream"),
+            )
+        except Exception:
+            self.log.exception("could not send a notice to its cell")
+            return False
+        return True
 
     def _note_failure(self, error: str) -> None:
         """One warning per distinct failure, not one per cell."""

@@ -12,7 +12,7 @@ from durable_kernel.checkpoints.manifest import diff, fingerprint
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from . import humanize
+from . import humanize, recompute
 from .outcome import CheckpointOutcome
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ HELP = """\
   include NAME...   save these names again
   clear             delete this notebook's checkpoints: a restart then starts empty
   adopt OLD         bring here the state saved for notebook OLD (this notebook was moved or renamed)
+  recompute [NAME...]  make again variables that could not be saved, by running again the recorded
+                    cells that made them (default: every such variable that is missing)
   off | on          pause or resume saving for this kernel
 """
 
@@ -113,6 +115,28 @@ class CheckpointMagics(Magics):
             raise UsageError(f"%checkpoint {command} takes no arguments")
 
     # --- commands --------------------------------------------------------------
+
+    def _do_recompute(self, args: list[str]) -> None:
+        k = self.kernel
+        ns = self.shell.user_ns
+        names = list(args) or k.missing_unsaved()
+        if not names:
+            print("Nothing to recompute: every variable the last checkpoint could not save is here.")
+            return
+        available = [n for n in ns if n not in names]
+        wanted = recompute.plan(k.history, names, available, k.missing_unsaved())
+        for name, why in wanted.missing.items():
+            print(f"{name} cannot be recomputed: {why}.")
+        if not wanted.cells:
+            return
+        ran, error = recompute.run(self.shell, wanted.cells, set(names))
+        for record in ran:
+            print(f"re-ran {recompute.first_line(record)}")
+        made = [n for n in names if n in ns and n not in wanted.missing]
+        if made:
+            print(f"made again: {humanize.names(made)}")
+        if error:
+            raise UsageError(f"%checkpoint recompute: {error}; the cells after it were not run")
 
     def _do_status(self, args: list[str]) -> None:
         self._no_args(args, "status")

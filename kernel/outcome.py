@@ -39,6 +39,8 @@ class CheckpointOutcome:
     stuck_reason: str = ""
     #: the checkpoint process was killed for lack of memory
     out_of_memory: bool = False
+    #: which of the kernel's checkpoint requests this is (0: unknown)
+    seq: int = 0
 
     def to_json(self) -> bytes:
         """JSON of bounded size: a namespace of 100,000 unsaveable objects must not make a huge message."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from durable_kernel.checkpoints import CheckpointError, NotebookStore, snapshot
+from durable_kernel.checkpoints.serialize import Skipped
 
 from . import humanize
 from .background import BackgroundWriter, fork_supported, memory_for_fork
@@ -51,6 +52,11 @@ class SaveRequest:
     max_variable_bytes: int | None
     #: names not even to try, with the reason to report
     skip: dict[str, str]
+    #: the cells run so far, as recorded (kernel/recompute.py)
+    cells: list[dict[str, Any]] | None = None
+    #: (name, type, reason) of variables a restored checkpoint could not save, still missing:
+    #: still "not saved", so a later restart still offers to make them again
+    missing: list[tuple[str, str, str]] | None = None
 
     def run(
         self,
@@ -68,9 +74,15 @@ class SaveRequest:
             stop_on=stop_on,
             memory_left=memory_left,
         )
+        snap.skipped += [Skipped(name, tname, reason) for name, tname, reason in self.missing or []]
         try:
             done = self.notebook.commit(
-                snap, execution_count=self.execution_count, cell=self.cell, keep=self.keep, writer=self.writer
+                snap,
+                execution_count=self.execution_count,
+                cell=self.cell,
+                keep=self.keep,
+                writer=self.writer,
+                cells=self.cells,
             )
         except CheckpointError as exc:
             return CheckpointOutcome.failed(str(exc))
@@ -85,6 +97,7 @@ class SaveRequest:
             skipped=[(s.name, s.type, s.reason) for s in snap.skipped],
             repaired=done.repaired,
             other_writer=done.other_writer,
+            seq=self.writer.get("seq", 0),
         )
 
 

@@ -33,17 +33,26 @@ class Output:
     #: the execute_reply's content
     reply: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    msg_id: str = ""
 
 
-def collect(kc: Any, msg_id: str, timeout: float = 120, what: str = "") -> Output:
-    """What the request ``msg_id`` produced: its IOPub output until the kernel is idle, then its reply."""
-    out = Output()
+def collect(
+    kc: Any, msg_id: str, timeout: float = 120, what: str = "", others: dict[str, list[Any]] | None = None
+) -> Output:
+    """What the request ``msg_id`` produced: its IOPub output until the kernel is idle, then its reply.
+
+    IOPub messages answering other (earlier) requests go to ``others`` by their request's id:
+    news that arrives after its cell ended (a background checkpoint's) is sent as that cell's.
+    """
+    out = Output(msg_id=msg_id)
     while True:
         try:
             msg = kc.get_iopub_msg(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no idle after {timeout} s running {what[:60]!r}") from None
         if msg["parent_header"].get("msg_id") != msg_id:
+            if others is not None:
+                others.setdefault(msg["parent_header"].get("msg_id", ""), []).append(msg)
             continue
         out.messages.append(msg)
         kind, content = msg["msg_type"], msg["content"]
@@ -98,6 +107,8 @@ class KernelProcess:
             **start_kwargs,
         )
         self.kc = self.km.client()
+        #: IOPub messages answering requests already collected, by request id
+        self.late: dict[str, list[Any]] = {}
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=startup_timeout)
         self.info = self._kernel_info()
@@ -119,7 +130,23 @@ class KernelProcess:
 
     def execute(self, code: str, timeout: float = 120, **kwargs: Any) -> Output:
         """Run ``code`` and collect its output until the kernel is idle again."""
-        return collect(self.kc, self.kc.execute(code, **kwargs), timeout, code)
+        return collect(self.kc, self.kc.execute(code, **kwargs), timeout, code, self.late)
+
+    def stderr_of(self, out: Output) -> str:
+        """Everything a request wrote to stderr: during its cell, and after it (late news sent as its cell's).
+        Messages that have arrived by now count: run a request first (``wait_saved``) to receive them."""
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                break
+            self.late.setdefault(msg["parent_header"].get("msg_id", ""), []).append(msg)
+        late = [
+            m["content"]["text"]
+            for m in self.late.get(out.msg_id, [])
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+        ]
+        return out.stderr + "".join(late)
 
     def value(self, expression: str) -> str:
         """``repr`` of an expression evaluated in the kernel (raises if it fails)."""

@@ -30,7 +30,8 @@ def session(kernel_pools):
     ]:
         outputs[name] = before.execute(cell)
         assert not outputs[name].error, (cell, outputs[name].error)
-        wait_saved(before)  # so the next cell shows this checkpoint's outcome
+        wait_saved(before)  # so the cell's checkpoint has told its outcome
+    outputs["unpicklable"].stderr = before.stderr_of(outputs["unpicklable"])
     # The last cell before the kill fails half-way.
     outputs["failed"] = before.execute("set_before_error = 'kept'\nraise ValueError('the cell fails')")
     assert outputs["failed"].error == "ValueError: the cell fails"
@@ -61,9 +62,10 @@ def test_deleted_variable_stays_deleted(session):
     holds(kernel, "'doomed' not in globals()")
 
 
-def test_unpicklable_variables_are_named_with_their_reason_when_saving(session):
+def test_unpicklable_variables_are_named_with_their_reason_under_the_cell_that_made_them(session):
     outputs, _ = session
-    stderr = outputs["after unpicklable"].stderr
+    assert "not saved" not in outputs["after unpicklable"].stderr
+    stderr = outputs["unpicklable"].stderr
     assert "durable-kernel: not saved: " in stderr
     assert "lock (_thread.lock: TypeError: cannot pickle '_thread.lock' object)" in stderr
     assert "gen (builtins.generator: TypeError: cannot pickle 'generator' object)" in stderr

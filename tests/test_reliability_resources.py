@@ -231,12 +231,12 @@ good = {"answer": 42}
 
 def test_deep_nesting_and_raising_reduce_are_skipped_with_reasons_the_rest_saved(start_kernel, capsys):
     kernel = start_kernel(session="odd.ipynb")
-    run(kernel, ODD_NAMESPACE)
+    made = run(kernel, ODD_NAMESPACE)
     result = last_result(kernel)
     skipped = {name: reason for name, _, reason in result["skipped"]}
     assert set(skipped) == {"bad", "deep"}
     assert "refuses to be pickled" in skipped["bad"] and "recursion limit" in skipped["deep"]
-    told = run(kernel, "pass").stderr
+    told = run(kernel, "pass").stderr + kernel.stderr_of(made)
     assert "not saved:" in told and "bad (" in told and "deep (" in told
     kernel.kill()
     kernel = start_kernel(session="odd.ipynb")
@@ -261,7 +261,7 @@ ok = 1
 
 def test_hanging_getstate_is_stopped_by_the_timeout_reported_and_skipped_until_reassigned(start_kernel, capsys):
     kernel = start_kernel(session="hang.ipynb", extra_arguments=["--DurableKernel.checkpoint_timeout=3"])
-    run(kernel, HANGS)
+    made = run(kernel, HANGS)
     timed_out = last_result(kernel)
     assert not timed_out["ok"] and timed_out["stuck_on"] == "h"
     told = run(kernel, "x = 2").stderr
@@ -269,7 +269,7 @@ def test_hanging_getstate_is_stopped_by_the_timeout_reported_and_skipped_until_r
     saved = last_result(kernel)
     assert saved["ok"] and [s[0] for s in saved["skipped"]] == ["h"]
     told_next = run(kernel, "pass").stderr
-    assert RESUMED in told_next and "h (" in told_next
+    assert RESUMED in told_next and "h (" in kernel.stderr_of(made)
     kernel.kill()
     kernel = start_kernel(session="hang.ipynb", extra_arguments=["--DurableKernel.checkpoint_timeout=3"])
     assert kernel.value("(ok, x, 'h' in globals())") == "(1, 2, False)"
@@ -286,7 +286,7 @@ def test_10_gib_variable_over_max_variable_bytes_is_skipped_without_being_read(s
         f.truncate(10 << 30)  # a sparse file: 10 GiB to numpy, no disk or RAM used
     limit = 1 << 20
     kernel = start_kernel(session="huge.ipynb", extra_arguments=[f"--DurableKernel.max_variable_bytes={limit}"])
-    run(
+    made = run(
         kernel,
         "import numpy as np\n"
         # a plain 10 GiB ndarray over the sparse file (np.asarray drops the memmap subclass)
@@ -298,7 +298,7 @@ def test_10_gib_variable_over_max_variable_bytes_is_skipped_without_being_read(s
     skipped = {name: reason for name, _, reason in result["skipped"]}
     assert set(skipped) == {"huge", "rows"}
     assert all(f"max_variable_bytes ({limit} bytes)" in r for r in skipped.values())
-    told = run(kernel, "pass").stderr
+    told = run(kernel, "pass").stderr + kernel.stderr_of(made)  # told as output of the cell that made it
     assert "huge (numpy.ndarray" in told and "max_variable_bytes" in told
     assert result["size"] < limit
     from durable_kernel.checkpoints import disk_usage
