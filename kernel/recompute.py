@@ -32,28 +32,34 @@ class CellHistory:
 
     def __init__(self) -> None:
         self.records: list[CellRecord] = []
+        # Each record's JSON, made once: every checkpoint stores the whole history.
+        self._json: list[dict[str, Any]] = []
         #: execution count -> the request message of a cell run by this kernel (where its news goes)
         self.parents: dict[int, dict[str, Any]] = {}
 
     def add(self, record: CellRecord, parent: dict[str, Any] | None = None) -> None:
         """Record a cell that ran; the oldest are dropped past MAX_CELLS or MAX_SOURCE_BYTES."""
         self.records.append(record)
+        self._json.append(record.to_json())
         if parent:
             self.parents[record.execution_count] = parent
         size = sum(len(r.source) for r in self.records)
         while len(self.records) > MAX_CELLS or (size > MAX_SOURCE_BYTES and len(self.records) > 1):
             dropped = self.records.pop(0)
+            self._json.pop(0)
             size -= len(dropped.source)
             self.parents.pop(dropped.execution_count, None)
 
     def restore(self, data: Any) -> None:
         """Start from the history a checkpoint stored (what is not a valid record is ignored)."""
         records = [CellRecord.from_json(item) for item in data] if isinstance(data, list) else []
-        self.records = [r for r in records if r is not None]
+        self.records = [r for r in records if r is not None][-MAX_CELLS:]
+        self._json = [r.to_json() for r in self.records]
         self.parents = {}
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [r.to_json() for r in self.records]
+        """The history as a checkpoint stores it (a new list; the records' dicts are never changed)."""
+        return list(self._json)
 
     def maker(self, name: str) -> CellRecord | None:
         """The last recorded cell that assigned ``name``."""
