@@ -61,6 +61,9 @@ FROZEN_NAMES = {
     "durable_kernel.checkpoints.serialize.import_module",
     "durable_kernel.checkpoints.serialize.variable",
     "durable_kernel.checkpoints.serialize.NotRestored",
+    # 0.3: views kept as views, tensors sharing a storage
+    "durable_kernel.checkpoints.serialize.ndarray_view",
+    "durable_kernel.checkpoints.serialize.torch_tensor",
     # how 0.1.0 wrote the first three
     "durable_kernel.checkpoints.serialize._loads_dill",
     "durable_kernel.checkpoints.serialize._import_module",
