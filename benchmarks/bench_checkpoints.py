@@ -90,6 +90,33 @@ small = 0
 """
 
 
+SHARED_CODE = """\
+import numpy as np
+class Node:
+    def __init__(self, parent=None):
+        self.parent, self.children, self.value = parent, [], 0.5
+        if parent is not None:
+            parent.children.append(self)
+root = Node()
+for _ in range(200):
+    branch = Node(root)
+    for _ in range(100):
+        Node(branch)
+leaf = root.children[7].children[3]          # a part kept in its own variable
+arrays = {f"a{i}": np.ones(1_000_000) for i in range(10)}
+first = arrays["a0"]                          # an array of a dict, in its own variable
+alone = [{"id": i} for i in range(20_000)]    # shares nothing
+"""
+
+
+def build_shared() -> types.ModuleType:
+    """Objects shared between variables: a 20k-node tree and a part of it, a dict of arrays and one of them."""
+    mod = types.ModuleType("bench_shared")
+    sys.modules[mod.__name__] = mod
+    exec(SHARED_CODE, mod.__dict__)
+    return mod
+
+
 # --- helpers --------------------------------------------------------------------
 
 
@@ -570,11 +597,29 @@ def inprocess_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dict[str
             dill.dumps(rows)
             dills.append(time.perf_counter() - started)
             shutil.rmtree(tmp / f"small-store-{i}", ignore_errors=True)
+        shared = build_shared()
+        shared_names = user_names(shared)
+        shared_ns = vars(shared)
+        snap_shared, dump_shared = [], []
+        for i in range(reps):
+            started = time.perf_counter()
+            snap = snapshot(shared_ns, shared_names)
+            snap_shared.append(time.perf_counter() - started)
+            path = tmp / f"shared-{i}.pkl"
+            started = time.perf_counter()
+            dill.dump_module(str(path), module=shared, refimported=True)
+            dump_shared.append(time.perf_counter() - started)
+            path.unlink()
+        groups = [v.members for v in snap.variables if v.members]
+        del snap, sys.modules[shared.__name__]
         args.small_done = {
             "snapshot_s": median(ours),
             "checkpoint_s": median(ours_commit),
             "pickle_s": median(cpickle),
             "dill_s": median(dills),
+            "shared_snapshot_s": median(snap_shared),
+            "shared_dump_module_s": median(dump_shared),
+            "shared_groups": groups,
         }
     r["small"] = args.small_done
     del sys.modules[mod.__name__]
@@ -641,6 +686,8 @@ def summarize(size_results: dict[float, dict[str, Any]]) -> dict[float, dict[str
             sm["dill_s"],
         )
         m["small_ratio"] = sm["dill_s"] / sm["snapshot_s"]
+        m["shared_snap"], m["shared_dump"] = sm["shared_snapshot_s"], sm["shared_dump_module_s"]
+        m["shared_groups"] = sm["shared_groups"]
         m["small_ckpt_ratio"] = sm["dill_s"] / sm["checkpoint_s"]
         m["dump_module"] = p["dump_module_s"]
         m["dump_module_bytes"] = p["dump_module_bytes"]
@@ -735,6 +782,15 @@ def table(summary: dict[float, dict[str, Any]], cells: int) -> str:
         (
             "**6** dill / snapshot (target ≥ 20×); dill / snapshot+commit",
             lambda m: f"**{m['small_ratio']:.1f}×**; {m['small_ckpt_ratio']:.1f}×",
+        ),
+        (
+            "**11** shared objects: snapshot vs `dill.dump_module` (groups formed)",
+            lambda m: (
+                f"{m['shared_snap'] * 1e3:.0f} vs {m['shared_dump'] * 1e3:.0f} ms "
+                f"({m['shared_dump'] / m['shared_snap']:.1f}×; "
+                + ", ".join("+".join(g) for g in m["shared_groups"])
+                + ")"
+            ),
         ),
         (
             "**7** `dill.dump_module` of the namespace (file size)",
