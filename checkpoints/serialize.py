@@ -310,11 +310,13 @@ class _Pickler(pickle.Pickler):
         if kind == _IDENTITY:
             owners = self._owners
             if owners is not None:  # inline: called for every instance pickled
-                first = owners.first.setdefault(id(obj), owners.index)
-                if first != owners.index:
+                first = owners.first.get(id(obj))
+                if first is None:
+                    if len(owners.held) < _MAX_TRACKED:
+                        owners.first[id(obj)] = owners.index
+                        owners.held.append(obj)
+                elif first != owners.index:
                     owners.links.add((first, owners.index))
-                elif len(owners.held) < _MAX_HELD:
-                    owners.held.append(obj)
             return NotImplemented
         if kind == _VALUE:
             return NotImplemented
@@ -419,7 +421,8 @@ class _Owners:
         #: variables holding two tensors of one storage: pickled again, keeping it one
         self.self_shared: set[int] = set()
         # Keeps every object noted alive until the snapshot ends, so that no id is
-        # reused by another object (a temporary made by some __reduce__) meanwhile.
+        # reused by another object (a temporary made by some __reduce__) meanwhile;
+        # an object is noted only while it can be held (see _MAX_TRACKED).
         self.held: list[Any] = []
         #: roots of arrays met as views (root id -> variables), and arrays met whole: a view
         #: of one met whole (or a root viewed from two variables) is saved as a view
@@ -445,19 +448,22 @@ class _Owners:
         self._note_key(id(obj), obj)
 
     def _note_key(self, key: Any, obj: Any) -> None:
-        first = self.first.setdefault(key, self.index)
-        if first != self.index:
+        first = self.first.get(key)
+        if first is None:
+            if len(self.held) < _MAX_TRACKED:
+                self.first[key] = self.index
+                self.held.append(obj)
+        elif first != self.index:
             self.links.add((first, self.index))
-        elif len(self.held) < _MAX_HELD:
-            self.held.append(obj)
 
     def shared_roots(self) -> set[int]:
         """Arrays whose views must stay views: met whole somewhere, or viewed from two variables."""
         return {root for root, where in self.viewed.items() if root in self.whole or len(where) > 1}
 
 
-#: Objects whose ids are held at most (past it, a rare id reuse only saves two variables together).
-_MAX_HELD = 10_000_000
+#: Objects tracked at most per snapshot (about 100 bytes each, in the checkpoint process): past
+#: it, sharing through objects met later is not seen (they are saved as copies), as before 0.3.
+_MAX_TRACKED = 1_000_000
 
 
 def _hashable(obj: Any) -> bool:
