@@ -2,11 +2,11 @@
 
 A notebook defines enums, dataclasses, a NamedTuple, a class with ``__slots__``,
 a nested class, a class whose class-level state changed after its definition,
-a subclass of it, a ``functools.wraps`` decorator and an ``lru_cache`` function, with instances
-of each.  Its checkpoint is committed and the kernel is killed with SIGKILL; a
-second kernel restores it, saves it again (so what came back is pickled once
-more) and is killed too; the third kernel is the one the tests look at.  Each
-test checks one behaviour there.
+a subclass of it, a generic class, a ``functools.wraps`` decorator and an
+``lru_cache`` function, with instances of each.  Its checkpoint is committed
+and the kernel is killed with SIGKILL; a second kernel restores it, saves it
+again (so what came back is pickled once more) and is killed too; the third
+kernel is the one the tests look at.  Each test checks one behaviour there.
 
 A restored function's ``__globals__`` is the notebook's live namespace (not a
 copy of it), so a global assigned after the restore is what it sees.
@@ -41,6 +41,8 @@ CELLS = [
     "class Counter:\n    made = 0\n\n    def __init__(self):\n        Counter.made += 1\n\n"
     "c1, c2 = Counter(), Counter()",
     "class Special(Counter):\n    kind = 'special'\n\nsp = Special()\nCounter.made += 10",
+    "T = typing.TypeVar('T')\n\nclass Box(typing.Generic[T]):\n    def __init__(self, item: T):\n"
+    "        self.item = item\n\nbox = Box[int](5)",
     "def shout(f):\n    @functools.wraps(f)\n    def wrapper(*args, **kwargs):\n        return f(*args, **kwargs).upper()\n"
     "    return wrapper\n\n@shout\ndef greet(name):\n    '''Say hello.'''\n    return f'{PREFIX}hello {name}'",
     "@functools.lru_cache(maxsize=32)\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nfib(20)",
@@ -48,7 +50,7 @@ CELLS = [
 ]
 NAMES = sorted(
     "dataclasses enum functools typing Color fav Level level Perm rw Planet home Point p Line line Frozen fp Pair "
-    "pair Slotted sl Outer inner Counter c1 c2 Special sp shout greet fib PREFIX".split()
+    "pair Slotted sl Outer inner Counter c1 c2 Special sp T Box box shout greet fib PREFIX".split()
 )
 
 
@@ -153,6 +155,11 @@ def test_subclass_of_a_notebook_class_is_a_subclass_of_the_restored_class(restor
     holds(restored, "isinstance(sp, Counter) and type(sp) is Special")
 
 
+def test_generic_class_keeps_its_type_variable(restored):
+    holds(restored, "Box.__parameters__ == (T,) and Box.__orig_bases__ == (typing.Generic[T],) and box.item == 5")
+    holds(restored, "box.__orig_class__ == Box[int] and typing.get_args(box.__orig_class__) == (int,)")
+
+
 def test_wraps_decorated_function_keeps_its_wrapper_and_wrapped_function(restored):
     holds(restored, "greet('bob') == 'HELLO BOB' and greet.__wrapped__('bob') == 'hello bob'")
     holds(restored, "greet.__name__ == 'greet' and greet.__doc__ == 'Say hello.' and greet.__wrapped__ is not greet")
@@ -166,7 +173,9 @@ def test_lru_cache_function_works_with_a_working_cache(restored):
 
 def test_restored_instances_are_instances_of_the_restored_classes(restored):
     pairs = "(fav, Color), (level, Level), (rw, Perm), (home, Planet), (p, Point), (fp, Frozen), (pair, Pair), "
-    pairs += "(line, Line), (sl, Slotted), (inner, Outer.Inner), (c1, Counter), (c2, Counter), (sp, Special)"
+    pairs += (
+        "(line, Line), (sl, Slotted), (inner, Outer.Inner), (c1, Counter), (c2, Counter), (sp, Special), (box, Box)"
+    )
     holds(restored, f"all(type(v) is c and isinstance(v, c) for v, c in [{pairs}])")
 
 
