@@ -350,7 +350,7 @@ def snapshot(
     that to zero is skipped ("not enough free memory"), so saving in a
     container near its memory limit never gets the process killed.
     """
-    with _recursion_within_stack():
+    with _recursion_within_stack(), notebook_code.warnings_logged("saving"):  # never into the user's cell
         return _snapshot(namespace, names, max_variable_bytes, skip or {}, progress, stop_on, memory_left)
 
 
