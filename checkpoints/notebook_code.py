@@ -173,7 +173,7 @@ def is_notebook_code(obj: Any) -> bool:
 def warnings_logged(doing: str) -> Iterator[None]:
     """Warnings raised inside go to this module's logger, never to stderr (the user's cell)."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")  # each warning once per place (a save may meet 200k objects)
         try:
             yield
         finally:
