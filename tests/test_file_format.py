@@ -304,6 +304,27 @@ def test_pickles_written_now_call_only_the_frozen_names_of_durable_kernel():
         resolve(reference)
 
 
+def test_notebook_code_written_now_by_another_python_is_not_restored_and_costs_nothing_else(tmp_path):
+    """What notebook_code.py stores is bytecode too: refused on another Python minor version, like dill's."""
+    namespace: dict = {"__name__": "__main__"}
+    exec(NOTEBOOK_CELLS + "\nanswer = 42", namespace)
+    names = [name for name in namespace if not name.startswith("__")]
+    nb = Store(tmp_path / "store", load_or_create_key(tmp_path / "key")).notebook(IDENTITY)
+    nb.commit(snapshot(namespace, names), execution_count=1, cell="notebook code")
+    assert set(nb.load_latest().values) == set(names)  # on this Python, everything comes back
+    raw = nb.manifest_path(1).read_bytes()
+    data = json.loads(manifest_format.body_of(raw))
+    other = f"3.{sys.version_info[1] - 1}"
+    data["versions"]["python"] = other + ".0"
+    for entry in data["variables"]:
+        entry.pop("python", None)
+    nb.manifest_path(1).write_bytes(manifest_format.encode(data, nb.store.key))
+    restored = nb.load(1)
+    reasons = {s.name: s.reason for s in restored.not_restored}
+    assert {"Color", "Point", "Box", "fib", "counter", "T"} <= set(reasons), reasons
+    assert f"Python {other}" in reasons["Color"] and restored.values["answer"] == 42
+
+
 def test_every_name_a_stored_pickle_calls_still_exists(release):
     # dill's Unpickler itself answers __builtin__.__main__ (the restoring process's __main__).
     called = set().union(*(referenced_globals(p) for _, _, p in stored_pickles(release))) - {"__builtin__.__main__"}
