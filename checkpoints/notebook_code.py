@@ -99,7 +99,15 @@ _SENTINELS: dict[int, tuple[types.ModuleType, str]] = {
 }
 
 #: Attributes a function carries besides its code, globals, name and closure.
-_FUNCTION_ATTRIBUTES = ("__qualname__", "__module__", "__doc__", "__defaults__", "__kwdefaults__", "__annotations__")
+_FUNCTION_ATTRIBUTES = (
+    "__qualname__",
+    "__module__",
+    "__doc__",
+    "__defaults__",
+    "__kwdefaults__",
+    "__annotations__",
+    "__type_params__",  # 3.12+: def f[T](x: T)
+)
 
 #: What the enum machinery keeps in an enum's class dict (_member_map_, _value2member_map_, _flag_mask_...):
 #: made again with the members, so not stored.
