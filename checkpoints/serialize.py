@@ -4,9 +4,10 @@ Save path: :func:`snapshot` pickles each variable on its own with the C pickler
 at protocol 5.  Large contiguous buffers (numpy arrays, pandas blocks) leave
 the pickle stream out-of-band so the store can keep each one as its own blob,
 and a buffer that did not change is never written again.  Only what the C
-pickler cannot do by reference goes to dill: functions, lambdas, closures and
-classes defined in the notebook (instances of such classes stay on the C
-pickler; only their class is handed over).
+pickler cannot do by reference goes to :mod:`.notebook_code`, which pickles it
+by value: functions, lambdas, closures, classes and ``lru_cache`` wrappers
+defined in the notebook (instances of such classes stay on the C pickler; only
+their class is handed over).
 
 One pickle per variable keeps unchanged variables byte-identical from one
 checkpoint to the next and isolates failures: a variable that cannot be
@@ -21,7 +22,7 @@ container stays shared (a Python call per object, paid only by such
 variables; see :class:`_ContainerWatch`).  References to data point only to
 variables that come earlier in the namespace, so they never form a cycle the
 loader could not resolve; references to notebook classes and functions may
-point anywhere (those are pickled by dill, which never refers back).
+point anywhere (those are pickled by value, never referring back).
 
 Restore path: :class:`Loader` unpickles variables on demand, resolving those
 references, so each variable loads once whatever the order.
@@ -40,6 +41,8 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from . import notebook_code
 
 #: Buffers smaller than this stay inside the pickle: a blob file per tiny array
 #: would cost more than it saves.
@@ -144,8 +147,18 @@ def type_name(obj: Any) -> str:
 # the same functions; they stay for as long as such checkpoints may exist.
 
 
+def load_notebook_code(data: bytes) -> Any:
+    """Rebuild a function or class defined in a notebook (pickled by :mod:`.notebook_code`).
+
+    Its code is bytecode, which only the Python minor version that wrote it can
+    run: from another version it is refused (:class:`OtherPython`), as by :func:`load_dill`.
+    """
+    _refuse_other_python()
+    return notebook_code.loads(data, scope=_active_loader)
+
+
 def load_dill(data: bytes) -> Any:
-    """Rebuild a function or class defined in a notebook (pickled by dill).
+    """Rebuild a function or class defined in a notebook (pickled by dill: how 0.1 and 0.2 stored it).
 
     Its code is bytecode, which only the Python minor version that wrote it can
     run (another one may crash running it): from another version it is refused
@@ -154,7 +167,8 @@ def load_dill(data: bytes) -> Any:
     _refuse_other_python()
     import dill
 
-    return dill.loads(data)
+    with notebook_code.warnings_logged("loading notebook code pickled by dill"):
+        return dill.loads(data)
 
 
 class OtherPython(Exception):
@@ -172,16 +186,6 @@ def _refuse_other_python() -> None:
             f"notebook code saved by Python {wrote}, whose bytecode Python {running} cannot run; "
             f"a kernel on Python {wrote} restores it"
         )
-
-
-def _dumps_dill(obj: Any) -> bytes:
-    # Imported here, not at module import: dill binds ``__main__`` when it is
-    # first imported, and it must see IPython's user module, not the launcher.
-    import dill
-
-    # recurse=False keeps a function's globals a reference to ``__main__``'s
-    # dict, so a restored function sees the live namespace, not a copy.
-    return dill.dumps(obj, protocol=5, recurse=False, byref=False)
 
 
 def ndarray_view(root: Any, start: int, shape: tuple, strides: tuple, dtype: Any, writeable: bool) -> Any:
@@ -207,18 +211,6 @@ def torch_tensor(data: Any, offset: int, shape: tuple, strides: tuple, dtype: An
 def import_module(name: str) -> types.ModuleType:
     """A module met inside a variable, imported again by its name."""
     return importlib.import_module(name)
-
-
-def _defined_in_notebook(obj: Any) -> bool:
-    """True for a function or class that cannot be found again by its name."""
-    module_name = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", "")
-    if module_name in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
-        return True
-    found: Any = sys.modules.get(module_name)
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    return found is not obj
 
 
 #: How often (in bytes of pickle written) a foreground save asks how much memory is left.
@@ -263,10 +255,10 @@ class _Output(io.BytesIO):
 
 
 class _Pickler(pickle.Pickler):
-    """The C pickler, handing only what it cannot do by reference to dill.
+    """The C pickler, handing only what it cannot do by reference to :mod:`.notebook_code`.
 
     While pickling it notes every object whose identity matters (see
-    :func:`_sharing_keys`) in ``owners``, so objects met by two variables
+    :func:`_kind_of`) in ``owners``, so objects met by two variables
     are found; ``views`` (ids of arrays shared as a whole) makes an array
     that views one of them pickle as a view of it, not as a copy.
     """
@@ -324,8 +316,8 @@ class _Pickler(pickle.Pickler):
             ref = self._top_level.get(id(obj))
             if ref is not None and id(obj) != self.current:
                 return variable, (ref[0],)  # one class object for every variable's instances
-            if _defined_in_notebook(obj):
-                return load_dill, (_dumps_dill(obj),)
+            if notebook_code.defined_in_notebook(obj):
+                return load_notebook_code, (notebook_code.dumps(obj),)
             return NotImplemented
         if kind == _MODULE:
             return import_module, (obj.__name__,)
@@ -377,7 +369,7 @@ _IDENTITY, _VALUE, _CODE, _MODULE, _ARRAY, _TENSOR = range(6)
 
 
 def _kind_of(obj: Any) -> int:
-    if isinstance(obj, (types.FunctionType, type)):
+    if isinstance(obj, notebook_code.CODE_TYPES):
         return _CODE
     if isinstance(obj, types.ModuleType):
         return _MODULE
@@ -538,7 +530,7 @@ def snapshot(
     that to zero is skipped ("not enough free memory"), so saving in a
     container near its memory limit never gets the process killed.
     """
-    with _recursion_within_stack():
+    with _recursion_within_stack(), notebook_code.warnings_logged("saving"):  # never into the user's cell
         return _snapshot(namespace, names, max_variable_bytes, skip or {}, progress, stop_on, memory_left)
 
 

@@ -68,7 +68,57 @@ FROZEN_NAMES = {
     "durable_kernel.checkpoints.serialize._loads_dill",
     "durable_kernel.checkpoints.serialize._import_module",
     "durable_kernel.checkpoints.serialize._variable_ref",
+    # notebook code pickled by value (after 0.2.0): load_notebook_code's argument is a pickle calling the others
+    "durable_kernel.checkpoints.serialize.load_notebook_code",
+    *(
+        f"durable_kernel.checkpoints.notebook_code.{name}"
+        for name in (
+            "make_code",
+            "make_cell",
+            "make_function",
+            "set_function_state",
+            "make_class",
+            "make_enum",
+            "set_class_state",
+            "make_lru_cache",
+            "make_typevar",
+        )
+    ),
 }
+
+#: Notebook code of every kind notebook_code.py pickles, for the pickles written now.
+NOTEBOOK_CELLS = """
+import dataclasses, enum, functools, typing
+T = typing.TypeVar("T")
+class Color(enum.Enum):
+    RED = 1
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    tags: list = dataclasses.field(default_factory=list)
+class Pair(typing.NamedTuple):
+    left: int
+class Box(typing.Generic[T]):
+    __slots__ = ("item",)
+    @property
+    def first(self):
+        return self.item
+    @classmethod
+    def make(cls):
+        return cls()
+@functools.lru_cache(maxsize=8)
+def fib(n):
+    return n
+def make_counter():
+    count = 0
+    def step():
+        nonlocal count
+        count += 1
+        return count
+    return step
+counter = make_counter()
+instances = [Color.RED, Point(1), Pair(2), fib, counter]
+"""
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -241,6 +291,41 @@ def test_the_0_1_0_fixture_calls_the_names_0_1_0_wrote():
         called |= {g for g in referenced_globals(payload) if g.startswith("durable_kernel")}
     serialize = "durable_kernel.checkpoints.serialize."
     assert called == {serialize + "_loads_dill", serialize + "_import_module", serialize + "_variable_ref"}
+
+
+def test_pickles_written_now_call_only_the_frozen_names_of_durable_kernel():
+    namespace: dict = {"__name__": "__main__"}
+    exec(NOTEBOOK_CELLS, namespace)
+    snap = snapshot(namespace, [name for name in namespace if not name.startswith("__")])
+    assert snap.skipped == []
+    called = set().union(*(referenced_globals(v.payload) for v in snap.variables if v.kind == "pickle"))
+    ours = {g for g in called if g.startswith("durable_kernel")}
+    assert "durable_kernel.checkpoints.serialize.load_notebook_code" in ours and ours <= FROZEN_NAMES, (
+        ours - FROZEN_NAMES
+    )
+    for reference in called:
+        resolve(reference)
+
+
+def test_notebook_code_written_now_by_another_python_is_not_restored_and_costs_nothing_else(tmp_path):
+    """What notebook_code.py stores is bytecode too: refused on another Python minor version, like dill's."""
+    namespace: dict = {"__name__": "__main__"}
+    exec(NOTEBOOK_CELLS + "\nanswer = 42", namespace)
+    names = [name for name in namespace if not name.startswith("__")]
+    nb = Store(tmp_path / "store", load_or_create_key(tmp_path / "key")).notebook(IDENTITY)
+    nb.commit(snapshot(namespace, names), execution_count=1, cell="notebook code")
+    assert set(nb.load_latest().values) == set(names)  # on this Python, everything comes back
+    raw = nb.manifest_path(1).read_bytes()
+    data = json.loads(manifest_format.body_of(raw))
+    other = f"3.{sys.version_info[1] - 1}"
+    data["versions"]["python"] = other + ".0"
+    for entry in data["variables"]:
+        entry.pop("python", None)
+    nb.manifest_path(1).write_bytes(manifest_format.encode(data, nb.store.key))
+    restored = nb.load(1)
+    reasons = {s.name: s.reason for s in restored.not_restored}
+    assert {"Color", "Point", "Box", "fib", "counter", "T"} <= set(reasons), reasons
+    assert f"Python {other}" in reasons["Color"] and restored.values["answer"] == 42
 
 
 def test_every_name_a_stored_pickle_calls_still_exists(release):
