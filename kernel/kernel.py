@@ -13,6 +13,7 @@ of their next cell (and in the banner at start); details go to the kernel log.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import re
 import socket
@@ -185,6 +186,7 @@ class DurableKernel(IPythonKernel):
         """
         from .magics import CheckpointMagics
 
+        self._log_to_kernel_log()
         self.shell.register_magics(CheckpointMagics(self.shell, kernel=self))
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self.shell.events.register("post_run_cell", self._post_run_cell)
@@ -211,6 +213,17 @@ class DurableKernel(IPythonKernel):
             self._restore()
         else:
             self._set_notice(["restore is off; variables are saved after every cell."])
+
+    def _log_to_kernel_log(self) -> None:
+        """Our modules' log records go where the kernel's own do (its log), never to the user's cell:
+        with no handler, Python prints warnings on sys.stderr, which in a kernel is the running cell."""
+        ours = logging.getLogger("durable_kernel")
+        if ours.handlers:
+            return
+        for handler in getattr(self.log, "handlers", []) or [logging.NullHandler()]:
+            ours.addHandler(handler)
+        ours.propagate = False
+        ours.setLevel(logging.INFO)
 
     def _use_identity(self, name: str) -> None:
         assert self.store is not None

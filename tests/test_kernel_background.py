@@ -249,3 +249,13 @@ def test_an_outcome_naming_thousands_of_unsaved_variables_still_reaches_the_kern
     told = kernel.stderr_of(made) + kernel.execute("1").stderr
     assert "checkpoint not saved" not in told, told
     assert "not saved:" in told and "more" in told, told
+
+
+def test_our_log_records_go_to_the_kernel_log_never_into_the_users_cell(start_kernel, tmp_path):
+    kernel = start_kernel(session="logging.ipynb")
+    out = kernel.execute(
+        "import logging\nlogging.getLogger('durable_kernel.checkpoints.store').warning('a store warning')"
+    )
+    assert not out.error and "a store warning" not in out.stderr + out.stdout
+    kernel.close()
+    assert "a store warning" in (tmp_path / "kernel-0.log").read_text(errors="replace")
