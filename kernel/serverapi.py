@@ -287,7 +287,7 @@ class DurableHandler(APIHandler):
         authorized = await ensure_async(self.authorizer.is_authorized(self, self.current_user, "execute", "kernels"))
         if not authorized:
             raise Refused(403, f"a kernel runs for {path!r}, and this user may not execute code in kernels")
-        if getattr(km, "execution_state", "") in ("busy", "starting"):
+        if getattr(km, "execution_state", "") == "busy":
             raise Refused(
                 409,
                 f"the kernel of {path!r} is busy running a cell; try again when it is idle (or interrupt it)",

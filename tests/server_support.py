@@ -93,7 +93,10 @@ class JupyterServer:
                 status, text = reply.status, reply.read()
         except urllib.error.HTTPError as refused:
             status, text = refused.code, refused.read()
-        return status, (json.loads(text) if text else None)
+        try:
+            return status, (json.loads(text) if text else None)
+        except ValueError:  # not JSON (a page): the text, for the assertion message
+            return status, text.decode(errors="replace")
 
     def new_notebook(self, path: str) -> None:
         """Create an empty notebook file through the contents API."""

@@ -119,6 +119,15 @@ def test_listing_gives_every_stored_notebook_as_durable_kernel_list_json_does(se
     assert entry["size"] > 0 and entry["last_used_iso"]
 
 
+def test_listing_before_any_kernel_ran_is_empty_not_an_error(tmp_path, monkeypatch):
+    """No store and no key yet (what a new user's JupyterLab panel asks first)."""
+    from durable_kernel import serverapi
+
+    monkeypatch.setenv("DURABLE_KERNEL_DIR", str(tmp_path / "no-store-yet"))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "no-key-yet"))
+    assert serverapi.list_notebooks(str(tmp_path)) == {"store": str(tmp_path / "no-store-yet"), "notebooks": []}
+
+
 def test_detail_lists_each_checkpoint_with_the_names_it_added_removed_and_changed(history):
     status, reply = history.api()
     assert status == 200, reply
