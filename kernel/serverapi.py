@@ -44,7 +44,6 @@ from typing import Any
 from durable_kernel.checkpoints import (
     CheckpointError,
     Store,
-    UnsafeStore,
     disk_usage,
     inventory,
     maintenance,
@@ -230,9 +229,7 @@ class DurableHandler(APIHandler):
             status = 200
         except Refused as exc:
             status, reply = exc.status, {"message": exc.message}
-        except UnsafeStore as exc:
-            status, reply = 409, {"message": str(exc)}
-        except CheckpointError as exc:
+        except CheckpointError as exc:  # an unsafe store, a checkpoint that does not verify, a saver still running
             status, reply = 409, {"message": str(exc)}
         except Exception:
             self.log.exception("durable-kernel: %s %s failed", self.request.method, self.request.path)
