@@ -1,7 +1,7 @@
 """What is stored, read-only: the notebooks, their checkpoints, disk use, what gc would remove.
 
-For the ``durable-kernel`` command, ``%checkpoint`` and a starting kernel
-(which looks for the state of a renamed or moved notebook).  It never
+For the ``durable-kernel`` command, ``%checkpoint``, the Jupyter Server API
+and a starting kernel (which looks for the state of a renamed or moved notebook).  It never
 unpickles anything and never deletes: it reads manifests only, verified with
 the user's key where what they say is shown to the user, and unverified only
 to decide what to *keep* (a bad manifest can at worst keep a blob alive).
@@ -22,7 +22,7 @@ from typing import Any
 from . import retention
 from .errors import CheckpointError
 from .files import TMP_PREFIX
-from .manifest import Manifest, folder_name, printable
+from .manifest import Manifest, diff, folder_name, printable
 from .store import NotebookStore, Store, disk_usage
 
 #: A temp file beside settings.json (written without the lock) is only taken
@@ -138,6 +138,86 @@ def notebooks(store: Store) -> list[NotebookInfo]:
         if info.generations or notebook_at(store, folder).blob_names():
             found.append(info)
     return sorted(found, key=lambda i: i.last_used, reverse=True)
+
+
+def readable(nb: NotebookStore) -> tuple[list[Manifest], list[str]]:
+    """The kept checkpoints of ``nb`` that verify, newest first, and one line per one that does not."""
+    found: list[Manifest] = []
+    problems: list[str] = []
+    for gen in nb.checkpoint_ids():
+        try:
+            found.append(nb.read_manifest(gen))
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    return found, problems
+
+
+@dataclass
+class Kept:
+    """One kept checkpoint as ``%checkpoint list`` shows it: what its cell changed."""
+
+    manifest: Manifest
+    #: names added, removed and changed since the next older readable checkpoint
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+    @property
+    def size(self) -> int:
+        return sum(v.get("size", 0) for v in self.manifest.variables)
+
+    def to_json(self) -> dict[str, Any]:
+        man = self.manifest
+        return {
+            "id": man.generation,
+            "created": man.created,
+            "created_iso": iso_time(man.created),
+            "execution_count": man.execution_count,
+            "cell": man.data.get("cell", ""),
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+            "variables": len(man.variables),
+            "size": self.size,
+        }
+
+
+def history(manifests: list[Manifest]) -> list[Kept]:
+    """Readable checkpoints (newest first, as :func:`readable` gives them), each with what changed
+    since the one before it; the oldest compares with nothing (everything it holds is added)."""
+    return [
+        Kept(man, *diff(manifests[i + 1].data if i + 1 < len(manifests) else {}, man.data))
+        for i, man in enumerate(manifests)
+    ]
+
+
+def variable_json(var: dict[str, Any]) -> dict[str, Any]:
+    """One variable of a manifest, for JSON output: name, type, kind, size and where it is stored."""
+    out = {k: var.get(k) for k in ("name", "type", "kind", "size")}
+    if var.get("kind") == "pickle":
+        out["stored"] = "inline" if "inline" in var else "blob"
+        out["buffers"] = len(var.get("buffers", []))
+    else:
+        out["target"] = var.get("target")
+    return out
+
+
+def checkpoint_json(man: Manifest) -> dict[str, Any]:
+    """One checkpoint as ``durable-kernel show --json`` gives it: variables (sorted by name), sizes,
+    what was not saved and why, who wrote it; from the manifest alone."""
+    return {
+        "identity": man.identity,
+        "generation": man.generation,
+        "created": man.created,
+        "created_iso": iso_time(man.created),
+        "execution_count": man.execution_count,
+        "cell": man.data.get("cell", ""),
+        "writer": man.data.get("writer", {}),
+        "versions": man.data.get("versions", {}),
+        "variables": [variable_json(v) for v in sorted(man.variables, key=lambda v: v["name"].lower())],
+        "size": sum(v.get("size", 0) for v in man.variables),
+        "skipped": man.skipped,
+    }
 
 
 def find(store: Store, name: str) -> NotebookInfo:

@@ -1,4 +1,5 @@
-"""Changes to the store from outside a kernel's commit: gc, clear, and moving a notebook's state.
+"""Changes to the store from outside a kernel's commit: gc, clear, moving a notebook's state, and
+making an older checkpoint the newest again (a restore while no kernel runs).
 
 Every deletion happens under the notebook's lock (:meth:`NotebookFolder.locked`),
 the one a kernel holds while committing or pruning, so a commit in progress
@@ -25,6 +26,9 @@ from .store import NotebookStore, Store
 
 #: How long clearing and moving wait for a notebook's checkpoint processes to finish.
 SAVER_WAIT = 60.0
+
+#: The ``cell`` of a checkpoint made by restoring checkpoint N outside a cell (no cell made that state).
+RESTORED_CELL = "(restored checkpoint {})"
 
 
 @dataclass
@@ -196,3 +200,41 @@ def move(store: Store, source: NotebookStore, target_identity: str, wait: float 
         else:
             source.clear()
     return Moved(label, target_identity, moved, left)
+
+
+def make_newest(nb: NotebookStore, generation: int, wait: float = SAVER_WAIT) -> int:
+    """Make checkpoint ``generation`` of ``nb`` the one the next start loads; returns its new id.
+
+    A restore while no kernel runs, without unpickling anything: the verified
+    manifest is signed again as a new checkpoint numbered after the newest,
+    naming the same blobs (so they stay as long as either is kept), with its
+    variables, what was not saved, the cells and versions of the original;
+    its time is now, its cell says it was restored (``RESTORED_CELL``) and its
+    ``writer`` is empty (no kernel wrote it, none is still writing it).  The
+    checkpoints it replaces as the newest stay, for undo: nothing is pruned
+    here (the next commit prunes as usual).  A checkpoint that already is the
+    newest is left as it is.  Waits (up to ``wait`` seconds, else
+    :class:`CheckpointError`) for the notebook's checkpoint processes, whose
+    commit would otherwise land on top of it, then works under the lock.
+    """
+    nb.check_safe()
+    wait_for_savers(nb, wait)
+    try:
+        with nb.locked(create=False):
+            return _make_newest_locked(nb, generation)
+    except FileNotFoundError:  # cleared and removed meanwhile
+        raise CheckpointError(f"no checkpoint {generation} for {printable(nb.identity)}") from None
+
+
+def _make_newest_locked(nb: NotebookStore, generation: int) -> int:
+    kept = nb.checkpoint_ids()
+    if generation not in kept:
+        raise CheckpointError(f"no checkpoint {generation} for {printable(nb.identity)}")
+    man = nb.read_manifest(generation)  # verified: a failure is the one-line error
+    if kept[0] == generation:
+        return generation
+    new = kept[0] + 1
+    data = {**man.data, "generation": new, "created": time.time(), "cell": RESTORED_CELL.format(generation)}
+    data["writer"] = {}
+    nb.files.publish(nb.manifest_key(new), manifest_format.encode(data, nb.store.key))
+    return new

@@ -273,16 +273,6 @@ def _list(store, args: argparse.Namespace) -> Any:
     return None
 
 
-def _variable_json(var: dict[str, Any]) -> dict[str, Any]:
-    out = {k: var.get(k) for k in ("name", "type", "kind", "size")}
-    if var.get("kind") == "pickle":
-        out["stored"] = "inline" if "inline" in var else "blob"
-        out["buffers"] = len(var.get("buffers", []))
-    else:
-        out["target"] = var.get("target")
-    return out
-
-
 def _show(store, args: argparse.Namespace) -> Any:
     from durable_kernel.checkpoints import inventory
 
@@ -303,19 +293,9 @@ def _show(store, args: argparse.Namespace) -> Any:
     variables = sorted(man.variables, key=lambda v: v["name"].lower())
     if args.json:
         return {
-            "identity": man.identity,
+            **inventory.checkpoint_json(man),
             "folder": str(info.folder),
-            "generation": man.generation,
             "generations": info.generations,
-            "created": man.created,
-            "created_iso": inventory.iso_time(man.created),
-            "execution_count": man.execution_count,
-            "cell": man.data.get("cell", ""),
-            "writer": man.data.get("writer", {}),
-            "versions": man.data.get("versions", {}),
-            "variables": [_variable_json(v) for v in variables],
-            "size": sum(v.get("size", 0) for v in man.variables),
-            "skipped": man.skipped,
             "problems": problems,
         }
     versions = man.data.get("versions") or {}

@@ -471,6 +471,13 @@ class DurableKernel(IPythonKernel):
             return None
         return parent if isinstance(parent, dict) and parent.get("header") else None
 
+    def running_silently(self) -> bool:
+        """Is the request being handled a silent execute (a client's quiet request, such as the Jupyter
+        Server API's)?  IPython runs no cell hooks for one, so no checkpoint follows it."""
+        parent = self._parent_message()
+        content = parent.get("content") if parent is not None else None
+        return isinstance(content, dict) and bool(content.get("silent"))
+
     # --- save path -----------------------------------------------------------
 
     def names_to_save(self) -> list[str]:
@@ -525,14 +532,15 @@ class DurableKernel(IPythonKernel):
         """True while a background checkpoint is being written."""
         return self._saver is not None and self._saver.running
 
-    def checkpoint_now(self, timeout: float | None = None) -> CheckpointOutcome:
-        """Checkpoint the namespace as it is and wait until committed; returns the outcome."""
+    def checkpoint_now(self, timeout: float | None = None, cell: str | None = None) -> CheckpointOutcome:
+        """Checkpoint the namespace as it is and wait until committed; returns the outcome.
+        ``cell`` labels it (default: the first line of the last cell run)."""
         if self._saver is None:
             return CheckpointOutcome.failed("checkpoints are off for this kernel")
         # Let the previous cell's checkpoint land first, under its own label (a newer
         # request would supersede it); if this cell changed nothing since, it is refreshed.
         self._saver.wait(timeout)
-        self._checkpoint(self._cell_number())
+        self._checkpoint(self._cell_number(), cell)
         if not self._saver.wait(timeout):
             return CheckpointOutcome.failed("timed out waiting for the checkpoint to be written")
         return self.last_outcome or CheckpointOutcome.failed("no checkpoint was taken")
@@ -549,7 +557,7 @@ class DurableKernel(IPythonKernel):
             return running.execution_count
         return max(self.shell.execution_count - 1, 0)
 
-    def _checkpoint(self, execution_count: int) -> None:
+    def _checkpoint(self, execution_count: int, cell: str | None = None) -> None:
         """Start (or take, in the foreground) a checkpoint of the namespace as it is now.
 
         Never raises and never fails the cell: our own bug or an OS refusal
@@ -563,7 +571,7 @@ class DurableKernel(IPythonKernel):
             namespace=ns,
             names=self.names_to_save(),
             execution_count=execution_count,
-            cell=self._last_cell,
+            cell=self._last_cell if cell is None else cell,
             writer={**self._writer, "seq": self._checkpoint_seq},
             keep=self.keep_generations,
             max_variable_bytes=self.max_variable_bytes,

@@ -6,7 +6,7 @@ import argparse
 import shlex
 from typing import TYPE_CHECKING, Any
 
-from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, maintenance, printable
+from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, inventory, maintenance, printable
 from durable_kernel.checkpoints.inventory import NoSuchNotebook
 from durable_kernel.checkpoints.manifest import diff, fingerprint
 from IPython.core.error import UsageError
@@ -99,13 +99,7 @@ class CheckpointMagics(Magics):
 
     def _manifests(self) -> list[Manifest]:
         """Readable kept manifests, newest first."""
-        found = []
-        for gen in self.notebook.checkpoint_ids():
-            try:
-                found.append(self.notebook.read_manifest(gen))
-            except CheckpointError:
-                continue
-        return found
+        return inventory.readable(self.notebook)[0]
 
     def _save_and_wait(self) -> CheckpointOutcome:
         return self.kernel.checkpoint_now()
@@ -190,15 +184,13 @@ class CheckpointMagics(Magics):
             print("No checkpoints for this notebook yet.")
             return
         rows = [("id", "saved", "In", "cell", "changes", "size")]
-        for i, m in enumerate(manifests):
-            older = manifests[i + 1].data if i + 1 < len(manifests) else {}
-            added, removed, changed = diff(older, m.data)
+        for kept in inventory.history(manifests):
+            m = kept.manifest
             change = " ".join(
                 f"{sign}{', '.join(names[:3])}{'…' if len(names) > 3 else ''}"
-                for sign, names in (("+", added), ("~", changed), ("-", removed))
+                for sign, names in (("+", kept.added), ("~", kept.changed), ("-", kept.removed))
                 if names
             )
-            size = sum(v.get("size", 0) for v in m.variables)
             cell = m.data.get("cell", "")
             rows.append(
                 (
@@ -207,7 +199,7 @@ class CheckpointMagics(Magics):
                     str(m.execution_count),
                     cell if len(cell) <= 40 else cell[:39] + "…",
                     change or "(no change)",
-                    humanize.size(size),
+                    humanize.size(kept.size),
                 )
             )
         print("\n".join(humanize.table(rows)))
@@ -227,6 +219,14 @@ class CheckpointMagics(Magics):
             self._restore_names(target, names)
         else:
             self._restore(target, f"Restored checkpoint {target.generation}")
+        if self.kernel.running_silently():
+            # A client's silent request (the Jupyter Server API): no cell end follows to save
+            # the restored state, and a restart would bring back the state before it.
+            outcome = self.kernel.checkpoint_now(cell=maintenance.RESTORED_CELL.format(target.generation))
+            if outcome.ok:
+                print(f"Saved as checkpoint {outcome.checkpoint_id}.")
+            else:
+                print(f"Not saved yet ({outcome.error}): the next cell saves it.")
 
     def _restore_names(self, target: Manifest, names: list[str]) -> None:
         restored = self.notebook.load(target.generation, self.kernel.verify_on_restore)

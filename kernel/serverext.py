@@ -1,4 +1,5 @@
-"""Jupyter Server extension: a notebook's checkpoints follow it when the server renames or moves it.
+"""Jupyter Server extension: a notebook's checkpoints follow it when the server renames or moves it,
+and the REST API under ``/api/durable/`` (``serverapi.py``) shows, restores and clears them.
 
 JupyterLab renames through the server's contents API (``Untitled.ipynb`` on its
 first save, the file browser's rename and drag-and-drop moves), and the server
@@ -30,25 +31,39 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
+    from .serverapi import handlers
+
     root = os.path.abspath(os.path.expanduser(serverapp.contents_manager.root_dir))
 
     async def on_contents_event(logger: Any, schema_id: str, data: dict[str, Any]) -> None:
         if data.get("action") != "rename" or not data.get("source_path") or not data.get("path"):
             return
-        old, new = _os_path(root, data["source_path"]), _os_path(root, data["path"])
+        old, new = os_path(root, data["source_path"]), os_path(root, data["path"])
         try:
             await asyncio.to_thread(follow_rename, old, new)
         except Exception:  # never break the server's rename
             serverapp.log.exception("durable-kernel: moving the saved state of %s to %s failed", old, new)
 
     serverapp.event_logger.add_listener(schema_id=CONTENTS_EVENTS, listener=on_contents_event)
+    serverapp.web_app.add_handlers(".*$", handlers(serverapp.base_url, root))
     serverapp.log.info("durable-kernel: saved state follows notebooks renamed or moved in %s", root)
+    serverapp.log.info("durable-kernel: checkpoints API at %sapi/durable/notebooks", serverapp.base_url)
 
 
-def _os_path(root: str, api_path: str) -> str:
+def os_path(root: str, api_path: str) -> str:
     """The path a kernel for this notebook gets as its identity (jupyter_server's JPY_SESSION_NAME)."""
     parts = [p for p in api_path.strip("/").split("/") if p]
     return os.path.join(root, *parts)
+
+
+def api_path(root: str, identity: str | None) -> str | None:
+    """The contents-API path of a stored identity under ``root``; None for one elsewhere."""
+    if not identity or not os.path.isabs(identity):
+        return None
+    prefix = root.rstrip(os.sep) + os.sep
+    if not identity.startswith(prefix):
+        return None
+    return "/".join(identity[len(prefix) :].split(os.sep))
 
 
 def follow_rename(old: str, new: str) -> list[str]:

@@ -80,6 +80,24 @@ class JupyterServer:
             text = reply.read()
         return json.loads(text) if text else None
 
+    def request(self, method: str, path: str, body: Any = None, token: bool = True, timeout: float = 120) -> tuple:
+        """One REST call that may be refused: ``(status, JSON reply or None)``; ``token=False`` sends no
+        credentials at all (no token, no cookie)."""
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"token {self.token}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}/api/{path}", data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                status, text = reply.status, reply.read()
+        except urllib.error.HTTPError as refused:
+            status, text = refused.code, refused.read()
+        try:
+            return status, (json.loads(text) if text else None)
+        except ValueError:  # not JSON (a page): the text, for the assertion message
+            return status, text.decode(errors="replace")
+
     def new_notebook(self, path: str) -> None:
         """Create an empty notebook file through the contents API."""
         nb = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
