@@ -61,8 +61,9 @@ class DurableKernel(IPythonKernel):
     keep_generations = Integer(
         5,
         config=True,
-        help="How many checkpoints to keep per notebook; older ones and their data are deleted. "
-        "Checkpoints this user's key cannot verify are never deleted by this.",
+        help="How many states to keep per notebook: the checkpoints of the newest states are kept, older ones "
+        "and their data are deleted. A checkpoint that goes back to a kept state ('%checkpoint undo' or "
+        "'restore') does not count. Checkpoints this user's key cannot verify are never deleted by this.",
     )
     enabled = Bool(True, config=True, help="Save a checkpoint after every cell.")
     background = Bool(
@@ -196,6 +197,11 @@ class DurableKernel(IPythonKernel):
         self._notebook_excludes = [p for p in excludes if isinstance(p, str)]
 
     @property
+    def writer_id(self) -> str:
+        """This kernel process's id in the checkpoints it writes (``writer.id``, ``made_by``)."""
+        return self._writer["id"]
+
+    @property
     def shown_identity(self) -> str:
         """The identity as it can be printed (escape codes, newlines, undecodable bytes escaped)."""
         return printable(self.identity, 300)
@@ -222,10 +228,12 @@ class DurableKernel(IPythonKernel):
             )
             return
         if report.restored is not None:
+            # The cell count is left alone: a new kernel counts from In [1], as every client
+            # expects (jupyter console's first prompt, a notebook's Restart and Clear Outputs,
+            # nbclient); the checkpoints' In [n] of earlier kernels are shown as theirs.
             values = {**report.restored.values, **report.placeholders}
             self.shell.user_ns.update(values)
             self._restored_names = values
-            self.shell.execution_count = report.restored.manifest.execution_count + 1
         for line in report.lines:
             self.log.info(line)
         self._set_notice(report.lines, banner=report.banner_only)
@@ -263,7 +271,6 @@ class DurableKernel(IPythonKernel):
         self._restored_names = {}
         self.notices.take()  # news of the provisional state is moot
         self.notices.add(*self._key_warnings)
-        self.shell.execution_count = 1  # the folder's count is not this notebook's
         self._identity_final = True
         self._use_identity(name)
         if self.restore == "auto":
