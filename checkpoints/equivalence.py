@@ -72,24 +72,48 @@ def same_value(old: bytes, new: bytes) -> bool:
     if len(old) > MAX_BYTES or len(new) > MAX_BYTES or abs(len(old) - len(new)) > 64 + len(new) // 8:
         return False  # too big to read, or too different in size to be the same value
     try:
-        return _digest(_parse(old, 0)) == _digest(_parse(new, 0))
+        old_ops, new_ops = _ops(old), _ops(new)
+        # Most changed values change a number or a string somewhere: then the (cheaper) sets of
+        # those differ; only if they do not are the trees built and compared.
+        if _atoms(old_ops) != _atoms(new_ops):
+            return False
+        return _digest(_parse(old_ops, 0)) == _digest(_parse(new_ops, 0))
     except (_NotComparable, RecursionError):
         return False
 
 
-def _parse(payload: bytes, depth: int) -> Any:
-    """The object tree a pickle builds, without building anything."""
-    if depth > 3:
-        raise _NotComparable("notebook code nested too deeply")
-    stack: list[Any] = []
-    memo: dict[int, Any] = {}
-    buffers = 0
+def _ops(payload: bytes) -> list[tuple[Any, Any, Any]]:
     try:
         ops = list(pickletools.genops(payload))
     except Exception as exc:  # any malformed pickle
         raise _NotComparable(str(exc)) from None
     if len(ops) > _BUDGET:
         raise _NotComparable("too many objects")
+    return ops
+
+
+def _atoms(ops: list[tuple[Any, Any, Any]]) -> set[tuple[str, Any]]:
+    """The distinct numbers and strings a pickle holds (not inside nested notebook code): equal values
+    hold the same ones, however they are shared."""
+    found = set()
+    for opcode, arg, _ in ops:
+        name = opcode.name
+        if name in _STRS:
+            found.add(("str", _ALIASES.get(arg, arg)))
+        elif name in _INTS:
+            found.add(("bool" if isinstance(arg, bool) else "int", arg))
+        elif name in ("FLOAT", "BINFLOAT"):
+            found.add(("float", repr(arg)))
+    return found
+
+
+def _parse(ops: list[tuple[Any, Any, Any]], depth: int) -> Any:
+    """The object tree a pickle builds, without building anything."""
+    if depth > 3:
+        raise _NotComparable("notebook code nested too deeply")
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    buffers = 0
 
     def pop_mark() -> list[Any]:
         for i in range(len(stack) - 1, -1, -1):
@@ -270,7 +294,7 @@ def _reduce(func: Any, args: Any, depth: int) -> _Node:
         and isinstance(args.items[0], tuple)
         and args.items[0][0] == "bytes"
     ):
-        return _Node("reduce", [func, _parse(args.items[0][1], depth + 1)], mutable=True)
+        return _Node("reduce", [func, _parse(_ops(args.items[0][1]), depth + 1)], mutable=True)
     return _Node("reduce", [func, args], mutable=True)
 
 

@@ -372,6 +372,22 @@ def test_a_set_with_other_strings_is_a_change(store):
     assert nb.checkpoint_ids() == [2, 1] and nb.read_manifest(2).data["changes"]["changed"] == ["tags"]
 
 
+def test_a_list_with_the_same_items_in_another_order_is_a_change(store):
+    nb = store.notebook("a.ipynb")
+    nb.commit(snapshot({"order": ["alpha", "beta", 3]}), execution_count=1)
+    nb.commit(snapshot({"order": [3, "beta", "alpha"]}), execution_count=2)
+    assert nb.load_latest().values["order"] == [3, "beta", "alpha"]
+
+
+def test_two_equal_lists_that_become_one_shared_list_is_a_change(store):
+    nb = store.notebook("a.ipynb")
+    nb.commit(snapshot({"pair": [["x"], ["x"]]}), execution_count=1)
+    shared = ["x"]
+    nb.commit(snapshot({"pair": [shared, shared]}), execution_count=2)
+    pair = nb.load_latest().values["pair"]
+    assert pair[0] is pair[1]
+
+
 def _pickled_elsewhere(value, differing_from: bytes) -> bytes:
     """``value`` pickled by another Python process whose bytes differ from ``differing_from``."""
     for seed in range(1, 50):
