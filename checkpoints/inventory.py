@@ -157,10 +157,13 @@ class Kept:
     """One kept checkpoint as ``%checkpoint list`` shows it: what its cell changed."""
 
     manifest: Manifest
-    #: names added, removed and changed since the next older readable checkpoint
+    #: names added, removed and changed by the cell that made it: against the checkpoint it
+    #: replaced, as recorded when it was made (0.3+), else against the next older one kept
     added: list[str]
     removed: list[str]
     changed: list[str]
+    #: False when that cannot be told (an older checkpoint whose predecessor is not kept)
+    known: bool = True
 
     @property
     def size(self) -> int:
@@ -177,18 +180,31 @@ class Kept:
             "added": self.added,
             "removed": self.removed,
             "changed": self.changed,
+            "changes_known": self.known,
             "variables": len(man.variables),
             "size": self.size,
         }
 
 
 def history(manifests: list[Manifest]) -> list[Kept]:
-    """Readable checkpoints (newest first, as :func:`readable` gives them), each with what changed
-    since the one before it; the oldest compares with nothing (everything it holds is added)."""
-    return [
-        Kept(man, *diff(manifests[i + 1].data if i + 1 < len(manifests) else {}, man.data))
-        for i, man in enumerate(manifests)
-    ]
+    """Readable checkpoints (newest first, as :func:`readable` gives them), each with what its cell
+    changed: as recorded when it was made (which stays true once its predecessor is pruned), else
+    against the next older one kept; checkpoint 1 against nothing; otherwise unknown."""
+    out = []
+    for i, man in enumerate(manifests):
+        recorded = man.data.get("changes")
+        if isinstance(recorded, dict) and all(
+            isinstance(recorded.get(k), list) and all(isinstance(n, str) for n in recorded[k])
+            for k in ("added", "removed", "changed")
+        ):
+            out.append(Kept(man, recorded["added"], recorded["removed"], recorded["changed"]))
+        elif i + 1 < len(manifests):
+            out.append(Kept(man, *diff(manifests[i + 1].data, man.data)))
+        elif man.generation == 1:
+            out.append(Kept(man, *diff({}, man.data)))
+        else:
+            out.append(Kept(man, [], [], [], known=False))
+    return out
 
 
 def variable_json(var: dict[str, Any]) -> dict[str, Any]:

@@ -236,5 +236,19 @@ def _make_newest_locked(nb: NotebookStore, generation: int) -> int:
     new = kept[0] + 1
     data = {**man.data, "generation": new, "created": time.time(), "cell": RESTORED_CELL.format(generation)}
     data["writer"] = {}
+    data.pop("made_by", None)  # no kernel's cell made it
+    try:
+        replaced: dict[str, Any] | None = nb.read_manifest(kept[0]).data
+    except CheckpointError:
+        replaced = None
+    # What this restore changed, against the checkpoint it replaces as the newest (not what the
+    # restored checkpoint's own cell once changed).
+    added, removed, changed = manifest_format.diff(replaced or {}, man.data)
+    data["changes"] = {
+        "from": kept[0] if replaced is not None else None,
+        "added": added,
+        "removed": removed,
+        "changed": changed,
+    }
     nb.files.publish(nb.manifest_key(new), manifest_format.encode(data, nb.store.key))
     return new

@@ -40,19 +40,55 @@ def signed(nb: NotebookFolder, key: bytes, checkpoint_id: int) -> dict[str, Any]
 
 
 def prune(nb: NotebookFolder, key: bytes, keep: int, verified: dict[int, dict[str, Any] | None] | None = None) -> None:
-    """Drop verified checkpoints beyond the ``keep`` newest, then blobs no kept manifest needs.
+    """Drop the verified checkpoints :func:`to_drop` names, then blobs no kept manifest needs.
 
     Call under the notebook's lock.  ``verified`` maps each checkpoint id to its
     verified JSON (None: it does not verify), if the caller read them already.
     """
     if verified is None:
         verified = {gen: signed(nb, key, gen) for gen in nb.checkpoint_ids()}
-    mine = [gen for gen in sorted(verified, reverse=True) if verified[gen] is not None]
-    for gen in mine[max(keep, 1) :]:
+    mine = {gen: data for gen, data in verified.items() if data is not None}
+    for gen in to_drop(mine, keep):
         nb.files.delete(nb.manifest_key(gen))
         del verified[gen]
     needed, _ = blobs_needed(nb, key, verified)
     remove(sweep_plan(nb, needed))
+
+
+def to_drop(checkpoints: dict[int, dict[str, Any]], keep: int) -> list[int]:
+    """Which of these (verified) checkpoints go: keep the ``keep`` newest *states*, not checkpoints.
+
+    A checkpoint whose state is one an older kept checkpoint holds (``%checkpoint
+    undo`` or ``restore`` went back to it, or the cells did) adds no state: it does
+    not count, so stepping back and forth through the kept checkpoints never pushes
+    one of them out.  Of the checkpoints of one state, the oldest is kept (it names
+    the cell that made the state) and the newest checkpoint of all (what a restart
+    restores); the others go.  So at most ``keep`` states are kept, in at most
+    ``keep + 1`` manifests, and disk use stays bounded by ``keep`` states' data.
+    """
+    newest_first = sorted(checkpoints, reverse=True)
+    oldest_of: dict[Any, int] = {}
+    for gen in newest_first:
+        oldest_of[state_key(checkpoints[gen])] = gen  # the last one met is the oldest
+    kept_states: list[Any] = []
+    drop = []
+    for gen in newest_first:
+        state = state_key(checkpoints[gen])
+        if state not in kept_states:
+            if len(kept_states) >= max(keep, 1):
+                drop.append(gen)
+                continue
+            kept_states.append(state)
+        if gen != newest_first[0] and gen != oldest_of[state]:
+            drop.append(gen)
+    return drop
+
+
+def state_key(data: dict[str, Any]) -> Any:
+    """What a checkpoint holds, comparable between checkpoints: its stored variables and the names it skipped."""
+    prints = manifest_format.fingerprint(data)
+    skipped = sorted(str(s.get("name")) for s in data.get("skipped", []) if isinstance(s, dict))
+    return (tuple(sorted(prints.items())), tuple(skipped))
 
 
 def blobs_needed(

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import equivalence, retention
 from . import manifest as manifest_format
-from . import retention
 from .blobs import BlobReader, BlobWriter, digest, stamps_named_by
 from .errors import CheckpointError, CorruptCheckpoint, SaveError, UnsafeStore
 from .files import disk_usage, fsync_dir
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: Payloads up to this size live inside the manifest instead of a blob file.
 INLINE_MAX_BYTES = 16 * 1024
+#: Bytes of changed pickles a commit reads to tell whether they hold the same value as stored
+#: (``equivalence.py``; about 0.3 s at most).
+COMPARE_MAX_BYTES = 512 * 1024
 
 __all__ = ["CommitResult", "NotebookStore", "Restored", "Store", "digest", "disk_usage", "folder_name"]
 
@@ -165,6 +168,8 @@ class NotebookStore(NotebookFolder):
         writing = BlobWriter(self, known)
         entries = []
         skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
+        before = {v.get("name"): v for v in previous.get("variables", [])} if previous is not None else {}
+        compare = [COMPARE_MAX_BYTES]  # what is left to compare in this commit
         for var in snap.variables:
             if var.stored is not None:
                 carried = writing.carry(var.stored)
@@ -183,21 +188,33 @@ class NotebookStore(NotebookFolder):
                 # its own part, so a diff can tell which member changed.
                 entry["span"] = list(var.span)
                 entry["part"] = digest(var.part)
+            buffer_digests = [digest(buf) for buf in var.buffers]
             if var.kind == "member":
                 entry["target"] = var.target
             else:
+                payload = var.payload
+                entry["digest"] = digest(payload)
                 if var.members:
                     entry["members"] = var.members
-                entry["digest"] = digest(var.payload)
-                if len(var.payload) <= INLINE_MAX_BYTES:
-                    entry["inline"] = base64.b64encode(var.payload).decode("ascii")
                 else:
-                    entry["stamp"] = writing.put(entry["digest"], var.payload, var.name)
+                    kept_as = self._same_value_as_stored(
+                        before.get(var.name), payload, entry["digest"], buffer_digests, compare
+                    )
+                    if kept_as is not None:
+                        # The same value as stored, pickled differently in this process: keep the stored
+                        # bytes, so that the variable is not shown as changed nor written again.
+                        payload = kept_as
+                        entry["digest"] = digest(payload)
+                        entry["size"] = len(payload) + sum(b.nbytes for b in var.buffers)
+                if len(payload) <= INLINE_MAX_BYTES:
+                    entry["inline"] = base64.b64encode(payload).decode("ascii")
+                else:
+                    entry["stamp"] = writing.put(entry["digest"], payload, var.name)
             if var.buffers:
-                entry["buffers"] = []
-                for buf in var.buffers:
-                    d = digest(buf)
-                    entry["buffers"].append({"digest": d, "size": buf.nbytes, "stamp": writing.put(d, buf, var.name)})
+                entry["buffers"] = [
+                    {"digest": d, "size": buf.nbytes, "stamp": writing.put(d, buf, var.name)}
+                    for d, buf in zip(buffer_digests, var.buffers, strict=True)
+                ]
             entries.append(entry)
         entries, broken = _whole_groups(entries)
         skipped += broken
@@ -208,18 +225,26 @@ class NotebookStore(NotebookFolder):
 
         generation = (gens[0] + 1) if gens else 1
         newest = previous if gens and previous is not None and previous.get("generation") == gens[0] else None
+        made: dict[str, Any] = {
+            "execution_count": execution_count,
+            "cell": cell,
+            "made_by": writer.get("id"),
+            "changes": _changes(previous, entries),
+        }
         if newest is not None and _same_state(newest, entries, skipped):
-            # Nothing changed since the newest generation: refresh it in place
-            # (time, execution count, file stamps) rather than push real
-            # history out; it keeps the cell that made the state.
-            generation, cell = gens[0], newest.get("cell", "")
+            # Nothing changed since the newest generation: refresh it in place (time, writer,
+            # file stamps) rather than push real history out.  It keeps what names the cell
+            # that made the state (In [n], its text, its kernel) and what that cell changed.
+            generation = gens[0]
+            made = {key: newest[key] for key in made if key in newest}
+            made.setdefault("made_by", (newest.get("writer") or {}).get("id"))
         data = {
             "schema": manifest_format.SCHEMA_VERSION,
             "generation": generation,
             "created": time.time(),
-            "execution_count": execution_count,
+            "execution_count": made["execution_count"],
             "identity": self.identity,
-            "cell": cell,
+            "cell": made.get("cell", ""),
             "writer": writer,
             "versions": _versions(snap),
             "variables": entries,
@@ -227,6 +252,11 @@ class NotebookStore(NotebookFolder):
         }
         if cells:
             data["cells"] = cells
+        # Added after 0.2.0 (older checkpoints lack them): the kernel whose cell made the state, and
+        # what it changed since the checkpoint it replaced (kept when that one is pruned).
+        for key in ("made_by", "changes"):
+            if made.get(key) is not None:
+                data[key] = made[key]
         raw = manifest_format.encode(data, self.store.key)
         self.files.publish(self.manifest_key(generation), raw)  # the commit point
         written = writing.written + len(raw)
@@ -237,6 +267,55 @@ class NotebookStore(NotebookFolder):
             other = None
         self.damaged_digests -= writing.checked
         return CommitResult(Manifest(data), written, writing.blobs, 0.0, other, sorted(writing.repaired))
+
+    def _same_value_as_stored(
+        self,
+        stored: dict[str, Any] | None,
+        payload: bytes,
+        new_digest: str,
+        buffer_digests: list[str],
+        budget: list[int],
+    ) -> bytes | None:
+        """The stored pickle of this variable if ``payload`` holds the same value in other bytes (pickled
+        by another process: ``equivalence.py``), else None.  ``budget[0]``: bytes left to compare."""
+        try:
+            return self._same_value(stored, payload, new_digest, buffer_digests, budget)
+        except Exception:  # a saving aid: never a reason not to save
+            log.exception("comparing %s with its stored value failed", (stored or {}).get("name"))
+            return None
+
+    def _same_value(
+        self,
+        stored: dict[str, Any] | None,
+        payload: bytes,
+        new_digest: str,
+        buffer_digests: list[str],
+        budget: list[int],
+    ) -> bytes | None:
+        if (
+            stored is None
+            or stored.get("kind") != "pickle"
+            or stored.get("digest") == new_digest
+            or [b.get("digest") for b in stored.get("buffers", [])] != buffer_digests
+            or len(payload) > min(equivalence.MAX_BYTES, budget[0])
+        ):
+            return None
+        old = self._stored_payload(stored)
+        if old is None:
+            return None
+        budget[0] -= len(old) + len(payload)
+        return old if equivalence.same_value(old, payload) else None
+
+    def _stored_payload(self, entry: dict[str, Any]) -> bytes | None:
+        """A kept checkpoint's pickle of one variable, checked against its digest; None if it is not at hand."""
+        try:
+            if "inline" in entry:
+                payload = base64.b64decode(entry["inline"], validate=True)
+            else:
+                payload = self.files.get(self.blob_key(entry["digest"]), equivalence.MAX_BYTES)
+        except (OSError, ValueError, TypeError):
+            return None
+        return payload if digest(payload) == entry.get("digest") else None
 
     # --- restore path --------------------------------------------------------
 
@@ -428,6 +507,17 @@ def _whole_groups(entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
         if e["name"] in broken
     ]
     return kept, dropped
+
+
+def _changes(previous: dict[str, Any] | None, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a new checkpoint changed since ``previous`` (the newest kept one, which it replaces)."""
+    added, removed, changed = manifest_format.diff(previous or {}, {"variables": entries})
+    return {
+        "from": previous.get("generation") if previous is not None else None,
+        "added": added,
+        "removed": removed,
+        "changed": changed,
+    }
 
 
 def _constant(value: Any):

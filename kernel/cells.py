@@ -36,9 +36,14 @@ class CellRecord:
     binds: list[str] = field(default_factory=list)
     ok: bool = True
     seconds: float = 0.0
+    #: run by an earlier kernel (its In [n] is that kernel's count); not stored: every
+    #: record a kernel restores is an earlier kernel's
+    earlier: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["earlier"]
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> CellRecord | None:
@@ -53,6 +58,7 @@ class CellRecord:
                 binds=[str(n) for n in data.get("binds", [])],
                 ok=bool(data.get("ok", True)),
                 seconds=float(data.get("seconds", 0.0)),
+                earlier=True,
             )
         except (KeyError, TypeError, ValueError):
             return None

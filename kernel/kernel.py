@@ -63,8 +63,9 @@ class DurableKernel(IPythonKernel):
     keep_generations = Integer(
         5,
         config=True,
-        help="How many checkpoints to keep per notebook; older ones and their data are deleted. "
-        "Checkpoints this user's key cannot verify are never deleted by this.",
+        help="How many states to keep per notebook: the checkpoints of the newest states are kept, older ones "
+        "and their data are deleted. A checkpoint that goes back to a kept state ('%checkpoint undo' or "
+        "'restore') does not count. Checkpoints this user's key cannot verify are never deleted by this.",
     )
     enabled = Bool(True, config=True, help="Save a checkpoint after every cell.")
     background = Bool(
@@ -233,6 +234,11 @@ class DurableKernel(IPythonKernel):
         self._notebook_excludes = [p for p in excludes if isinstance(p, str)]
 
     @property
+    def writer_id(self) -> str:
+        """This kernel process's id in the checkpoints it writes (``writer.id``, ``made_by``)."""
+        return self._writer["id"]
+
+    @property
     def shown_identity(self) -> str:
         """The identity as it can be printed (escape codes, newlines, undecodable bytes escaped)."""
         return printable(self.identity, 300)
@@ -259,10 +265,12 @@ class DurableKernel(IPythonKernel):
             )
             return
         if report.restored is not None:
+            # The cell count is left alone: a new kernel counts from In [1], as every client
+            # expects (jupyter console's first prompt, a notebook's Restart and Clear Outputs,
+            # nbclient); the checkpoints' In [n] of earlier kernels are shown as theirs.
             values = {**report.restored.values, **report.placeholders}
             self.shell.user_ns.update(values)
             self._restored_names = values
-            self.shell.execution_count = report.restored.manifest.execution_count + 1
             self.history.restore(report.restored.manifest.data.get("cells"))
             self._unsaved_at_restore = [
                 (s.get("name", ""), s.get("type", "?"), s.get("reason", "")) for s in report.restored.manifest.skipped
@@ -304,8 +312,12 @@ class DurableKernel(IPythonKernel):
                         )
                     if error:
                         lines.append(f"running it again stopped: {error}")
-                for count, why in sorted(unsafe.items()):
-                    lines.append(f"In [{count}] was not run again at start: {why}")
+                for record in wanted.cells:
+                    if record.execution_count in unsafe:
+                        lines.append(
+                            f"{recompute.first_line(record).split(':', 1)[0]} was not run again at start: "
+                            + unsafe[record.execution_count]
+                        )
             types = {name: tname for name, tname, _ in self._unsaved_at_restore}
             still = [(n, types.get(n, "?")) for n in self.missing_unsaved()]
             lines += recompute.advice(still, self.history, [n for n in self.shell.user_ns if n not in dict(still)])
@@ -346,7 +358,6 @@ class DurableKernel(IPythonKernel):
         self._restored_names = {}
         self.notices.take()  # news of the provisional state is moot
         self.notices.add(*self._key_warnings)
-        self.shell.execution_count = 1  # the folder's count is not this notebook's
         self._identity_final = True
         self._use_identity(name)
         if self.restore == "auto":

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, inventory, maintenance, printable
 from durable_kernel.checkpoints.inventory import NoSuchNotebook
 from durable_kernel.checkpoints.manifest import diff, fingerprint
+from durable_kernel.checkpoints.retention import state_key
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
@@ -23,7 +24,8 @@ HELP = """\
 
   status            (default) where checkpoints go, the newest one, what was skipped
   save              checkpoint now and wait until it is committed
-  list              the kept checkpoints, newest first, with what each cell changed
+  list              the kept checkpoints, newest first: the cell that made each state (In [n] as
+                    its kernel counted: each kernel counts from 1) and what it changed
   restore ID        replace the namespace with checkpoint ID (the current state is saved first)
   restore ID NAME...  bring back only these variables from checkpoint ID
   undo              go back to the checkpoint before the newest; repeat to go further
@@ -37,6 +39,28 @@ HELP = """\
                     cells that made them (default: every such variable that is missing)
   off | on          pause or resume saving for this kernel
 """
+
+
+#: In ``%checkpoint list``, above the rows whose cell ran in an earlier kernel (or another one).
+EARLIER_KERNEL = "--- an earlier kernel (In [n] as that kernel counted) ---"
+
+
+def made_by(m: Manifest) -> Any:
+    """The id of the kernel whose cell made a checkpoint's state (recorded after 0.2.0; before, the writer's)."""
+    writer = m.data.get("writer")
+    return m.data.get("made_by") or (writer.get("id") if isinstance(writer, dict) else None)
+
+
+def _changes_text(kept: inventory.Kept) -> str:
+    """What a checkpoint's cell changed: ``+added ~changed -removed``."""
+    if not kept.known:
+        return "(the checkpoint before it is not kept)"
+    text = " ".join(
+        f"{sign}{', '.join(names[:3])}{'…' if len(names) > 3 else ''}"
+        for sign, names in (("+", kept.added), ("~", kept.changed), ("-", kept.removed))
+        if names
+    )
+    return text or "(no change)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +125,15 @@ class CheckpointMagics(Magics):
         """Readable kept manifests, newest first."""
         return inventory.readable(self.notebook)[0]
 
+    def _made_here(self, m: Manifest) -> bool:
+        """Was this checkpoint's state made by a cell of this kernel (whose In [n] the prompts show)?"""
+        return made_by(m) == self.kernel.writer_id
+
+    def _cell_ref(self, m: Manifest) -> str:
+        """``In [n]`` of the cell that made a checkpoint's state; another kernel's count says so."""
+        ref = f"In [{m.execution_count}]"
+        return ref if self._made_here(m) else f"{ref} of an earlier kernel"
+
     def _save_and_wait(self) -> CheckpointOutcome:
         return self.kernel.checkpoint_now()
 
@@ -140,7 +173,7 @@ class CheckpointMagics(Magics):
         if manifests:
             m = manifests[0]
             lines.append(
-                f"Newest:       checkpoint {m.generation}, {humanize.when(m.created)}, as of In [{m.execution_count}], "
+                f"Newest:       checkpoint {m.generation}, {humanize.when(m.created)}, as of {self._cell_ref(m)}, "
                 f"{len(m.variables)} variables; {len(manifests)} kept, "
                 f"{humanize.size(disk_usage(self.notebook.dir))} on disk"
             )
@@ -184,13 +217,13 @@ class CheckpointMagics(Magics):
             print("No checkpoints for this notebook yet.")
             return
         rows = [("id", "saved", "In", "cell", "changes", "size")]
-        for kept in inventory.history(manifests):
+        states = [state_key(m.data) for m in manifests]
+        for i, kept in enumerate(inventory.history(manifests)):
             m = kept.manifest
-            change = " ".join(
-                f"{sign}{', '.join(names[:3])}{'…' if len(names) > 3 else ''}"
-                for sign, names in (("+", kept.added), ("~", kept.changed), ("-", kept.removed))
-                if names
-            )
+            change = _changes_text(kept)
+            same = next((manifests[j].generation for j in range(i + 1, len(manifests)) if states[j] == states[i]), None)
+            if same is not None:  # undo, restore, or cells that put things back
+                change += f" (same as {same})"
             cell = m.data.get("cell", "")
             rows.append(
                 (
@@ -198,11 +231,20 @@ class CheckpointMagics(Magics):
                     humanize.ago(m.created),
                     str(m.execution_count),
                     cell if len(cell) <= 40 else cell[:39] + "…",
-                    change or "(no change)",
+                    change,
                     humanize.size(kept.size),
                 )
             )
-        print("\n".join(humanize.table(rows)))
+        lines = humanize.table(rows)
+        # In [n] is each kernel's own count (a kernel counts from 1): rows whose cell ran in
+        # another kernel than this one are set apart, so that their In [n] is not read as this one's.
+        out, previous = [lines[0]], self.kernel.writer_id
+        for line, m in zip(lines[1:], manifests, strict=True):
+            if made_by(m) != previous:
+                out.append("--- this kernel ---" if self._made_here(m) else EARLIER_KERNEL)
+                previous = made_by(m)
+            out.append(line)
+        print("\n".join(out))
 
     def _do_restore(self, args: list[str]) -> None:
         if not args:
@@ -235,7 +277,7 @@ class CheckpointMagics(Magics):
         if back:
             print(
                 f"Restored {', '.join(back)} from checkpoint {target.generation} "
-                f"(In [{target.execution_count}], {humanize.ago(target.created)})."
+                f"({self._cell_ref(target)}, {humanize.ago(target.created)})."
             )
         missing = [f"{s.name} ({s.reason})" for s in restored.not_restored if s.name in names]
         if missing:
@@ -244,9 +286,7 @@ class CheckpointMagics(Magics):
     def _restore(self, target: Manifest, what: str) -> None:
         restored = self.notebook.load(target.generation, self.kernel.verify_on_restore)
         self.kernel.replace_namespace(restored.values)
-        print(
-            f"{what} (In [{target.execution_count}], {humanize.ago(target.created)}): {len(restored.values)} variables."
-        )
+        print(f"{what} ({self._cell_ref(target)}, {humanize.ago(target.created)}): {len(restored.values)} variables.")
         if restored.not_restored:
             missing = [f"{s.name} ({s.reason})" for s in restored.not_restored]
             print(f"Not restored: {humanize.names(missing, 10)}")

@@ -81,13 +81,15 @@ def record_cell(
 
 
 def first_line(record: CellRecord) -> str:
-    """``In [3]: conn = sqlite3.connect('sales.db')`` (the first line of code, cut to fit a line)."""
+    """``In [3]: conn = sqlite3.connect('sales.db')`` (the first line of code, cut to fit a line);
+    ``an earlier kernel's In [3]: ...`` for a cell an earlier kernel ran."""
     lines = [line for line in record.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     text = lines[0].strip() if lines else ""
     if len(text) > 80:
         text = text[:79] + "…"
     more = " …" if len(lines) > 1 else ""
-    return f"In [{record.execution_count}]: {text}{more}"
+    whose = "an earlier kernel's " if record.earlier else ""  # this kernel counts from In [1] again
+    return f"{whose}In [{record.execution_count}]: {text}{more}"
 
 
 @dataclass

@@ -198,7 +198,7 @@ def _describe(report: RestoreReport, notebook: NotebookStore) -> None:
     lines = report.lines
     lines.append(
         f"restored {humanize.plural(len(names), 'variable')} for {printable(notebook.identity, 300)}, saved "
-        f"{humanize.when(man.created)} as of In [{man.execution_count}]"
+        f"{humanize.when(man.created)} as of In [{man.execution_count}] of an earlier kernel"
         + (f": {humanize.names(names)}" if names else "")
     )
     if restored.not_restored:

@@ -152,3 +152,33 @@ def user_variables(kernel: KernelProcess) -> list[str]:
     out = kernel.execute("print(sorted(get_ipython().run_line_magic('who_ls', '')))")
     assert not out.error, out.error
     return eval(out.stdout)  # a list of str literals
+
+
+def checkpoint_list(kernel: KernelProcess) -> list[dict[str, str] | str]:
+    """``%checkpoint list`` in the kernel: one dict per row (its columns by header name), and the
+    lines that set rows apart (``--- ... ---``) as they are."""
+    out = kernel.execute("%checkpoint list")
+    assert not out.error, out.error
+    return parse_checkpoint_list(out.stdout)
+
+
+def parse_checkpoint_list(text: str) -> list[dict[str, str] | str]:
+    """What :func:`checkpoint_list` returns, from the text ``%checkpoint list`` printed (from its header on)."""
+    lines = [line.rstrip("\r") for line in text.splitlines()]
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("id ")) :]
+    header, *lines = [line for line in lines if line.strip()]
+    names = header.split()
+    starts = [header.index(f" {n} ") + 1 if i else 0 for i, n in enumerate(names[:-1])] + [header.rindex(names[-1])]
+    found: list[dict[str, str] | str] = []
+    for line in lines:
+        if line.startswith("---"):
+            found.append(line)
+            continue
+        bounds = [*starts[1:], None]
+        found.append({n: line[s:e].strip() for n, s, e in zip(names, starts, bounds, strict=True)})
+    return found
+
+
+def checkpoint_rows(kernel: KernelProcess) -> list[dict[str, str]]:
+    """The rows of ``%checkpoint list``, newest first (see :func:`checkpoint_list`)."""
+    return [row for row in checkpoint_list(kernel) if isinstance(row, dict)]

@@ -232,15 +232,22 @@ class LabPage:
         self.expect(dialog).to_have_count(0)
 
     def run_cell(self, index: int) -> str:
-        """Select cell ``index``, Shift+Enter, wait until it ran; its new prompt, e.g. ``[2]:``."""
+        """Select cell ``index``, Shift+Enter, wait until it ran; its new prompt, e.g. ``[2]:``.
+
+        It ran once its prompt has shown ``[*]:`` and then a number (which may be the number it
+        had: a new kernel counts from 1 again)."""
         cell = self.cells.nth(index)
         prompt = cell.locator(".jp-InputArea-prompt")
-        before = prompt.inner_text().strip()
+        handle = prompt.element_handle()
+        handle.evaluate(
+            "el => { el.__durableRunning = false; new MutationObserver(() => {"
+            " if (el.textContent.includes('*')) el.__durableRunning = true; })"
+            ".observe(el, {subtree: true, childList: true, characterData: true}); }"
+        )
         prompt.click()
         self.page.keyboard.press("Shift+Enter")
         self.page.wait_for_function(
-            "([el, before]) => { const t = el.textContent.trim(); return t !== before && /^\\[\\d+\\]:$/.test(t); }",
-            arg=[prompt.element_handle(), before],
+            "el => el.__durableRunning && /^\\[\\d+\\]:$/.test(el.textContent.trim())", arg=handle
         )
         return prompt.inner_text().strip()
 
@@ -248,7 +255,7 @@ class LabPage:
         items = self.cells.nth(index).locator(f'.jp-OutputArea-output[data-mime-type="{mime}"]')
         return "\n".join(items.all_inner_texts())
 
-    def restart_from_kernel_menu(self) -> None:
+    def restart_from_kernel_menu(self, item: str = "Restart Kernel…") -> None:
         # Record the kernel statuses the status bar shows, to know the restart happened.
         self.page.evaluate("""() => {
             window.__durableStatuses = [];
@@ -257,7 +264,7 @@ class LabPage:
             new MutationObserver(seen).observe(document.body, {subtree: true, childList: true, characterData: true});
         }""")
         self.page.locator(".lm-MenuBar-item", has_text="Kernel").click()
-        self.page.locator(".lm-Menu-item", has_text="Restart Kernel…").first.click()
+        self.page.locator(".lm-Menu-item", has_text=item).first.click()
         dialog = self.page.locator(".jp-Dialog")
         self.expect(dialog.locator(".jp-Dialog-header")).to_contain_text("Restart Kernel")
         dialog.get_by_role("button", name="Confirm Kernel Restart").click()
@@ -328,6 +335,33 @@ def test_jupyterlab_restart_and_server_restart_bring_the_variables_back(tmp_path
         shutil.copyfile(final, FINAL_SCREENSHOT_COPY)
         assert stdout.splitlines() == SHOWN, stdout
         assert stderr.startswith(f"durable-kernel: restored 3 variables for {notebook_path}, saved "), stderr
+        browser.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_jupyterlab_restart_and_clear_outputs_numbers_the_next_cell_1(tmp_path, lab_env, browser_factory):
+    """Kernel > Restart Kernel and Clear Outputs: the variables are back, and the next cell is [1],
+    as with any kernel (the restored state is named by the earlier kernel's count)."""
+    root = tmp_path / "lab-root"
+    root.mkdir()
+    nbformat.write(new_notebook(cells=[new_code_cell(BUILD), new_code_cell(SHOW)]), root / "count.ipynb")
+    server = LabServer(root, lab_env, tmp_path / "lab-server.log")
+    try:
+        browser = browser_factory()
+        page = browser.pages[0] if browser.pages else browser.new_page()
+        page.goto(server.notebook_url("count.ipynb"))
+        lab = LabPage(page)
+        lab.choose_kernel("Python 3 (durable)")
+        lab.wait_idle()
+        assert (lab.run_cell(0), lab.run_cell(1)) == ("[1]:", "[2]:")
+
+        lab.restart_from_kernel_menu("Restart Kernel and Clear Outputs of All Cells…")
+        assert lab.run_cell(1) == "[1]:"
+        assert lab.outputs(1, "application/vnd.jupyter.stdout").splitlines() == SHOWN
+        stderr = lab.outputs(1, "application/vnd.jupyter.stderr")
+        assert "as of In [1] of an earlier kernel: answer, squares, words" in stderr, stderr
         browser.close()
     finally:
         server.stop()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import holds, wait_saved
+from conftest import checkpoint_rows, holds, wait_saved
 
 EXCLUDE_SECRETS = 'c.DurableKernel.exclude = ["secret*"]\n'
 
@@ -90,5 +90,4 @@ def test_keep_generations_in_a_config_file_sets_how_many_checkpoints_are_kept(po
     assert pool.notebook(session).checkpoint_ids() == [3, 2]
     restarted = start_with_config(pool, session, config, "c.DurableKernel.keep_generations = 2\n")
     assert restarted.value("x") == "3"
-    listed = restarted.execute("%checkpoint list").stdout.splitlines()[1:]
-    assert [line.split()[0] for line in listed] == ["3", "2"]
+    assert [row["id"] for row in checkpoint_rows(restarted)] == ["3", "2"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
-from conftest import holds, user_variables, wait_saved
+from conftest import checkpoint_rows, holds, user_variables, wait_saved
 from durable_kernel.checkpoints import NotRestored, Store, load_or_create_key, snapshot
 from durable_kernel.checkpoints import manifest as manifest_format
 
@@ -615,3 +615,32 @@ def test_kernel_on_a_0_1_0_store_goes_on_saving_checkpoints_that_load(kernel_on_
     values = newest.values
     assert values["same"] is values["big_list"] and values["table"]["rows"] is values["rows"]
     assert np.array_equal(values["wave"], np.arange(8192, dtype=np.float64) / 4)
+
+
+def kernel_on_a_copy(release: str, start_kernel, tmp_path: Path):
+    copy = copy_fixture(release, tmp_path / "fixture")
+    kernel = start_kernel(
+        session=IDENTITY, env={"DURABLE_KERNEL_DIR": str(copy / "store"), "JUPYTER_DATA_DIR": str(copy)}
+    )
+    return kernel, copy
+
+
+def test_a_cell_on_an_old_store_is_listed_with_only_what_it_changed(release, start_kernel, tmp_path):
+    """The restored notebook code (functions, a class) and set are pickled again by this process,
+    in other bytes: they are not shown as changed (nor stored again)."""
+    needs_its_python(release)
+    kernel, _ = kernel_on_a_copy(release, start_kernel, tmp_path)
+    assert not kernel.execute("revision = 3").error
+    wait_saved(kernel)
+    assert [(r["id"], r["changes"]) for r in checkpoint_rows(kernel)][0] == ("3", "~revision")
+
+
+def test_the_oldest_kept_checkpoint_of_an_old_store_does_not_claim_it_added_everything(release, start_kernel, tmp_path):
+    """Checkpoints of 0.2.0 and before do not record what they changed: once the one before is gone, that is unknown."""
+    copy = copy_fixture(release, tmp_path / "fixture")
+    (copy / "store" / manifest_format.folder_name(IDENTITY) / "manifests" / f"{1:012d}.manifest").unlink()
+    kernel = start_kernel(
+        session=IDENTITY, env={"DURABLE_KERNEL_DIR": str(copy / "store"), "JUPYTER_DATA_DIR": str(copy)}
+    )
+    rows = checkpoint_rows(kernel)
+    assert [(r["id"], r["changes"]) for r in rows] == [("2", "(the checkpoint before it is not kept)")]

@@ -200,10 +200,10 @@ def test_reset_empties_the_next_checkpoint_and_keeps_older_ones_for_undo(kernel,
     assert kernel.value("x") == "1"
 
 
-def test_execution_count_continues_after_a_restart(kernel, start_kernel):
+def test_execution_count_starts_again_at_1_after_a_restart(kernel, start_kernel):
     for _ in range(3):
         run(kernel, "x = 1")
     wait_saved(kernel)
     kernel.shutdown()
     again = start_kernel(session="magic.ipynb")
-    assert again.execute("y = 2").execution_count == 4
+    assert again.execute("y = 2").execution_count == 1

@@ -36,9 +36,12 @@ def test_the_restore_notice_names_the_cells_that_make_an_unsaved_variable_again(
     banner = start_kernel(session="notice.ipynb").banner
     assert (
         "conn was not saved (sqlite3.Connection); `%checkpoint recompute conn` re-runs "
-        "In [2]: path = ':memory:' …" in banner
+        "an earlier kernel's In [2]: path = ':memory:' …" in banner
     ), banner
-    assert "`%checkpoint recompute cur` re-runs In [2]: path = ':memory:' …; In [4]: cur = conn.cursor()" in banner
+    assert (
+        "`%checkpoint recompute cur` re-runs an earlier kernel's In [2]: path = ':memory:' …; an earlier kernel's In [4]: cur = conn.cursor()"
+        in banner
+    )
 
 
 def test_checkpoint_recompute_makes_the_missing_variables_again_and_shows_what_it_ran(start_kernel):
@@ -46,7 +49,10 @@ def test_checkpoint_recompute_makes_the_missing_variables_again_and_shows_what_i
     kernel = start_kernel(session="magic.ipynb")
     out = kernel.execute("%checkpoint recompute")
     assert not out.error, out.error
-    assert "re-ran In [2]: path = ':memory:' …\nre-ran In [4]: cur = conn.cursor()" in out.stdout, out.stdout
+    assert (
+        "re-ran an earlier kernel's In [2]: path = ':memory:' …\nre-ran an earlier kernel's In [4]: cur = conn.cursor()"
+        in out.stdout
+    ), out.stdout
     assert "made again: conn, cur" in out.stdout, out.stdout
     holds(kernel, "cur.connection is conn and conn.execute('select 1').fetchone() == (1,)")
 
@@ -73,9 +79,8 @@ def test_recompute_auto_runs_quick_cells_that_make_only_what_is_missing_and_list
     cells = ["import sqlite3", "path = ':memory:'", "conn = sqlite3.connect(path)", "cur = conn.cursor()"]
     build_and_kill(start_kernel, "auto.ipynb", cells, extra_arguments=AUTO)
     kernel = start_kernel(session="auto.ipynb", extra_arguments=AUTO)
-    assert "made conn, cur again by running In [3]: conn = sqlite3.connect(path); In [4]: cur = conn.cursor()" in (
-        kernel.banner
-    ), kernel.banner
+    ran = "an earlier kernel's In [3]: conn = sqlite3.connect(path); an earlier kernel's In [4]: cur = conn.cursor()"
+    assert f"made conn, cur again by running {ran}" in kernel.banner, kernel.banner
     holds(kernel, "cur.connection is conn")
 
 
@@ -83,7 +88,9 @@ def test_recompute_auto_does_not_run_a_cell_that_also_assigns_restored_variables
     cells = ["import threading", "lock = threading.Lock()\ncount = 1", "count = 5"]
     build_and_kill(start_kernel, "auto-unsafe.ipynb", cells, extra_arguments=AUTO)
     kernel = start_kernel(session="auto-unsafe.ipynb", extra_arguments=AUTO)
-    assert "In [2] was not run again at start: it also assigns count" in kernel.banner, kernel.banner
+    assert "an earlier kernel's In [2] was not run again at start: it also assigns count" in kernel.banner, (
+        kernel.banner
+    )
     holds(kernel, "'lock' not in globals() and count == 5")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -337,7 +339,79 @@ def test_unchanged_state_refreshes_the_newest_generation_instead_of_adding_one(s
     nb.commit(snapshot({"x": 2}), execution_count=3, cell="print(x)")
     assert nb.checkpoint_ids() == [2, 1]
     newest = nb.read_manifest(2)
-    assert newest.execution_count == 3 and newest.data["cell"] == "x = 2"
+    # It keeps naming the cell that made the state: In [2], not the later cell that changed nothing.
+    assert newest.execution_count == 2 and newest.data["cell"] == "x = 2"
+
+
+def test_a_checkpoint_records_what_it_changed_since_the_one_it_replaced(store):
+    nb = store.notebook("a.ipynb")
+    nb.commit(snapshot({"a": 1, "b": 2}), execution_count=1, cell="a, b = 1, 2")
+    nb.commit(snapshot({"b": 3, "c": 4}), execution_count=2, cell="...")
+    nb.commit(snapshot({"b": 3, "c": 4}), execution_count=3, cell="print(b)")  # refreshes checkpoint 2
+    assert nb.read_manifest(1).data["changes"] == {"from": None, "added": ["a", "b"], "removed": [], "changed": []}
+    assert nb.read_manifest(2).data["changes"] == {"from": 1, "added": ["c"], "removed": ["a"], "changed": ["b"]}
+
+
+def test_retention_counts_states_so_going_back_to_a_kept_one_pushes_nothing_out(store):
+    nb = store.notebook("a.ipynb")
+    for x in range(1, 6):
+        nb.commit(snapshot({"x": x}), execution_count=x, keep=5)
+    for count, x in enumerate([4, 3, 2, 1, 5, 1], start=6):  # undo four times, restore 5, restore 1
+        nb.commit(snapshot({"x": x}), execution_count=count, keep=5)
+        # The five states' first checkpoints stay, plus the newest (what a restart restores).
+        assert nb.checkpoint_ids() == [count, 5, 4, 3, 2, 1]
+    nb.commit(snapshot({"x": 99}), execution_count=12, keep=5)  # a new state: the least recent one goes
+    assert nb.checkpoint_ids() == [12, 5, 4, 3, 1]
+
+
+def test_a_set_of_strings_pickled_in_another_order_is_not_a_change(store):
+    """Another process iterates a set of strings in another order (string hashes are per process)."""
+    nb = store.notebook("a.ipynb")
+    tags = {"alpha", "beta", "gamma", "delta", "epsilon"}
+    nb.commit(snapshot({"tags": tags}), execution_count=1, cell="tags = ...")
+    stored = nb.read_manifest(1).variables[0]["digest"]
+    snap = snapshot({"tags": tags})
+    snap.variables[0].payload = _pickled_elsewhere(tags, differing_from=snap.variables[0].payload)
+    nb.commit(snap, execution_count=2, cell="print(tags)")
+    newest = nb.read_manifest(1)
+    assert nb.checkpoint_ids() == [1] and newest.variables[0]["digest"] == stored and newest.execution_count == 1
+
+
+def test_a_set_with_other_strings_is_a_change(store):
+    nb = store.notebook("a.ipynb")
+    nb.commit(snapshot({"tags": {"alpha", "beta", "gamma"}}), execution_count=1)
+    nb.commit(snapshot({"tags": {"alpha", "beta", "gammb"}}), execution_count=2)
+    assert nb.checkpoint_ids() == [2, 1] and nb.read_manifest(2).data["changes"]["changed"] == ["tags"]
+
+
+def test_a_list_with_the_same_items_in_another_order_is_a_change(store):
+    nb = store.notebook("a.ipynb")
+    nb.commit(snapshot({"order": ["alpha", "beta", 3]}), execution_count=1)
+    nb.commit(snapshot({"order": [3, "beta", "alpha"]}), execution_count=2)
+    assert nb.load_latest().values["order"] == [3, "beta", "alpha"]
+
+
+def test_two_equal_lists_that_become_one_shared_list_is_a_change(store):
+    nb = store.notebook("a.ipynb")
+    nb.commit(snapshot({"pair": [["x"], ["x"]]}), execution_count=1)
+    shared = ["x"]
+    nb.commit(snapshot({"pair": [shared, shared]}), execution_count=2)
+    pair = nb.load_latest().values["pair"]
+    assert pair[0] is pair[1]
+
+
+def _pickled_elsewhere(value, differing_from: bytes) -> bytes:
+    """``value`` pickled by another Python process whose bytes differ from ``differing_from``."""
+    for seed in range(1, 50):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import pickle, sys; sys.stdout.buffer.write(pickle.dumps({value!r}, protocol=5))"],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            check=True,
+        )
+        if done.stdout != differing_from:
+            return done.stdout
+    raise AssertionError("every process pickled it the same")
 
 
 def _flip_a_byte(path: Path) -> None:
