@@ -252,7 +252,7 @@ class NotebookStore(NotebookFolder):
         }
         if cells:
             data["cells"] = cells
-        # Added after 0.2.0 (older checkpoints lack them): the kernel whose cell made the state, and
+        # Added in 0.3 (older checkpoints lack them): the kernel whose cell made the state, and
         # what it changed since the checkpoint it replaced (kept when that one is pruned).
         for key in ("made_by", "changes"):
             if made.get(key) is not None:

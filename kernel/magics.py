@@ -46,7 +46,7 @@ EARLIER_KERNEL = "--- an earlier kernel (In [n] as that kernel counted) ---"
 
 
 def made_by(m: Manifest) -> Any:
-    """The id of the kernel whose cell made a checkpoint's state (recorded after 0.2.0; before, the writer's)."""
+    """The id of the kernel whose cell made a checkpoint's state (recorded since 0.3; before, the writer's)."""
     writer = m.data.get("writer")
     return m.data.get("made_by") or (writer.get("id") if isinstance(writer, dict) else None)
 
