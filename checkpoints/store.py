@@ -295,6 +295,7 @@ class NotebookStore(NotebookFolder):
         if (
             stored is None
             or stored.get("kind") != "pickle"
+            or "members" in stored  # its payload is a group's stream, not one variable's pickle
             or stored.get("digest") == new_digest
             or [b.get("digest") for b in stored.get("buffers", [])] != buffer_digests
             or len(payload) > min(equivalence.MAX_BYTES, budget[0])
