@@ -35,6 +35,7 @@ MAX_BYTES = 64 * 1024
 _BUDGET = 200_000
 
 _SERIALIZE = "durable_kernel.checkpoints.serialize"
+_NOTEBOOK_CODE = "durable_kernel.checkpoints.notebook_code"
 #: How 0.1 named what stored pickles call (serialize.py keeps these aliases forever): the same functions.
 _ALIASES = {"_loads_dill": "load_dill", "_import_module": "import_module", "_variable_ref": "variable"}
 
@@ -114,6 +115,7 @@ def _parse(ops: list[tuple[Any, Any, Any]], depth: int) -> Any:
     stack: list[Any] = []
     memo: dict[int, Any] = {}
     buffers = 0
+    effects: list[Any] = []
 
     def pop_mark() -> list[Any]:
         for i in range(len(stack) - 1, -1, -1):
@@ -151,7 +153,9 @@ def _parse(ops: list[tuple[Any, Any, Any]], depth: int) -> Any:
         if name == "MARK":
             stack.append(_MARK)
         elif name == "POP":
-            pop()
+            # What is popped was built for its effect: a state setter's call (protocol 5 reduce,
+            # how notebook_code sets a class's attributes), whose arguments are part of the value.
+            effects.append(pop())
         elif name == "POP_MARK":
             pop_mark()
         elif name == "DUP":
@@ -267,6 +271,8 @@ def _parse(ops: list[tuple[Any, Any, Any]], depth: int) -> Any:
             raise _NotComparable(f"opcode {name}")
     if len(stack) != 1:
         raise _NotComparable("not one object")
+    if effects:
+        return _Node("effects", [stack[0], *effects], mutable=False)
     return stack[0]
 
 
@@ -295,6 +301,20 @@ def _reduce(func: Any, args: Any, depth: int) -> _Node:
         and args.items[0][0] == "bytes"
     ):
         return _Node("reduce", [func, _parse(_ops(args.items[0][1]), depth + 1)], mutable=True)
+    if (
+        isinstance(func, tuple)
+        and func[0] == "global"
+        and (func[1], func[2]) == (_NOTEBOOK_CODE, "set_class_state")
+        and isinstance(args, _Node)
+        and len(args.items) == 2
+        and isinstance(args.items[1], _Node)
+    ):
+        # A class's attributes are set one by one after its skeleton is made, so a restored class
+        # lists them in another order (``__doc__`` first): their order is not part of the value.
+        for pair in args.items[1].items:
+            if isinstance(pair, _Node) and pair.kind == "pair" and pair.items[0] == ("str", "attributes"):
+                if isinstance(pair.items[1], _Node) and pair.items[1].kind == "dict":
+                    pair.items[1].unordered = True
     return _Node("reduce", [func, args], mutable=True)
 
 

@@ -596,3 +596,20 @@ def test_clear_keeps_the_lock_saving_and_settings_files(store):
     assert nb.checkpoint_ids() == [] and nb.blob_names() == set() and nb.load_latest() is None
     assert {name: (nb.dir / name).stat().st_ino for name in kept} == kept
     assert nb.read_settings() == {"exclude": ["secret_*"]}
+
+
+def test_a_notebook_class_whose_attribute_changed_is_not_the_same_value():
+    """notebook_code sets a class's attributes through a state setter whose result the pickle
+    discards: what it sets is part of the value all the same."""
+    import __main__
+
+    from durable_kernel.checkpoints import equivalence
+
+    exec("class Tally:\n    made = 0\n", __main__.__dict__)
+    try:
+        before = snapshot({"Tally": __main__.Tally}).variables[0].payload
+        __main__.Tally.made = 13
+        after = snapshot({"Tally": __main__.Tally}).variables[0].payload
+        assert not equivalence.same_value(before, after)
+    finally:
+        del __main__.Tally
