@@ -601,9 +601,9 @@ def test_clear_keeps_the_lock_saving_and_settings_files(store):
 def test_a_notebook_class_whose_attribute_changed_is_not_the_same_value():
     """notebook_code sets a class's attributes through a state setter whose result the pickle
     discards: what it sets is part of the value all the same."""
-    import __main__
-
     from durable_kernel.checkpoints import equivalence
+
+    import __main__
 
     exec("class Tally:\n    made = 0\n", __main__.__dict__)
     try:
