@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import nbformat
@@ -29,6 +30,7 @@ from test_clients_jupyterlab import (  # noqa: F401 - fixtures
     lab_env,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 CHANGE = "answer = 0"
 KERNELSPEC = {"name": "durable-python3", "display_name": "Python 3 (durable)", "language": "python"}
 
@@ -45,6 +47,19 @@ def test_pip_install_alone_enables_the_extension(lab_env):  # noqa: F811
     assert re.search(r"durable-kernel v\S+ enabled\s+OK", text), text
     installed = Path(sys.prefix, "share", "jupyter", "labextensions", "durable-kernel", "package.json")
     assert installed.is_file(), f"{installed} missing: the wheel's shared-data did not install the bundle"
+
+
+def test_kernelspec_has_its_own_logo():
+    """The launcher tile and kernel picker show durable-kernel's logo, not the stock Python one."""
+    import ipykernel
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = Path(KernelSpecManager().get_kernel_spec("durable-python3").resource_dir)
+    stock = Path(ipykernel.__file__).parent / "resources"
+    for name in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
+        ours = (spec / name).read_bytes()
+        assert ours != (stock / name).read_bytes(), f"{name} is ipykernel's stock logo"
+        assert ours == (ROOT / "kernelspec" / "durable-python3" / name).read_bytes(), f"installed {name} is stale"
 
 
 @pytest.mark.slow
@@ -64,6 +79,8 @@ def test_status_notification_and_checkpoints_panel(tmp_path, lab_env, browser_fa
         lab = LabPage(page)
         expect = lab.expect
         lab.wait_idle()
+        with urllib.request.urlopen(f"{server.url}/kernelspecs/durable-python3/logo-64x64.png?token={server.token}") as r:
+            assert r.read() == (ROOT / "kernelspec" / "durable-python3" / "logo-64x64.png").read_bytes()
         status = page.locator(".jp-durable-status")
         expect(status).to_have_text("Not saved yet", timeout=30_000)
 
@@ -102,6 +119,24 @@ def test_status_notification_and_checkpoints_panel(tmp_path, lab_env, browser_fa
         expect(panel.locator(".jp-durable-message")).to_contain_text("Restored checkpoint", timeout=60_000)
         lab.run_cell(1)
         assert lab.outputs(1, "application/vnd.jupyter.stdout").splitlines() == SHOWN
+
+        # --- Kernel menu: pause checkpoints, and the status bar says so -----------------
+        page.locator(".lm-MenuBar-item", has_text="Kernel").click()
+        page.locator(".lm-Menu-item", has_text="Pause/Resume Checkpoints").click()
+        expect(status).to_have_text("Checkpoints off", timeout=30_000)
+        page.locator(".lm-MenuBar-item", has_text="Kernel").click()
+        page.locator(".lm-Menu-item", has_text="Pause/Resume Checkpoints").click()
+        expect(status).not_to_have_text("Checkpoints off", timeout=30_000)
+
+        # --- Restart Kernel Fresh: empty namespace, the state before kept for undo ---------
+        page.locator(".lm-MenuBar-item", has_text="Kernel").click()
+        page.locator(".lm-Menu-item", has_text="Restart Kernel Fresh").click()
+        fresh = page.locator(".Toastify__toast", has_text="Restarted fresh")
+        expect(fresh).to_be_visible(timeout=60_000)
+        expect(fresh).to_contain_text("%checkpoint undo")
+        lab.wait_idle()
+        lab.run_cell(1)
+        assert "NameError" in lab.outputs(1, "application/vnd.jupyter.stderr")
         page.screenshot(path=str(artifacts / "durable-lab-extension-final.png"))
         browser.close()
     finally:

@@ -703,7 +703,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         nb.freshAfterRestart = true;
-        await nb.kernel.restart();
+        await nb.panel.sessionContext.restartKernel();
       }
     });
     app.commands.addCommand(CommandIDs.openPanel, {
