@@ -79,7 +79,9 @@ def test_status_notification_and_checkpoints_panel(tmp_path, lab_env, browser_fa
         lab = LabPage(page)
         expect = lab.expect
         lab.wait_idle()
-        with urllib.request.urlopen(f"{server.url}/kernelspecs/durable-python3/logo-64x64.png?token={server.token}") as r:
+        with urllib.request.urlopen(
+            f"{server.url}/kernelspecs/durable-python3/logo-64x64.png?token={server.token}"
+        ) as r:
             assert r.read() == (ROOT / "kernelspec" / "durable-python3" / "logo-64x64.png").read_bytes()
         status = page.locator(".jp-durable-status")
         expect(status).to_have_text("Not saved yet", timeout=30_000)
