@@ -337,7 +337,7 @@ class DurableKernel(IPythonKernel):
         self._banner_notice = "\n".join(PREFIX + line for line in (lines or ([banner] if banner else [])))
         self.start_info = {
             "state": state,
-            "lines": [PREFIX + line for line in lines],
+            "lines": [line if line.startswith(PREFIX) else PREFIX + line for line in lines],  # as Notices.add
             "banner": self._banner_notice,
             "warning": state in ("failed", "off"),
         }

@@ -67,3 +67,13 @@ def test_checkpoint_empty_is_undone_by_undo(start_kernel):
     assert kernel.value("(a, b)") == "(1, 'two')"
     off = open_comm(kernel, {})
     assert off["enabled"] is True
+
+
+def test_a_variable_not_restored_makes_the_start_a_warning(start_kernel):
+    kernel = start_kernel()
+    kernel.execute("import sqlite3\nconn = sqlite3.connect(':memory:')\nx = 1")
+    wait_saved(kernel)
+    kernel.restart()
+    start = kernel.info["durable_kernel"]["start"]
+    assert start["state"] == "restored" and start["warning"] is True
+    assert any("conn" in line and "not restored" in line for line in start["lines"]), start["lines"]
