@@ -5,7 +5,9 @@ driven by Playwright, as tests/test_clients_jupyterlab.py (same server, browser 
 notebook on a durable kernel: the status bar item appears and turns to "Saved … ago" after a cell;
 after Kernel > Restart the notification says what came back, and the first cell's stderr has no
 copy of the notice; the Checkpoints panel lists the checkpoints and its Restore (confirmed in a
-dialog) brings an older state back into the running kernel.
+dialog) brings an older state back into the running kernel; the Kernel menu's Pause/Resume
+Checkpoints and Restart Kernel Fresh work; a variable that cannot be saved is named in the status bar;
+the server serves the kernelspec's own logo.  Screenshots are kept as test artifacts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from test_clients_jupyterlab import (  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANGE = "answer = 0"
+UNSAVABLE = "import sqlite3\nconn = sqlite3.connect(':memory:')"
 KERNELSPEC = {"name": "durable-python3", "display_name": "Python 3 (durable)", "language": "python"}
 
 
@@ -66,7 +69,9 @@ def test_kernelspec_has_its_own_logo():
 def test_status_notification_and_checkpoints_panel(tmp_path, lab_env, browser_factory):  # noqa: F811
     root = tmp_path / "lab-root"
     root.mkdir()
-    notebook = new_notebook(cells=[new_code_cell(BUILD), new_code_cell(SHOW), new_code_cell(CHANGE)])
+    notebook = new_notebook(
+        cells=[new_code_cell(BUILD), new_code_cell(SHOW), new_code_cell(CHANGE), new_code_cell(UNSAVABLE)]
+    )
     notebook.metadata["kernelspec"] = KERNELSPEC
     nbformat.write(notebook, root / "analysis.ipynb")
     artifacts = tmp_path / "artifacts"
@@ -98,6 +103,11 @@ def test_status_notification_and_checkpoints_panel(tmp_path, lab_env, browser_fa
         expect(toast.get_by_role("button", name="Details")).to_be_visible()
         expect(toast.get_by_role("button", name="Undo restore")).to_be_visible()
         page.screenshot(path=str(artifacts / "durable-lab-extension-notification.png"))
+        toast.get_by_role("button", name="Details").click()
+        details = page.locator(".jp-Dialog")
+        expect(details).to_contain_text("restored 3 variables for")
+        details.get_by_role("button", name="Ok").click()
+        expect(details).to_have_count(0)
         lab.run_cell(1)
         assert lab.outputs(1, "application/vnd.jupyter.stdout").splitlines() == SHOWN
         assert lab.outputs(1, "application/vnd.jupyter.stderr") == ""
@@ -139,6 +149,10 @@ def test_status_notification_and_checkpoints_panel(tmp_path, lab_env, browser_fa
         lab.wait_idle()
         lab.run_cell(1)
         assert "NameError" in lab.outputs(1, "application/vnd.jupyter.stderr")
+
+        # --- a variable that cannot be saved is named in the status bar ----------------
+        lab.run_cell(3)
+        expect(status).to_have_text("Not saved: conn", timeout=30_000)
         page.screenshot(path=str(artifacts / "durable-lab-extension-final.png"))
         browser.close()
     finally:
