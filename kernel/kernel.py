@@ -38,6 +38,7 @@ from .saver import Saver, SaveRequest
 
 _IPYTHON_NAMES = frozenset({"In", "Out", "_", "__", "___", "_ih", "_oh", "_dh", "get_ipython", "exit", "quit"})
 _IPYTHON_PATTERN = re.compile(r"^_i?\d+$|^_i{1,3}$")
+COMM_TARGET = "durable_kernel"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -176,6 +177,9 @@ class DurableKernel(IPythonKernel):
         #: why checkpoints are off for this kernel ("" while they work)
         self.off_reason = ""
         self._key_warnings: list[str] = []
+        #: what this start restored, for frontends (kernel_info's ``durable_kernel``, the comm)
+        self.start_info: dict[str, Any] = {"state": "starting", "lines": [], "warning": False}
+        self._frontend_told = False
 
     # --- start-up and restore path ------------------------------------------
 
@@ -191,6 +195,7 @@ class DurableKernel(IPythonKernel):
         self.shell.register_magics(CheckpointMagics(self.shell, kernel=self))
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self.shell.events.register("post_run_cell", self._post_run_cell)
+        self.comm_manager.register_target(COMM_TARGET, self._frontend_comm)
         try:
             self.store = open_store(configured=self.checkpoint_dir or None, warnings=self._key_warnings)
             self.notices.add(*self._key_warnings)
@@ -198,7 +203,7 @@ class DurableKernel(IPythonKernel):
             self.log.exception("checkpoints are off")
             self.enabled = False
             self.off_reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-            self._set_notice([f"checkpoints are off for this kernel: {self.off_reason}."])
+            self._set_notice([f"checkpoints are off for this kernel: {self.off_reason}."], state="off")
             return
         explicit = identity.from_environment()
         self._identity_final = explicit is not None
@@ -213,7 +218,7 @@ class DurableKernel(IPythonKernel):
         if self.restore == "auto":
             self._restore()
         else:
-            self._set_notice(["restore is off; variables are saved after every cell."])
+            self._set_notice(["restore is off; variables are saved after every cell."], state="restore-off")
 
     def _log_to_kernel_log(self) -> None:
         """Our modules' log records go where the kernel's own do (its log), never to the user's cell:
@@ -256,12 +261,13 @@ class DurableKernel(IPythonKernel):
             )
         except CheckpointError as exc:
             self.log.warning("restore refused: %s", exc)
-            self._set_notice([f"did not restore: {exc}"])
+            self._set_notice([f"did not restore: {exc}"], state="failed")
             return
         except Exception:
             self.log.exception("restore failed")
             self._set_notice(
-                ["restoring failed unexpectedly (details in the kernel log); starting with an empty namespace."]
+                ["restoring failed unexpectedly (details in the kernel log); starting with an empty namespace."],
+                state="failed",
             )
             return
         if report.restored is not None:
@@ -280,7 +286,19 @@ class DurableKernel(IPythonKernel):
             report.lines += self._recompute_at_start()
         for line in report.lines:
             self.log.info(line)
-        self._set_notice(report.lines, banner=report.banner_only)
+        self._set_notice(report.lines, banner=report.banner_only, state="empty")
+        if report.restored is not None:
+            man = report.restored.manifest
+            self.start_info.update(
+                state="restored",
+                checkpoint=man.generation,
+                created=man.created,
+                execution_count=man.execution_count,
+                names=sorted(self._restored_names),
+                warning=bool(
+                    self._unsaved_at_restore or report.placeholders or report.reasons or report.restored.not_restored
+                ),
+            )
 
     def missing_unsaved(self) -> list[str]:
         """Variables the restored checkpoint could not save that are still missing."""
@@ -325,10 +343,44 @@ class DurableKernel(IPythonKernel):
             self.log.exception("recompute at start failed")
         return lines
 
-    def _set_notice(self, lines: list[str], banner: str = "") -> None:
+    def _set_notice(self, lines: list[str], banner: str = "", state: str = "") -> None:
         """What the banner says at start, and the first cell too (``banner``: news for the banner only)."""
         self.notices.add(*lines)
         self._banner_notice = "\n".join(PREFIX + line for line in (lines or ([banner] if banner else [])))
+        self.start_info = {
+            "state": state,
+            "lines": [line if line.startswith(PREFIX) else PREFIX + line for line in lines],  # as Notices.add
+            "banner": self._banner_notice,
+            "warning": state in ("failed", "off"),
+        }
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:  # type: ignore[override]
+        """kernel_info_reply's content, plus ``durable_kernel``: the start notice, machine-readable."""
+        return {**super().kernel_info, "durable_kernel": self.frontend_status()}
+
+    def frontend_status(self) -> dict[str, Any]:
+        """What a frontend shows of this kernel: how its start went, whether checkpoints are on."""
+        return {
+            "version": __version__,
+            "comm_target": COMM_TARGET,
+            "start": self.start_info,
+            "enabled": bool(self.enabled and self.notebook is not None),
+            "off_reason": self.off_reason or ("" if self.enabled else "paused (%checkpoint off)"),
+            "identity": self.identity,
+        }
+
+    def _frontend_comm(self, comm: Any, msg: dict[str, Any]) -> None:
+        """A frontend extension (JupyterLab's) opened the ``durable_kernel`` comm: it shows the start
+        notice itself, so the first cell's stderr copy is dropped; it is answered with
+        :meth:`frontend_status` (``first``: whether this start was told to a frontend before), and
+        again on each message it sends."""
+        data = (msg.get("content") or {}).get("data") or {}
+        if data.get("shows_notices"):
+            self.notices.discard(*self.start_info.get("lines", []))
+        first, self._frontend_told = not self._frontend_told, True
+        comm.send({**self.frontend_status(), "first": first})
+        comm.on_msg(lambda _msg: comm.send({**self.frontend_status(), "first": False}))
 
     @property
     def banner(self) -> str:  # type: ignore[override]

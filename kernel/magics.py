@@ -33,6 +33,8 @@ HELP = """\
   diff [A [B]]      variables added, removed or changed from checkpoint A to B (default: the last two)
   exclude NAME...   never save these names (patterns like tmp_* allowed); remembered for this notebook
   include NAME...   save these names again
+  empty             start over with an empty namespace (the current state is saved first:
+                    %checkpoint undo brings it back)
   clear             delete this notebook's checkpoints: a restart then starts empty
   adopt OLD         bring here the state saved for notebook OLD (this notebook was moved or renamed)
   recompute [NAME...]  make again variables that could not be saved, by running again the recorded
@@ -311,6 +313,17 @@ class CheckpointMagics(Magics):
             )
         self._restore(target, f"Undone: back to checkpoint {target.generation}")
         self._undo_to = target
+
+    def _do_empty(self, args: list[str]) -> None:
+        self._no_args(args, "empty")
+        before = self._save_and_wait()  # so that %checkpoint undo brings it back
+        self.kernel.replace_namespace({})
+        kept = f" (checkpoint {before.checkpoint_id} keeps them: %checkpoint undo)" if before.ok else ""
+        print(f"Emptied the namespace{kept}.")
+        if self.kernel.running_silently():  # no cell end follows to save it (see _do_restore)
+            outcome = self.kernel.checkpoint_now(cell="(emptied)")
+            if not outcome.ok:
+                print(f"Not saved yet ({outcome.error}): the next cell saves it.")
 
     def _do_diff(self, args: list[str]) -> None:
         if len(args) > 2:

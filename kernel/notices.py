@@ -47,6 +47,11 @@ class Notices:
             self._told.discard(key)
             return was
 
+    def discard(self, *lines: str) -> None:
+        """Drop these lines if they still wait (a frontend shows them its own way)."""
+        with self._lock:
+            self._lines = [line for line in self._lines if line not in lines]
+
     def take(self) -> list[str]:
         """Every queued line, oldest first; the queue is empty afterwards."""
         with self._lock:

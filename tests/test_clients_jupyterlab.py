@@ -281,6 +281,13 @@ class LabPage:
         self.expect(self.page.locator(".jp-mod-current.jp-mod-dirty")).to_have_count(0)
 
 
+def disable_extension(env: dict[str, str]) -> None:
+    """Disable the durable-kernel labextension for servers run with ``env`` (its config dir)."""
+    labconfig = Path(env["JUPYTER_CONFIG_DIR"]) / "labconfig"
+    labconfig.mkdir(parents=True, exist_ok=True)
+    (labconfig / "page_config.json").write_text(json.dumps({"disabledExtensions": {"durable-kernel": True}}))
+
+
 @pytest.mark.slow
 def test_jupyterlab_restart_and_server_restart_bring_the_variables_back(tmp_path, lab_env, browser_factory):
     root = tmp_path / "lab-root"
@@ -290,6 +297,9 @@ def test_jupyterlab_restart_and_server_restart_bring_the_variables_back(tmp_path
     nbformat.write(new_notebook(cells=[new_code_cell(BUILD), new_code_cell(SHOW)]), notebook_path)
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
+    # JupyterLab without durable-kernel's extension (a plain frontend): the restore notice is the
+    # kernel's text on stderr of the first cell.  tests/test_clients_jupyterlab_extension.py has it on.
+    disable_extension(lab_env)
 
     # --- first server: pick the kernel, build, restart from the Kernel menu, print ---
     server = LabServer(root, lab_env, tmp_path / "lab-server-1.log")
