@@ -357,6 +357,7 @@ def test_jupyterlab_restart_and_clear_outputs_numbers_the_next_cell_1(tmp_path, 
     root = tmp_path / "lab-root"
     root.mkdir()
     nbformat.write(new_notebook(cells=[new_code_cell(BUILD), new_code_cell(SHOW)]), root / "count.ipynb")
+    disable_extension(lab_env)  # a plain frontend: the restore notice is the kernel's text on stderr
     server = LabServer(root, lab_env, tmp_path / "lab-server.log")
     try:
         browser = browser_factory()

@@ -120,8 +120,9 @@ def test_status_notification_and_checkpoints_panel(tmp_path, lab_env, browser_fa
         changed = panel.locator(".jp-durable-checkpoint", has_text="~answer")
         expect(changed).to_have_count(1, timeout=30_000)
         first = panel.locator(".jp-durable-checkpoint", has_text="+answer")
-        # In [2]: a cell that changes nothing (SHOW) re-dates the newest checkpoint, as %checkpoint list shows.
-        expect(first).to_contain_text("In [2]")
+        # In [1]: a cell that changes nothing (SHOW) re-dates the newest checkpoint but keeps naming the
+        # cell that made its state, as %checkpoint list shows.
+        expect(first).to_contain_text("In [1]")
         expect(first).to_contain_text(BUILD.splitlines()[0])
         page.screenshot(path=str(artifacts / "durable-lab-extension-panel.png"))
         first.get_by_role("button", name="Restore").click()
