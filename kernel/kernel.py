@@ -462,10 +462,16 @@ class DurableKernel(IPythonKernel):
     def _label(self, cell: str) -> str:
         """The cell's first line, as a checkpoint records it; hidden if the cell names an excluded variable
         (a secret assigned there must not reach the store through the label)."""
-        patterns = self.excluded_patterns()
-        if patterns and any(fnmatch.fnmatchcase(word, p) for word in set(_IDENTIFIER.findall(cell)) for p in patterns):
+        if self._names_excluded(cell):
             return "(cell text not saved: it names an excluded variable)"
         return cell.strip().split("\n", 1)[0][:200]
+
+    def _names_excluded(self, cell: str) -> bool:
+        """Does the cell's text name an excluded variable (then none of it is stored)?"""
+        patterns = self.excluded_patterns()
+        return bool(patterns) and any(
+            fnmatch.fnmatchcase(word, p) for word in set(_IDENTIFIER.findall(cell)) for p in patterns
+        )
 
     def _post_run_cell(self, result: Any) -> None:
         if not self._identity_final:
@@ -520,7 +526,7 @@ class DurableKernel(IPythonKernel):
                 ok=bool(result.success),
                 seconds=time.monotonic() - self._cell_started,
                 transform=self.shell.transform_cell,
-                private=self._label(raw_cell) != raw_cell.strip().split("\n", 1)[0][:200],
+                private=self._names_excluded(raw_cell),
             )
             self.history.add(record, self._parent_message())
         except Exception:
