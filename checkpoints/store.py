@@ -80,11 +80,14 @@ class Restored:
 class Store:
     """All notebooks' checkpoints under one root folder, signed with one key."""
 
-    def __init__(self, root: Path | str, key: bytes, key_problem: str | None = None):
+    def __init__(self, root: Path | str, key: bytes, key_problem: str | None = None, remote: str | None = None):
         self.root = Path(root)
         self.key = key
         #: why this user's key could not be read (then ``key`` verifies nothing)
         self.key_problem = key_problem
+        #: the bucket URL this store's checkpoints are uploaded to (``sync.py``); ``root`` is then
+        #: the local cache, where every checkpoint is committed first.  None for a plain folder.
+        self.remote = remote
 
     def notebook(self, identity: str) -> NotebookStore:
         """The checkpoints of one notebook identity."""

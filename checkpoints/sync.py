@@ -1,0 +1,561 @@
+"""A bucket store's replication: upload after commit, download before restore, gc and clear.
+
+The local store (the *cache*, a folder as for any store) stays the place every
+checkpoint is committed first; this module copies checkpoints between it and a
+:class:`~.bucket.Bucket`, which keeps the same layout.
+
+Upload (:func:`upload_newest`), the remote commit protocol: the blobs the newest
+local checkpoint needs and the bucket lacks go first (content addressing: a
+blob already there is not sent again), then its manifest, written with a
+conditional create (If-None-Match) as the remote commit point.  A manifest key
+is written once and never replaced, so the newest remote manifest is always
+whole and every blob it names was there before it.  When another machine took
+that generation number first, the manifest is signed again as the next free
+one: the newest commit wins and nothing is overwritten.  An upload cut short
+leaves blobs only; the next round sends what is still missing.
+
+Download (:func:`download_newest`): the newest remote checkpoint that verifies and
+is newer than the cache's newest comes into the cache: blobs first (checked
+against their digest before they are kept), then the manifest, under a
+generation above every local one.  Restore then loads from the cache as ever.
+
+Bucket gc (:func:`collect`) has no lock to take: it deletes only blobs that no
+kept manifest names *and* that are older than a grace period, as restic's prune
+does, so a writer on another machine that uploaded (or found) a blob for a
+manifest it has not written yet never loses it.  A writer only counts on a blob
+already in the bucket when a kept manifest names it or it is younger than half
+the grace period; otherwise it sends it again, which makes it young.
+
+Nothing here is trusted that the key has not signed: manifests from the bucket
+are verified before they are used, and blobs are hashed before they are kept.
+Run as ``python -m durable_kernel.checkpoints.sync`` it is the kernel's sync
+process (:func:`main`): obstore cannot run in a process that forks, and a
+kernel forks for every checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import manifest as manifest_format
+from .blobs import digest, file_digest
+from .bucket import PARALLEL, Bucket, RemoteError
+from .errors import CheckpointError, CorruptCheckpoint
+from .files import TMP_PREFIX, fsync_dir, make_private_dirs
+from .folder import NotebookFolder
+from .manifest import Manifest, referenced_blobs
+from .store import NotebookStore, Store
+
+log = logging.getLogger(__name__)
+
+#: Blobs no kept manifest names are deleted from a bucket only once they are this old.
+GRACE_SECONDS = 24 * 3600.0
+#: Remote checkpoints kept per notebook (as many as locally, by default).
+KEEP = 5
+#: The cache folder's record of what was uploaded (see :func:`read_record`).
+RECORD = "uploads.json"
+_MANIFEST_NAME = "manifests/"
+
+
+@dataclass
+class Transfer:
+    """One upload or download: which checkpoint, and what crossed the network."""
+
+    #: the local generation (in the cache)
+    generation: int | None = None
+    #: the generation in the bucket
+    remote: int | None = None
+    blobs: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    #: one line per newer remote checkpoint that could not be used, and why
+    notes: list[str] = field(default_factory=list)
+
+
+def remote_folder(nb: NotebookFolder) -> str:
+    """The notebook's folder in the bucket: the same name as in the cache."""
+    return nb.dir.name
+
+
+def manifest_ids(listing: dict[str, dict[str, Any]]) -> list[int]:
+    """Generation ids of the manifests in a listing, newest first."""
+    ids = []
+    for key in listing:
+        name = key.rsplit("/", 1)[-1]
+        if name.endswith(".manifest") and name[: -len(".manifest")].isdigit():
+            ids.append(int(name[: -len(".manifest")]))
+    return sorted(ids, reverse=True)
+
+
+def _blob_digest(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+# --- the record of uploads ------------------------------------------------------------
+
+
+def read_record(nb: NotebookFolder, url: str) -> dict[str, Any]:
+    """What the cache knows of its uploads to ``url``: ``local`` (the generation last uploaded),
+    ``remote`` (its generation in the bucket), ``digest`` (of its manifest file), ``fault``
+    (the last failure, or None), ``at`` (when it was written)."""
+    try:
+        data = json.loads(nb.files.get(RECORD, 1 << 20))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("url") != url:
+        return {}
+    return data
+
+
+def write_record(nb: NotebookFolder, url: str, **fields: Any) -> None:
+    """Update the record (atomically; the kernel reads it for ``%checkpoint status``)."""
+    record = {**read_record(nb, url), **fields, "url": url, "at": time.time()}
+    with contextlib.suppress(OSError):
+        nb.files.put(RECORD, [json.dumps(record).encode()])
+
+
+def waiting(nb: NotebookFolder, url: str) -> int:
+    """How many of the cache's checkpoints are newer than the last one uploaded."""
+    record = read_record(nb, url)
+    ids = nb.checkpoint_ids()
+    last = record.get("local")
+    if isinstance(last, int) and last in ids and _manifest_digest(nb, last) == record.get("digest"):
+        return sum(1 for g in ids if g > last)
+    return len(ids)
+
+
+def _manifest_digest(nb: NotebookFolder, generation: int) -> str | None:
+    try:
+        return digest(nb.manifest_bytes(generation))
+    except (OSError, CheckpointError):
+        return None
+
+
+# --- upload -----------------------------------------------------------------------------
+
+
+class _Named:
+    """Which blobs each remote manifest names (unverified: only to decide what not to send
+    again, or not to delete); manifests never change under one key, so each is read once."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, set[str] | None] = {}
+
+    def of(self, bucket: Bucket, key: str) -> set[str] | None:
+        if key not in self._seen:
+            try:
+                body = manifest_format.body_of(bucket.get(key))
+                self._seen[key] = referenced_blobs(json.loads(body))
+            except FileNotFoundError:
+                return set()
+            except (ValueError, TypeError, AttributeError):
+                self._seen[key] = None  # unreadable: cannot tell
+        return self._seen[key]
+
+
+_named = _Named()
+
+
+def upload_newest(
+    nb: NotebookStore, bucket: Bucket, *, keep: int = KEEP, grace: float = GRACE_SECONDS
+) -> Transfer | None:
+    """Upload the cache's newest checkpoint unless it is uploaded already; None if there was nothing to do.
+
+    Raises :class:`RemoteError` when the bucket cannot be used (nothing is lost: the
+    next call sends what is missing) and :class:`CheckpointError` for a local
+    checkpoint that does not verify (it is never uploaded).
+    """
+    for _ in range(5):
+        ids = nb.checkpoint_ids()
+        if not ids:
+            return None
+        generation = ids[0]
+        try:
+            raw = nb.manifest_bytes(generation)
+        except CorruptCheckpoint:
+            continue  # pruned just now: a newer one exists
+        record = read_record(nb, bucket.url)
+        if record.get("digest") == digest(raw):
+            return None
+        man = manifest_format.decode(
+            raw, nb.store.key, f"checkpoint {generation}", generation=generation, folder=nb.dir.name
+        )
+        try:
+            done = _push(nb, bucket, man, raw, keep, grace)
+        except FileNotFoundError:
+            continue  # a blob was pruned while it was read: the checkpoint it served is superseded
+        write_record(nb, bucket.url, local=generation, remote=done.remote, digest=digest(raw), fault=None)
+        return done
+    return None
+
+
+def _push(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: int, grace: float) -> Transfer:
+    started = time.monotonic()
+    folder = remote_folder(nb)
+    blobs = bucket.objects(f"{folder}/blobs")
+    manifests = bucket.objects(f"{folder}/manifests")
+    named: set[str] = set()
+    for key in manifests:
+        named |= _named.of(bucket, key) or set()
+    todo = []
+    for blob in sorted(man.blob_digests()):
+        key = f"{folder}/{nb.blob_key(blob)}"
+        source = nb.blob_path(blob)
+        size = os.stat(source).st_size  # FileNotFoundError: pruned under us
+        there = blobs.get(key)
+        if there is not None and there["size"] == size and (blob in named or there["age"] < grace / 2):
+            continue
+        todo.append((key, source, size))
+
+    def send(item: tuple[str, Path, int]) -> None:
+        key, source, _ = item
+        with open(source, "rb") as f:  # opened first: a prune after this point cannot cut it short
+            bucket.upload(key, f)
+
+    # Small blobs several at a time; a large one is itself sent as parallel parts.
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        list(pool.map(send, todo))
+    target = _commit_manifest(nb, bucket, man, raw, manifest_ids(manifests))
+    _prune_manifests(bucket, folder, keep)
+    return Transfer(
+        generation=man.generation,
+        remote=target,
+        blobs=len(todo),
+        bytes=sum(size for _, _, size in todo) + len(raw),
+        seconds=time.monotonic() - started,
+    )
+
+
+def _commit_manifest(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, remote_ids: list[int]) -> int:
+    """Create the manifest in the bucket under a generation no one has used; returns it."""
+    folder = remote_folder(nb)
+    target = max(man.generation, (remote_ids[0] + 1) if remote_ids else 1)
+    for _ in range(20):
+        data = raw if target == man.generation else _signed_as(man, target, nb.store.key)
+        if bucket.create(f"{folder}/{nb.manifest_key(target)}", data):
+            return target
+        # Another machine committed this generation first: ours is newer, so it goes above.
+        target = max(target, (manifest_ids(bucket.objects(f"{folder}/manifests")) or [0])[0]) + 1
+    raise RemoteError("busy", f"cannot commit to {bucket.url}: other writers took every generation tried")
+
+
+def _signed_as(man: Manifest, generation: int, key: bytes) -> bytes:
+    return manifest_format.encode({**man.data, "generation": generation}, key)
+
+
+def _prune_manifests(bucket: Bucket, folder: str, keep: int) -> None:
+    """Keep the ``keep`` newest manifests in the bucket (their blobs go at the next gc)."""
+    ids = manifest_ids(bucket.objects(f"{folder}/manifests"))
+    for old in ids[max(keep, 1) :]:
+        bucket.delete(f"{folder}/{NotebookFolder.manifest_key(old)}")
+
+
+# --- download ---------------------------------------------------------------------------
+
+
+def download_newest(nb: NotebookStore, bucket: Bucket, *, tries: int = KEEP + 1) -> Transfer:
+    """Bring the newest remote checkpoint into the cache if it is newer than the cache's newest.
+
+    ``Transfer.generation`` is the local generation it was written as, None if the
+    cache was as new (or nothing remote could be used: ``notes`` say why).
+    Raises :class:`RemoteError` if the bucket cannot be used.
+    """
+    started = time.monotonic()
+    folder = remote_folder(nb)
+    result = Transfer()
+    manifests = bucket.objects(f"{folder}/manifests")
+    record = read_record(nb, bucket.url)
+    local = _newest_local(nb)
+    blobs: dict[str, dict[str, Any]] | None = None
+    for remote in manifest_ids(manifests)[:tries]:
+        if remote == record.get("remote") and record.get("local") in nb.checkpoint_ids():
+            break  # the cache's own upload: the cache is as new
+        key = f"{folder}/{nb.manifest_key(remote)}"
+        where = f"checkpoint {remote} in {bucket.url}"
+        try:
+            raw = bucket.get(key)
+            man = manifest_format.decode(raw, nb.store.key, where, generation=remote, folder=folder)
+        except FileNotFoundError:
+            continue  # pruned by its writer meanwhile
+        except CheckpointError as exc:
+            result.notes.append(str(exc))
+            continue
+        if local is not None and man.created <= local.created:
+            break
+        if blobs is None:
+            blobs = bucket.objects(f"{folder}/blobs")
+        try:
+            count, size = _fetch_blobs(nb, bucket, man, blobs, where)
+        except CorruptCheckpoint as exc:
+            result.notes.append(str(exc))
+            continue
+        data = _install_manifest(nb, man, raw)
+        result.generation, result.remote, result.blobs, result.bytes = data, remote, count, size + len(raw)
+        written = nb.manifest_bytes(data)
+        write_record(nb, bucket.url, local=data, remote=remote, digest=digest(written), fault=None)
+        break
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _newest_local(nb: NotebookStore) -> Manifest | None:
+    for generation in nb.checkpoint_ids():
+        try:
+            return nb.read_manifest(generation)
+        except CheckpointError:
+            continue
+    return None
+
+
+def _fetch_blobs(
+    nb: NotebookStore, bucket: Bucket, man: Manifest, listing: dict[str, dict[str, Any]], where: str
+) -> tuple[int, int]:
+    """Download the blobs ``man`` needs that the cache lacks, each checked against its digest."""
+    folder = remote_folder(nb)
+    todo = []
+    for blob in sorted(man.blob_digests()):
+        key = f"{folder}/{nb.blob_key(blob)}"
+        there = listing.get(key)
+        if there is None:
+            raise CorruptCheckpoint(f"{where} needs a blob the bucket does not have ({blob[:12]}…); it was not used")
+        try:
+            if os.stat(nb.blob_path(blob)).st_size == there["size"]:
+                continue  # the loader checks its digest anyway
+        except FileNotFoundError:
+            pass
+        todo.append((blob, key, there["size"]))
+
+    def fetch(item: tuple[str, str, int]) -> None:
+        blob, key, size = item
+        final = nb.blob_path(blob)
+        make_private_dirs(final.parent)
+        tmp = final.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            bucket.download(key, size, tmp)
+            if file_digest(tmp, size) != blob:
+                raise CorruptCheckpoint(f"{where}: a blob in the bucket is damaged ({blob[:12]}…); it was not used")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        list(pool.map(fetch, [t for t in todo if t[2] < 64 << 20]))
+    for item in [t for t in todo if t[2] >= 64 << 20]:
+        fetch(item)  # one large blob at a time: each is already fetched in parallel ranges
+    for folder_path in {nb.blob_path(b).parent for b, _, _ in todo}:
+        fsync_dir(folder_path)
+    return len(todo), sum(size for _, _, size in todo)
+
+
+def _install_manifest(nb: NotebookStore, man: Manifest, raw: bytes) -> int:
+    """Write a downloaded manifest into the cache above every local generation; returns its generation."""
+    nb.ensure_dirs()
+    with nb.locked():
+        local_ids = nb.checkpoint_ids()
+        target = man.generation if not local_ids or man.generation > local_ids[0] else local_ids[0] + 1
+        data = raw if target == man.generation else _signed_as(man, target, nb.store.key)
+        nb.files.publish(nb.manifest_key(target), data)
+    return target
+
+
+# --- gc and clear -------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    """What a bucket gc did for one notebook folder."""
+
+    folder: str
+    manifests_removed: int = 0
+    blobs_removed: int = 0
+    freed: int = 0
+    #: why blobs were all kept (a manifest that could not be read)
+    kept_because: str = ""
+
+
+def collect(
+    bucket: Bucket, *, keep: int = KEEP, grace: float = GRACE_SECONDS, dry_run: bool = False
+) -> list[Collected]:
+    """Drop manifests beyond the ``keep`` newest, then blobs no kept manifest names that are
+    older than ``grace`` seconds, in every notebook folder of the bucket."""
+    return [_collect_folder(bucket, folder, keep, grace, dry_run) for folder in bucket.folders()]
+
+
+def _collect_folder(bucket: Bucket, folder: str, keep: int, grace: float, dry_run: bool) -> Collected:
+    done = Collected(folder)
+    manifests = bucket.objects(f"{folder}/manifests")
+    ids = manifest_ids(manifests)
+    for old in ids[max(keep, 1) :]:
+        done.manifests_removed += 1
+        if not dry_run:
+            bucket.delete(f"{folder}/{NotebookFolder.manifest_key(old)}")
+    kept = ids[: max(keep, 1)]
+    blobs = bucket.objects(f"{folder}/blobs")
+    candidates = {k: v for k, v in blobs.items() if v["age"] > grace}
+    if not candidates:
+        return done
+    # Read the manifests again right before deleting: one committed meanwhile (by a writer
+    # on another machine) protects its blobs too.
+    kept = sorted(set(kept) | set(manifest_ids(bucket.objects(f"{folder}/manifests"))))
+    named: set[str] = set()
+    for generation in kept:
+        found = _named.of(bucket, f"{folder}/{NotebookFolder.manifest_key(generation)}")
+        if found is None:
+            done.kept_because = f"checkpoint {generation} cannot be read"
+            return done
+        named |= found
+    for key, meta in candidates.items():
+        if _blob_digest(key) in named:
+            continue
+        done.blobs_removed += 1
+        done.freed += meta["size"]
+        if not dry_run:
+            bucket.delete(key)
+    return done
+
+
+def clear(bucket: Bucket, folder: str, dry_run: bool = False) -> int:
+    """Remove one notebook's checkpoints from the bucket (manifests first); returns bytes freed."""
+    objects = bucket.objects(folder)
+    if not dry_run:
+        order = sorted(objects, key=lambda k: _MANIFEST_NAME not in k)
+        for key in order:
+            bucket.delete(key)
+    return sum(meta["size"] for meta in objects.values())
+
+
+def mirror_manifests(bucket: Bucket, root: Path) -> dict[str, int]:
+    """Copy every notebook's manifests (not blobs) into ``root``, laid out as a store, for the
+    read-only commands (``list``, ``show``); returns each folder's size in the bucket."""
+    sizes = {}
+    for folder in bucket.folders():
+        objects = bucket.objects(folder)
+        sizes[folder] = sum(meta["size"] for meta in objects.values())
+        nb = NotebookFolder(root, "", folder=root / folder)
+        nb.ensure_dirs()
+        for key in objects:
+            if f"{folder}/{_MANIFEST_NAME}" in key:
+                name = key.rsplit("/", 1)[-1]
+                with contextlib.suppress(FileNotFoundError):
+                    nb.files.put(f"manifests/{name}", [bucket.get(key)])
+    return sizes
+
+
+# --- the sync process -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _uploading(nb: NotebookFolder) -> Iterator[None]:
+    """One uploader per notebook at a time (a kernel's, and the one a restarted kernel left)."""
+    nb.ensure_dirs()
+    fd = os.open(nb.dir / "uploading", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _emit(event: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+
+def _serve(config: dict[str, Any], lines: queue.Queue[str | None]) -> None:
+    """Upload after every request until the kernel closes our stdin; then finish what is waiting."""
+    store = Store(config["root"], config["key"].encode())
+    bucket = Bucket(config["url"])
+    keep = int(config.get("keep", KEEP))
+    nb = NotebookStore(store, config["identity"], folder=Path(config["folder"]))
+    wanted, closed, fault, delay, retry_until = True, False, "", 1.0, 0.0
+    while True:
+        if wanted:
+            wanted = False
+            try:
+                with _uploading(nb):
+                    if closed:
+                        nb.wait_for_savers(timeout=600)  # the checkpoint of the kernel's last cell
+                    while (done := upload_newest(nb, bucket, keep=keep)) is not None:
+                        _emit({"event": "uploaded", **asdict(done)})
+                if fault:
+                    _emit({"event": "resumed"})
+                fault, delay = "", 1.0
+            except RemoteError as exc:
+                write_record(nb, bucket.url, fault={"kind": exc.kind, "message": str(exc), "since": time.time()})
+                if exc.kind != fault:
+                    _emit({"event": "fault", "kind": exc.kind, "message": str(exc)})
+                fault, wanted = exc.kind, True
+                retry_until = retry_until or (time.monotonic() + 600 if closed else 0.0)
+            except Exception as exc:  # our bug or a local problem: told, and the next request tries again
+                log.exception("upload failed")
+                _emit({"event": "fault", "kind": "local", "message": f"{type(exc).__name__}: {exc}"})
+        if closed and (not wanted or (retry_until and time.monotonic() > retry_until)):
+            return
+        try:
+            line = lines.get(timeout=delay if wanted else None)
+        except queue.Empty:
+            delay = min(delay * 2, 60.0)
+            continue
+        if line is None:
+            closed, wanted = True, True
+            retry_until = 0.0
+            continue
+        request = json.loads(line)
+        if request.get("folder"):
+            nb = NotebookStore(store, request.get("identity", ""), folder=Path(request["folder"]))
+        wanted = True
+
+
+def _download(config: dict[str, Any]) -> dict[str, Any]:
+    store = Store(config["root"], config["key"].encode())
+    nb = NotebookStore(store, config["identity"], folder=Path(config["folder"]))
+    try:
+        return {"ok": True, **asdict(download_newest(nb, Bucket(config["url"])))}
+    except RemoteError as exc:
+        return {"ok": False, "kind": exc.kind, "message": str(exc)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The sync process: ``download`` (one JSON request on stdin, one JSON answer on stdout) or
+    ``serve`` (a JSON config line, then one line per upload request; JSON events out)."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="[durable-kernel sync %(levelname)s] %(message)s")
+    config = json.loads(sys.stdin.readline())
+    if argv[:1] == ["download"]:
+        _emit(_download(config))
+        return 0
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip():
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    _serve(config, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
