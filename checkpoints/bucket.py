@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 #: URL schemes that name object storage rather than a folder.
 SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "azure://", "abfs://", "abfss://")
@@ -107,7 +111,7 @@ class Bucket:
 
         now = datetime.datetime.now(datetime.timezone.utc)
         found: dict[str, dict[str, Any]] = {}
-        with _translated(f"list {self.url}/{prefix}"):
+        with _translated(self.url):
             for batch in obstore.list(self._store, prefix.rstrip("/") + "/"):
                 for meta in batch:
                     age = (now - meta["last_modified"]).total_seconds()
@@ -118,7 +122,7 @@ class Bucket:
         """The notebook folders directly under the URL."""
         import obstore
 
-        with _translated(f"list {self.url}"):
+        with _translated(self.url):
             listing = obstore.list_with_delimiter(self._store, None)
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing["common_prefixes"])
 
@@ -126,18 +130,18 @@ class Bucket:
         """An object's bytes; FileNotFoundError if it is absent."""
         import obstore
 
-        with _translated(f"read {self.url}/{key}"):
+        with _translated(self.url):
             return bytes(obstore.get(self._store, key).bytes())
 
     def download(self, key: str, size: int, dest: Path) -> None:
         """Write an object of ``size`` bytes into the file ``dest``; large ones as parallel ranged GETs."""
         import obstore
 
-        with _translated(f"read {self.url}/{key}"):
+        with _translated(self.url):
             if size < RANGED_GET_BYTES:
                 data = obstore.get(self._store, key).bytes()
                 if len(data) != size:
-                    raise RemoteError("changed", f"{self.url}/{key} changed while it was read")
+                    raise RemoteError("changed", f"{self.url}: {key} changed while it was read")
                 dest.write_bytes(data)
                 return
             starts = list(range(0, size, PART_BYTES))
@@ -160,7 +164,7 @@ class Bucket:
         """Store the open file ``source`` at ``key`` (large ones as a parallel multipart upload)."""
         import obstore
 
-        with _translated(f"write {self.url}/{key}"):
+        with _translated(self.url):
             obstore.put(self._store, key, source, chunk_size=PART_BYTES, max_concurrency=PARALLEL)
 
     def create(self, key: str, data: bytes) -> bool:
@@ -170,7 +174,7 @@ class Bucket:
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         try:
-            with _translated(f"write {self.url}/{key}", passthrough=(AlreadyExistsError, PreconditionError)):
+            with _translated(self.url, passthrough=(AlreadyExistsError, PreconditionError)):
                 obstore.put(self._store, key, data, mode="create", use_multipart=False)
         except (AlreadyExistsError, PreconditionError):
             return False
@@ -180,7 +184,7 @@ class Bucket:
         """Remove an object; no error if it is already gone."""
         import obstore
 
-        with _translated(f"delete {self.url}/{key}"):
+        with _translated(self.url):
             try:
                 obstore.delete(self._store, key)
             except FileNotFoundError:
@@ -192,45 +196,46 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _translated(what: str, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def _translated(where: str, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Turn obstore's exceptions into :class:`RemoteError` (FileNotFoundError passes through)."""
     try:
         yield
     except Exception as exc:  # obstore's own types, and the OSErrors of its transport
         if isinstance(exc, (FileNotFoundError, RemoteError, *passthrough)):
             raise
-        raise classify(exc, what) from None
+        raise classify(exc, where) from None
 
 
-def classify(exc: BaseException, what: str) -> RemoteError:
-    """One :class:`RemoteError` for an obstore failure, with the advice that fits it."""
+def classify(exc: BaseException, where: str) -> RemoteError:
+    """One :class:`RemoteError` for an obstore failure: a short reason and what to do (the whole
+    error goes to the log)."""
     from obstore import exceptions as ox
 
     text = str(exc)
     low = text.lower()
-    first = _first_line(exc)
+    log.warning("%s: %s", where, " ".join(text.split("Debug source:")[0].split()))
+    status = re.search(r"status code: (\d{3}) ([A-Za-z ]+)", text)
+    answered = f"the server answered {status.group(1)} {status.group(2).strip()}" if status else ""
     if isinstance(exc, ox.UnauthenticatedError) or any(
         s in low for s in ("expiredtoken", "invalidaccesskeyid", "signaturedoesnotmatch", "401 unauthorized")
     ):
         return RemoteError(
             "credentials",
-            f"cannot {what}: the credentials were refused or have expired; renew them "
-            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or your cloud's login) and the uploads resume",
+            f"{where}: the credentials were refused or have expired; renew them (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or your cloud's login)",
         )
     if "nosuchbucket" in low or "bucket does not exist" in low:
-        return RemoteError("no-bucket", f"cannot {what}: the bucket does not exist; create it, or fix the URL")
-    if any(s in low for s in ("quotaexceeded", "quota exceeded", "insufficient storage", "507 ", "entitytoolarge")):
-        return RemoteError("quota", f"cannot {what}: the storage quota is exceeded; free space in the bucket")
-    if any(s in low for s in ("slowdown", "503 service unavailable", "429 too many", "toomanyrequests")):
-        return RemoteError("throttled", f"cannot {what}: the server asks to slow down; retrying with backoff")
-    if isinstance(exc, ox.PermissionDeniedError) or "accessdenied" in low or "403 forbidden" in low:
+        return RemoteError("no-bucket", f"{where}: the bucket does not exist; create it, or fix the URL")
+    if any(s in low for s in ("quotaexceeded", "quota exceeded", "insufficient storage", "status code: 507")):
+        return RemoteError("quota", f"{where}: the storage quota is exceeded; free space in the bucket")
+    if any(s in low for s in ("slowdown", "status code: 503", "status code: 429", "toomanyrequests")):
+        return RemoteError("throttled", f"{where}: the server asks to slow down ({answered or 'throttled'})")
+    if isinstance(exc, ox.PermissionDeniedError) or "accessdenied" in low or "status code: 403" in low:
         return RemoteError(
-            "denied",
-            f"cannot {what}: access denied (the bucket may not exist, or these credentials may not use it)",
+            "denied", f"{where}: access denied (the bucket may not exist, or these credentials may not use it)"
         )
-    if any(
-        s in low
-        for s in ("connection refused", "error sending request", "dns error", "timed out", "connect error", "tcp")
-    ):
-        return RemoteError("unreachable", f"cannot {what}: the server cannot be reached ({first})")
-    return RemoteError("other", f"cannot {what}: {first}")
+    if status and status.group(1).startswith("5"):
+        return RemoteError("unreachable", f"{where}: the server is failing ({answered})")
+    if any(s in low for s in ("error sending request", "connection refused", "dns error", "timed out", "connect")):
+        return RemoteError("unreachable", f"{where}: the server cannot be reached")
+    return RemoteError("other", f"{where}: {answered or _first_line(exc)}")

@@ -29,7 +29,7 @@ from durable_kernel.checkpoints.location import open_store
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
-from . import __version__, humanize, identity, recompute
+from . import __version__, humanize, identity, recompute, remote
 from .notices import PREFIX, Notices
 from .outcome import CheckpointOutcome
 from .recompute import CellHistory, record_cell
@@ -58,8 +58,22 @@ class DurableKernel(IPythonKernel):
     checkpoint_dir = Unicode(
         "",
         config=True,
-        help="Folder holding the checkpoints (default: durable_kernel/ under Jupyter's data dir). "
+        help="Folder holding the checkpoints (default: durable_kernel/ under Jupyter's data dir), or a bucket "
+        "URL (s3://bucket/prefix, gs://..., az://...): checkpoints are then committed to a local cache "
+        "(cache_dir) and uploaded in the background, and a kernel on another machine restores from there. "
         "The DURABLE_KERNEL_DIR environment variable, when set, wins over this.",
+    )
+    cache_dir = Unicode(
+        "",
+        config=True,
+        help="With a bucket as checkpoint_dir: the local folder each checkpoint is committed to before it is "
+        "uploaded (default: durable_kernel_cache/<bucket> under Jupyter's data dir).",
+    )
+    download_timeout = Float(
+        300.0,
+        config=True,
+        help="With a bucket as checkpoint_dir: seconds a starting kernel waits for the bucket's newest "
+        "checkpoint to download before it restores from the local cache instead.",
     )
     keep_generations = Integer(
         5,
@@ -174,6 +188,8 @@ class DurableKernel(IPythonKernel):
         self._identity_final = True
         self._vscode_name: str | None = None
         self._saver: Saver | None = None
+        #: the process that uploads checkpoints, with a bucket as the store
+        self.uploads: remote.Uploads | None = None
         #: why checkpoints are off for this kernel ("" while they work)
         self.off_reason = ""
         self._key_warnings: list[str] = []
@@ -197,7 +213,9 @@ class DurableKernel(IPythonKernel):
         self.shell.events.register("post_run_cell", self._post_run_cell)
         self.comm_manager.register_target(COMM_TARGET, self._frontend_comm)
         try:
-            self.store = open_store(configured=self.checkpoint_dir or None, warnings=self._key_warnings)
+            self.store = open_store(
+                configured=self.checkpoint_dir or None, warnings=self._key_warnings, cache_dir=self.cache_dir or None
+            )
             self.notices.add(*self._key_warnings)
         except Exception as exc:
             self.log.exception("checkpoints are off")
@@ -208,6 +226,8 @@ class DurableKernel(IPythonKernel):
         explicit = identity.from_environment()
         self._identity_final = explicit is not None
         self._use_identity(explicit or identity.working_folder())
+        if self.store.remote:
+            self.uploads = remote.Uploads(self.store, self.keep_generations, self.notices.once)
         self._saver = Saver(
             self._on_outcome,
             self.notices,
@@ -250,6 +270,11 @@ class DurableKernel(IPythonKernel):
 
     def _restore(self) -> None:
         assert self.store is not None and self.notebook is not None
+        fetched: list[str] = []
+        reached = True
+        if self.uploads is not None:
+            fetched, reached = remote.download(self.store, self.notebook, self.download_timeout)
+            self.uploads.request(self.notebook)  # resumes an upload a killed kernel left unfinished
         try:
             report = restore(
                 self.store,
@@ -270,6 +295,13 @@ class DurableKernel(IPythonKernel):
                 state="failed",
             )
             return
+        if not reached:
+            fetched[-1] += (
+                "; restored from this machine's cache instead."
+                if report.restored is not None
+                else "; nothing in this machine's cache either, so the namespace starts empty."
+            )
+        report.lines[:0] = fetched
         if report.restored is not None:
             # The cell count is left alone: a new kernel counts from In [1], as every client
             # expects (jupyter console's first prompt, a notebook's Restart and Clear Outputs,
@@ -684,6 +716,8 @@ class DurableKernel(IPythonKernel):
         if self._last_error:
             self.notices.add("checkpoints are being saved again.")
             self._last_error = ""
+        if self.uploads is not None and self.notebook is not None:
+            self.uploads.request(self.notebook)
         for name in outcome.repaired:
             self.notices.once(
                 f"repaired {name}", f"the saved copy of {name} was damaged on disk; it has been saved again."
@@ -744,6 +778,18 @@ class DurableKernel(IPythonKernel):
         """Block until every checkpoint in flight is committed."""
         return True if self._saver is None else self._saver.wait(timeout)
 
+    def wait_for_upload(self, timeout: float = 60.0) -> bool:
+        """Block until the newest checkpoint is committed and uploaded to the bucket (True at once
+        without a bucket); False after ``timeout`` seconds."""
+        from durable_kernel.checkpoints.sync import waiting
+
+        deadline = time.monotonic() + timeout
+        if not self.wait_for_checkpoint(timeout) or self.uploads is None or self.notebook is None:
+            return self.uploads is None
+        while waiting(self.notebook, self.uploads.store.remote or "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return time.monotonic() < deadline
+
     # --- shutdown ------------------------------------------------------------
 
     def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
@@ -756,4 +802,6 @@ class DurableKernel(IPythonKernel):
                 time.sleep(0.002)
         if self._saver is not None and not self._saver.wait(max(deadline - time.monotonic(), 0.0)):
             self.log.info("exiting with a checkpoint still being written; it finishes on its own")
+        if self.uploads is not None:
+            self.uploads.close()
         return super().do_shutdown(restart)

@@ -185,6 +185,8 @@ class CheckpointMagics(Magics):
         if k.checkpoint_in_flight():
             saving += ", a checkpoint is being written now"
         lines.append(f"Saving:       {saving}")
+        if k.uploads is not None:
+            lines.append(f"Uploads:      {k.uploads.status(self.notebook)}")
         last = k.last_outcome
         if last is not None and last.ok:
             lines.append(
