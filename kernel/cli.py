@@ -20,7 +20,11 @@ from . import humanize
 
 COMMANDS = {"install", "demo", "list", "show", "clear", "gc", "du", "mv"}
 
-_STORE_EPILOG = "The store is --dir if given, else $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir."
+_STORE_EPILOG = (
+    "The store is --dir if given, else $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir. "
+    "It may be a bucket (s3://bucket/prefix, gs://..., az://...), reached with the usual credentials "
+    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true for http)."
+)
 _NOTEBOOK_EPILOG = (
     "NOTEBOOK is the notebook's path as you know it (relative or absolute) or its identity as "
     "'durable-kernel list' shows it."
@@ -68,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dir",
         metavar="DIR",
-        help="the checkpoint store (default: $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir)",
+        help="the checkpoint store, a folder or a bucket URL such as s3://bucket/prefix "
+        "(default: $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -98,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         "--dir",
         metavar="DIR",
         default=argparse.SUPPRESS,
-        help="the checkpoint store (default: $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir)",
+        help="the checkpoint store, a folder or a bucket URL such as s3://bucket/prefix "
+        "(default: $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir)",
     )
     common.add_argument("--json", action="store_true", help="print JSON for scripts (sizes in bytes, unix times)")
 
@@ -161,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
         "durable-kernel gc",
     )
     gc.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed; remove nothing")
+    gc.add_argument(
+        "--grace",
+        metavar="AGE",
+        help="bucket stores: keep unreferenced blobs younger than AGE (default 1d), which a kernel on another "
+        "machine may be about to commit",
+    )
 
     mv = store_command(
         "mv",
@@ -236,6 +248,12 @@ def _store_command(args: argparse.Namespace) -> int:
     from durable_kernel.checkpoints.location import open_store
 
     store = open_store(args.dir, create_key=False)
+    if store.key_problem and store.remote:
+        print(f"warning: {store.key_problem}; no checkpoint can be verified", file=sys.stderr)
+    if store.remote:
+        from .bucketcli import run
+
+        return run(store, args)
     if store.root.exists() and not store.root.is_dir():
         raise _CommandError(f"{store.root} is not a folder")
     if args.dir and not store.root.exists():
@@ -253,10 +271,16 @@ def _list(store, args: argparse.Namespace) -> Any:
     from durable_kernel.checkpoints import inventory
 
     found = inventory.notebooks(store)
+    for info in found:  # a bucket's: the size there, not of the manifests copied to read them
+        info.size = getattr(args, "bucket_sizes", {}).get(info.key, info.size)
+    where = store.remote or store.root
     if args.json:
-        return {"store": str(store.root), "notebooks": [info.to_json() for info in found]}
+        listed = [info.to_json() for info in found]
+        if store.remote:
+            listed = [{**item, "folder": f"{store.remote}/{item['key']}"} for item in listed]
+        return {"store": str(where), "notebooks": listed}
     if not found:
-        print(f"No checkpoints in {store.root}.")
+        print(f"No checkpoints in {where}.")
         return None
     rows = [("last saved", "checkpoints", "variables", "size", "notebook")]
     for info in found:
@@ -266,7 +290,7 @@ def _list(store, args: argparse.Namespace) -> Any:
         )
     print("\n".join(humanize.table(rows, right={1, 2, 3})))
     total = sum(info.size for info in found)
-    print(f"\n{humanize.plural(len(found), 'notebook')}, {humanize.size(total)} in {store.root}")
+    print(f"\n{humanize.plural(len(found), 'notebook')}, {humanize.size(total)} in {where}")
     for info in found:
         for problem in info.problems if info.newest is not None else info.problems[:1]:
             print(f"warning: {info.label}: {problem}", file=sys.stderr)
@@ -309,7 +333,7 @@ def _show(store, args: argparse.Namespace) -> Any:
         made_by += f" (pid {writer['pid']}{' on ' + str(writer['host']) if writer.get('host') else ''})"
     lines = [
         f"Notebook:    {man.identity}",
-        f"Store:       {info.folder}",
+        f"Store:       {f'{store.remote}/{info.key}' if store.remote else info.folder}",
         f"Checkpoint:  {man.generation}, saved {humanize.when(man.created)}, as of In [{man.execution_count}]",
         f"Kept:        {kept}",
     ]
