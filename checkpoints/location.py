@@ -5,8 +5,11 @@ demo, the benchmarks and the tests, so that they all open the same store.
 
 The folder: ``--dir`` (``explicit``) if given, else ``$DURABLE_KERNEL_DIR``,
 else ``c.DurableKernel.checkpoint_dir`` (``configured``), else
-``durable_kernel/`` under Jupyter's data dir.  The key: ``durable_kernel_secret``
-in Jupyter's data dir (``$JUPYTER_DATA_DIR`` or ``jupyter --data-dir``).
+``durable_kernel/`` under Jupyter's data dir.  The key: ``$DURABLE_KERNEL_KEY``
+(the key itself, e.g. from a Kubernetes secret; never written to disk), else the
+file ``key_file`` (``c.DurableKernel.key_file``, ``--key-file``), else
+``durable_kernel_secret`` in Jupyter's data dir (``$JUPYTER_DATA_DIR`` or
+``jupyter --data-dir``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import KeyProblem
-from .signing import KEY_FILENAME, load_or_create_key, read_key
+from .signing import KEY_FILENAME, check_key, load_or_create_key, read_key
 from .store import Store
 
 DIR_VARIABLE = "DURABLE_KERNEL_DIR"
+KEY_VARIABLE = "DURABLE_KERNEL_KEY"
 
 
 def data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -33,9 +37,65 @@ def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(jupyter_data_dir())
 
 
-def key_path(environ: Mapping[str, str] | None = None) -> Path:
-    """Where this user's signing key lives."""
+def key_path(environ: Mapping[str, str] | None = None, key_file: str | os.PathLike[str] | None = None) -> Path:
+    """Where this user's signing key file is: ``key_file`` if given, else ``durable_kernel_secret`` in
+    Jupyter's data dir.  ``$DURABLE_KERNEL_KEY`` wins over any file (:func:`key_file_in_use`)."""
+    if key_file:
+        return Path(key_file).expanduser()
     return data_dir(environ) / KEY_FILENAME
+
+
+def key_file_in_use(
+    environ: Mapping[str, str] | None = None, key_file: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """The key file the key comes from; None when ``$DURABLE_KERNEL_KEY`` holds it (no file is used)."""
+    environ = os.environ if environ is None else environ
+    return None if KEY_VARIABLE in environ else key_path(environ, key_file)
+
+
+def key_from_environment(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The key ``$DURABLE_KERNEL_KEY`` holds (surrounding whitespace stripped), None if it is not set.
+
+    Set but empty or too short is a :class:`KeyProblem`, not a reason to fall back to a key
+    file: the user meant this key, and checkpoints signed with another one would not load.
+    """
+    environ = os.environ if environ is None else environ
+    if KEY_VARIABLE not in environ:
+        return None
+    return check_key(
+        os.fsencode(environ[KEY_VARIABLE]),
+        f"${KEY_VARIABLE}",
+        "set it to the output of 'durable-kernel key export' on the machine that holds your key, "
+        "or unset it to use the key file",
+    )
+
+
+def load_key(
+    *,
+    create: bool,
+    key_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
+) -> bytes | None:
+    """This user's signing key: ``$DURABLE_KERNEL_KEY``, else the file :func:`key_path` names.
+
+    ``create=True`` (a kernel) creates a missing key file, even a configured ``key_file``;
+    ``create=False`` (reading tools) returns None for a missing default key file and raises
+    :class:`KeyProblem` for a missing ``key_file``, which the user named on purpose.
+    """
+    key = key_from_environment(environ)
+    if key is not None:
+        return key  # never written anywhere: a key given this way stays where the user keeps it
+    path = key_path(environ, key_file)
+    if create:
+        return load_or_create_key(path, warnings)
+    key = read_key(path, warnings)
+    if key is None and key_file:
+        raise KeyProblem(
+            f"the key file {path} does not exist; give the right path, or put the key there with "
+            f"'durable-kernel key import --key-file {path}'"
+        )
+    return key
 
 
 def store_root(
@@ -59,8 +119,9 @@ def open_store(
     create_key: bool = True,
     environ: Mapping[str, str] | None = None,
     warnings: list[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
 ) -> Store:
-    """The store, with this user's key.
+    """The store, with this user's key (:func:`load_key`; ``key_file``: ``c.DurableKernel.key_file``, ``--key-file``).
 
     ``create_key=True`` (a kernel) creates the key on first use and raises
     :class:`KeyProblem` if it can be neither read nor created.  With
@@ -70,12 +131,13 @@ def open_store(
     would get (tests and benchmarks prepare stores for their kernels this way).
     """
     root = store_root(explicit, configured, environ)
-    path = key_path(environ)
     if create_key:
-        return Store(root, load_or_create_key(path, warnings))
+        created = load_key(create=True, key_file=key_file, environ=environ, warnings=warnings)
+        assert created is not None  # for mypy: creating gives a key or raises
+        return Store(root, created)
     problem = None
     try:
-        key = read_key(path, warnings)
+        key = load_key(create=False, key_file=key_file, environ=environ, warnings=warnings)
     except KeyProblem as exc:
         key, problem = None, str(exc)
     return Store(root, key if key is not None else secrets.token_hex(32).encode(), key_problem=problem)

@@ -61,6 +61,13 @@ class DurableKernel(IPythonKernel):
         help="Folder holding the checkpoints (default: durable_kernel/ under Jupyter's data dir). "
         "The DURABLE_KERNEL_DIR environment variable, when set, wins over this.",
     )
+    key_file = Unicode(
+        "",
+        config=True,
+        help="File holding the key that signs checkpoints (default: durable_kernel_secret in Jupyter's data dir); "
+        "created, private, if it does not exist. The DURABLE_KERNEL_KEY environment variable, when set, holds the "
+        "key itself and wins over this. 'durable-kernel key export' and 'key import' move a key between machines.",
+    )
     keep_generations = Integer(
         5,
         config=True,
@@ -197,7 +204,9 @@ class DurableKernel(IPythonKernel):
         self.shell.events.register("post_run_cell", self._post_run_cell)
         self.comm_manager.register_target(COMM_TARGET, self._frontend_comm)
         try:
-            self.store = open_store(configured=self.checkpoint_dir or None, warnings=self._key_warnings)
+            self.store = open_store(
+                configured=self.checkpoint_dir or None, warnings=self._key_warnings, key_file=self.key_file or None
+            )
             self.notices.add(*self._key_warnings)
         except Exception as exc:
             self.log.exception("checkpoints are off")
