@@ -8,8 +8,11 @@ else ``c.DurableKernel.checkpoint_dir`` (``configured``), else
 ``durable_kernel/`` under Jupyter's data dir.  Any of them may be a bucket URL
 (``s3://bucket/prefix``, ``gs://``, ``az://``): the store is then a local cache
 folder (``cache_dir``, default ``durable_kernel_cache/<bucket and prefix>`` under
-Jupyter's data dir) whose checkpoints are uploaded there (``sync.py``).  The key: ``durable_kernel_secret``
-in Jupyter's data dir (``$JUPYTER_DATA_DIR`` or ``jupyter --data-dir``).
+Jupyter's data dir) whose checkpoints are uploaded there (``sync.py``).  The key:
+``$DURABLE_KERNEL_KEY`` (the key itself, e.g. from a Kubernetes secret; never
+written to disk), else the file ``key_file`` (``c.DurableKernel.key_file``,
+``--key-file``), else ``durable_kernel_secret`` in Jupyter's data dir
+(``$JUPYTER_DATA_DIR`` or ``jupyter --data-dir``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from pathlib import Path
 
 from .bucket import is_url
 from .errors import KeyProblem
-from .signing import KEY_FILENAME, load_or_create_key, read_key
+from .signing import KEY_FILENAME, check_key, load_or_create_key, read_key
 from .store import Store
 
 DIR_VARIABLE = "DURABLE_KERNEL_DIR"
+KEY_VARIABLE = "DURABLE_KERNEL_KEY"
 
 
 def data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -39,8 +43,11 @@ def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(jupyter_data_dir())
 
 
-def key_path(environ: Mapping[str, str] | None = None) -> Path:
-    """Where this user's signing key lives."""
+def key_path(environ: Mapping[str, str] | None = None, key_file: str | os.PathLike[str] | None = None) -> Path:
+    """Where this user's signing key file is: ``key_file`` if given, else ``durable_kernel_secret`` in
+    Jupyter's data dir.  ``$DURABLE_KERNEL_KEY`` wins over any file (:func:`key_file_in_use`)."""
+    if key_file:
+        return Path(key_file).expanduser()
     return data_dir(environ) / KEY_FILENAME
 
 
@@ -57,6 +64,59 @@ def store_location(
         if choice:
             return os.fspath(choice)
     return str(data_dir(environ) / "durable_kernel")
+
+
+def key_file_in_use(
+    environ: Mapping[str, str] | None = None, key_file: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """The key file the key comes from; None when ``$DURABLE_KERNEL_KEY`` holds it (no file is used)."""
+    environ = os.environ if environ is None else environ
+    return None if KEY_VARIABLE in environ else key_path(environ, key_file)
+
+
+def key_from_environment(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The key ``$DURABLE_KERNEL_KEY`` holds (surrounding whitespace stripped), None if it is not set.
+
+    Set but empty or too short is a :class:`KeyProblem`, not a reason to fall back to a key
+    file: the user meant this key, and checkpoints signed with another one would not load.
+    """
+    environ = os.environ if environ is None else environ
+    if KEY_VARIABLE not in environ:
+        return None
+    return check_key(
+        os.fsencode(environ[KEY_VARIABLE]),
+        f"${KEY_VARIABLE}",
+        "set it to the output of 'durable-kernel key export' on the machine that holds your key, "
+        "or unset it to use the key file",
+    )
+
+
+def load_key(
+    *,
+    create: bool,
+    key_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
+) -> bytes | None:
+    """This user's signing key: ``$DURABLE_KERNEL_KEY``, else the file :func:`key_path` names.
+
+    ``create=True`` (a kernel) creates a missing key file, even a configured ``key_file``;
+    ``create=False`` (reading tools) returns None for a missing default key file and raises
+    :class:`KeyProblem` for a missing ``key_file``, which the user named on purpose.
+    """
+    key = key_from_environment(environ)
+    if key is not None:
+        return key  # never written anywhere: a key given this way stays where the user keeps it
+    path = key_path(environ, key_file)
+    if create:
+        return load_or_create_key(path, warnings)
+    key = read_key(path, warnings)
+    if key is None and key_file:
+        raise KeyProblem(
+            f"the key file {path} does not exist; give the right path, or put the key there with "
+            f"'durable-kernel key import --key-file {path}'"
+        )
+    return key
 
 
 def store_root(
@@ -92,8 +152,9 @@ def open_store(
     environ: Mapping[str, str] | None = None,
     warnings: list[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
 ) -> Store:
-    """The store, with this user's key.
+    """The store, with this user's key (:func:`load_key`; ``key_file``: ``c.DurableKernel.key_file``, ``--key-file``).
 
     ``create_key=True`` (a kernel) creates the key on first use and raises
     :class:`KeyProblem` if it can be neither read nor created.  With
@@ -105,12 +166,13 @@ def open_store(
     location = store_location(explicit, configured, environ)
     remote = location.rstrip("/") if is_url(location) else None
     root = store_root(explicit, configured, environ, cache_dir)
-    path = key_path(environ)
     if create_key:
-        return Store(root, load_or_create_key(path, warnings), remote=remote)
+        created = load_key(create=True, key_file=key_file, environ=environ, warnings=warnings)
+        assert created is not None  # for mypy: creating gives a key or raises
+        return Store(root, created, remote=remote)
     problem = None
     try:
-        key = read_key(path, warnings)
+        key = load_key(create=False, key_file=key_file, environ=environ, warnings=warnings)
     except KeyProblem as exc:
         key, problem = None, str(exc)
     return Store(root, key if key is not None else secrets.token_hex(32).encode(), key_problem=problem, remote=remote)

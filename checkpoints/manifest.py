@@ -23,6 +23,9 @@ The signature is checked before the JSON is even parsed.  The JSON holds::
     skipped           [{name, type, reason}]
     cells?            [{execution_count, source, reads, binds, ok, seconds}]: the cells run, as the
                       kernel records them (to say which cell made a variable, and to run it again)
+    key_id?           8 hex characters naming the key that signed it (``signing.key_id``; 0.3+, older
+                      manifests lack it): a manifest that fails its signature is reported as signed with
+                      another key, and which, only when this (unverified) id differs from ours
 
 A variable of kind ``pickle`` has its payload either ``inline`` (base64, for
 small ones) or in the blob ``digest``; ``buffers`` lists the digests and sizes
@@ -68,6 +71,7 @@ MAX_MANIFEST_BYTES = 1 << 30
 #: Latest plausible ``created`` time (the year 9999): later, NaN or negative is malformed.
 _MAX_TIME = 253402300799.0
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_KEY_ID = re.compile(r"[0-9a-f]{8}")
 
 
 @dataclass
@@ -138,7 +142,9 @@ def referenced_blobs(data: dict[str, Any]) -> set[str]:
 
 
 def encode(data: dict[str, Any], key: bytes) -> bytes:
-    """Serialize and sign a manifest's JSON object."""
+    """Serialize and sign a manifest's JSON object; sets its ``key_id`` to the signing key's."""
+    # Set on the caller's dict too, so that what it keeps in memory is what was written.
+    data["key_id"] = signing.key_id(key)
     # ASCII: identities and cell text may hold lone surrogates (a path or a
     # session name that is not UTF-8), which JSON escapes but UTF-8 cannot encode.
     body = json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -189,10 +195,7 @@ def signed_data(
     if not sep:
         raise CorruptCheckpoint(f"{where} is truncated")
     if not signing.verify(key, body, signature):
-        raise UntrustedCheckpoint(
-            f"{where} is not signed with this user's key (the key changed, or it was copied from elsewhere); "
-            "it was not loaded"
-        )
+        raise UntrustedCheckpoint(_not_signed(where, body, key))
     try:
         data = json.loads(body)
     except ValueError as exc:
@@ -220,6 +223,36 @@ def signed_data(
             f"{where} belongs to another notebook ({printable(str(identity))}) and was copied here; it was not loaded"
         )
     return data
+
+
+def _not_signed(where: str, body: bytes, key: bytes) -> str:
+    """Why a manifest whose signature fails was not loaded, and how to bring the key that signed it.
+
+    Its ``key_id`` is read from the unverified JSON for this message only (anyone can write
+    it, so it decides nothing), and only if it looks like one.
+    """
+    ours = signing.key_id(key)
+    try:
+        theirs = json.loads(body).get("key_id")
+    except (ValueError, AttributeError, RecursionError):
+        theirs = None
+    if not (isinstance(theirs, str) and _KEY_ID.fullmatch(theirs)):
+        theirs = None
+    if theirs is not None and theirs != ours:
+        return (
+            f"{where} is not signed with this user's key but with another one (key {theirs}; the key here is "
+            f"{ours}): to load it, run 'durable-kernel key export' on the machine that wrote it, and here "
+            "'durable-kernel key import' or set DURABLE_KERNEL_KEY to that key; it was not loaded"
+        )
+    if theirs == ours:  # the right key, so the bytes changed after signing
+        return (
+            f"{where} is not signed with this user's key: it names this key ({ours}) but was changed after it "
+            "was signed (damaged or edited); it was not loaded"
+        )
+    return (
+        f"{where} is not signed with this user's key (the key changed, or it was copied from elsewhere); "
+        "it was not loaded"
+    )
 
 
 def folder_name(identity: str) -> str:

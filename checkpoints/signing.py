@@ -7,8 +7,9 @@ digest fails is ever unpickled.
 Whoever holds the key can make checkpoints this user's kernels will load, so
 it must stay private: it is created 0600, a key other users can read is made
 private again (with a warning), and one owned by another user is refused.
-Moving state to another machine or user means moving this file too (see the
-README).
+Moving state to another machine or user means moving the key too
+(``durable-kernel key export`` / ``key import``, or ``$DURABLE_KERNEL_KEY``; see
+the README).  :func:`key_id` names a key without revealing it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,34 @@ import stat
 from pathlib import Path
 
 from .errors import KeyProblem
-from .files import make_private_dirs
+from .files import fsync_dir, make_private_dirs
 
 KEY_FILENAME = "durable_kernel_secret"
+#: Shortest key accepted from the user (the environment, ``key import``): ours are 64 hex characters,
+#: and a short one is a mistake (an empty variable, a truncated paste), not a key.
+MIN_KEY_CHARS = 32
+#: Longest key: :func:`read_key` reads this much of a key file, so a longer one would not survive a round trip.
+MAX_KEY_BYTES = 4096
+_KEY_ID_PREFIX = b"durable-kernel key id\n"
+
+
+def key_id(key: bytes) -> str:
+    """A short, non-secret name of ``key`` (8 hex characters), written into each manifest as ``key_id``:
+    it tells which key signed a checkpoint, so a user can tell a wrong key from a damaged file."""
+    return hashlib.sha256(_KEY_ID_PREFIX + key).hexdigest()[:8]
+
+
+def check_key(key: bytes, source: str, fix: str) -> bytes:
+    """``key`` with surrounding whitespace removed, if it is long enough to be one of our keys;
+    else :class:`KeyProblem` naming ``source`` (never the key itself) and saying ``fix``."""
+    key = key.strip()
+    if not MIN_KEY_CHARS <= len(key) <= MAX_KEY_BYTES:
+        size = "empty" if not key else f"{len(key)} characters long"
+        raise KeyProblem(
+            f"{source} is {size}, which is not a signing key (keys are {MIN_KEY_CHARS} to {MAX_KEY_BYTES} "
+            f"characters; durable-kernel makes 64 hex characters); {fix}"
+        )
+    return key
 
 
 def load_or_create_key(path: Path, warnings: list[str] | None = None) -> bytes:
@@ -113,6 +139,29 @@ def _create_key(path: Path, warnings: list[str] | None) -> bytes:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
     return key
+
+
+def write_key(path: Path, key: bytes, *, replace: bool = False) -> None:
+    """Store ``key`` at ``path`` (mode 0600, its folders 0700), atomically: a reader sees the old key
+    or the new one, never part of one.  Without ``replace``, an existing file is left alone and
+    ``FileExistsError`` raised (the caller decides whether a key may be replaced)."""
+    path = Path(path)
+    make_private_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the file exists, even if it appeared just now
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
 
 
 def sign(key: bytes, data: bytes) -> str:

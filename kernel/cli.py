@@ -4,7 +4,9 @@
 store from a terminal, without a kernel: they read manifests only (``mv``
 signs them again for the new name) and never unpickle anything.  The store
 is the one the kernel uses: ``--dir``, else ``$DURABLE_KERNEL_DIR``, else
-``durable_kernel/`` under Jupyter's data dir.
+``durable_kernel/`` under Jupyter's data dir.  ``key export``, ``key import`` and
+``key id`` move the signing key between machines (``location.load_key`` decides
+which key is this user's).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, NoReturn
 
 from . import humanize
 
-COMMANDS = {"install", "demo", "list", "show", "clear", "gc", "du", "mv"}
+COMMANDS = {"install", "demo", "list", "show", "clear", "gc", "du", "mv", "key"}
 
 _STORE_EPILOG = (
     "The store is --dir if given, else $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir. "
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $DURABLE_KERNEL_DIR, else durable_kernel/ under Jupyter's data dir)",
     )
     common.add_argument("--json", action="store_true", help="print JSON for scripts (sizes in bytes, unix times)")
+    common.add_argument("--key-file", metavar="FILE", help=_KEY_FILE_HELP)
 
     def store_command(name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
         epilog = _STORE_EPILOG + ("\n" + _NOTEBOOK_EPILOG if name in ("show", "clear", "mv") else "")
@@ -199,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
         "would free, and the space left on the disk.",
         "durable-kernel du --json",
     )
+    _key_commands(sub)
     parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "install":
             return _install(args)
+        if args.command == "key":
+            return _key_command(args)
         if args.command == "demo":
             from .demo import run
 
@@ -247,7 +253,7 @@ def _install(args: argparse.Namespace) -> int:
 def _store_command(args: argparse.Namespace) -> int:
     from durable_kernel.checkpoints.location import open_store
 
-    store = open_store(args.dir, create_key=False)
+    store = open_store(args.dir, create_key=False, key_file=args.key_file)
     if store.key_problem and store.remote:
         print(f"warning: {store.key_problem}; no checkpoint can be verified", file=sys.stderr)
     if store.remote:
@@ -527,6 +533,139 @@ def _mv(store, args: argparse.Namespace) -> Any:
             file=sys.stderr,
         )
     return None
+
+
+# --- the signing key -------------------------------------------------------------------
+
+_KEY_FILE_HELP = (
+    "the signing key file (default: durable_kernel_secret under Jupyter's data dir); $DURABLE_KERNEL_KEY, "
+    "when set, holds the key itself and wins"
+)
+_KEY_EPILOG = (
+    "Checkpoints are signed with this key: a kernel loads only checkpoints its key verifies. The key is "
+    "$DURABLE_KERNEL_KEY if set (the key itself, e.g. from a Kubernetes secret), else --key-file (a kernel's "
+    "c.DurableKernel.key_file), else durable_kernel_secret under Jupyter's data dir.\n"
+    "Whoever holds the key can make checkpoints your kernels will load: keep it private."
+)
+
+
+def _key_commands(sub: Any) -> None:
+    """``durable-kernel key export|import|id``: move the signing key between machines, safely."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--key-file", metavar="FILE", help=_KEY_FILE_HELP)
+    key = sub.add_parser(
+        "key",
+        help="export, import or identify the key that signs checkpoints (to move state between machines)",
+        description="The key that signs checkpoints. To load checkpoints on another machine, container or "
+        "user, that side needs the same key: 'durable-kernel key export' here, then 'durable-kernel key import' "
+        "there (or set DURABLE_KERNEL_KEY there to the exported key).",
+        epilog=f"{_KEY_EPILOG}\n\nExample:\n  durable-kernel key export | ssh other-host durable-kernel key import",
+        formatter_class=_Formatter,
+    )
+    actions = key.add_subparsers(dest="key_action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+
+    export = actions.add_parser(
+        "export",
+        help="print the key (or write it to a private file with --output)",
+        description="Print the signing key on stdout, as the key file holds it, for 'durable-kernel key import' "
+        "or DURABLE_KERNEL_KEY elsewhere. With --output, write it to a new file readable only by you (0600).",
+        parents=[options],
+        epilog=f"{_KEY_EPILOG}\n\nExamples:\n  durable-kernel key export --output /media/usb/durable-key\n"
+        "  kubectl create secret generic durable-key --from-literal=DURABLE_KERNEL_KEY=$(durable-kernel key export)",
+        formatter_class=_Formatter,
+    )
+    export.add_argument("--output", "-o", metavar="FILE", help="write the key to FILE (0600; FILE must not exist)")
+
+    imp = actions.add_parser(
+        "import",
+        help="store a key exported elsewhere as this user's key",
+        description="Store the key in FILE (or on stdin: '-', the default) as this user's signing key: the key "
+        "file (--key-file, else durable_kernel_secret under Jupyter's data dir), written atomically, readable only "
+        "by you (0600). If that file holds another key, nothing is changed unless --force is given: checkpoints "
+        "signed with the key it replaces will then no longer load (export it first to keep them).",
+        parents=[options],
+        epilog=f"{_KEY_EPILOG}\n\nExample:\n  durable-kernel key import /media/usb/durable-key",
+        formatter_class=_Formatter,
+    )
+    imp.add_argument("file", metavar="FILE", nargs="?", default="-", help="the exported key ('-' or none: stdin)")
+    imp.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different key already there (checkpoints signed with it will no longer load)",
+    )
+
+    actions.add_parser(
+        "id",
+        help="print the key's id, which manifests record (not secret)",
+        description="Print the id of this user's signing key: 8 hex characters that name the key without "
+        "revealing it. Each checkpoint records the id of the key that signed it, and a checkpoint signed with "
+        "another key is reported with both ids; compare the ids on two machines to see if they share a key.",
+        parents=[options],
+        epilog=_KEY_EPILOG,
+        formatter_class=_Formatter,
+    )
+
+
+def _key_command(args: argparse.Namespace) -> int:
+    from durable_kernel.checkpoints import location, signing
+
+    if args.key_action == "import":
+        return _key_import(args)
+    key = location.load_key(create=False, key_file=args.key_file)
+    if key is None:
+        raise _CommandError(
+            f"there is no signing key at {location.key_path(key_file=args.key_file)} yet: a kernel makes one at its "
+            "first start, or 'durable-kernel key import' stores one exported elsewhere"
+        )
+    if args.key_action == "id":
+        print(signing.key_id(key))
+        return 0
+    if args.output:
+        try:
+            signing.write_key(os.path.expanduser(args.output), key)
+        except FileExistsError:
+            raise _CommandError(f"{args.output} exists; remove it or name a new file") from None
+        print(f"Wrote key {signing.key_id(key)} to {args.output} (readable only by you).", file=sys.stderr)
+        return 0
+    print(key.decode("ascii", "surrogateescape"))
+    return 0
+
+
+def _key_import(args: argparse.Namespace) -> int:
+    from durable_kernel.checkpoints import location, signing
+
+    if args.file == "-":
+        if sys.stdin.isatty():
+            print("Paste the key from 'durable-kernel key export', then press Ctrl-D:", file=sys.stderr)
+        raw, source = sys.stdin.buffer.read(signing.MAX_KEY_BYTES + 1), "the key on stdin"
+    else:
+        with open(os.path.expanduser(args.file), "rb") as f:
+            raw, source = f.read(signing.MAX_KEY_BYTES + 1), args.file
+    key = signing.check_key(raw, source, "give the output of 'durable-kernel key export'")
+    target = location.key_path(key_file=args.key_file)
+    new_id = signing.key_id(key)
+    old = signing.read_key(target)
+    if old == key:
+        print(f"{target} already holds key {new_id}; nothing to do.")
+    elif old is not None and not args.force:
+        raise _CommandError(
+            f"{target} holds another key ({signing.key_id(old)}), not {new_id}; replacing it means checkpoints "
+            f"signed with key {signing.key_id(old)} no longer load. To keep them, save it first "
+            "('durable-kernel key export --output FILE'); to replace it, run again with --force"
+        )
+    else:
+        try:
+            signing.write_key(target, key, replace=old is not None)
+        except FileExistsError:  # a kernel created a key meanwhile: look again rather than overwrite it
+            raise _CommandError(f"{target} was created meanwhile (by a kernel starting?); run again") from None
+        print(f"Imported key {new_id} into {target}{' (replacing key ' + signing.key_id(old) + ')' if old else ''}.")
+    if location.KEY_VARIABLE in os.environ:
+        print(
+            f"warning: DURABLE_KERNEL_KEY is set, and wins over {target} while it is (unset it to use this key)",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def new_identity(old_identity: str | None, new: str) -> str:

@@ -75,6 +75,13 @@ class DurableKernel(IPythonKernel):
         help="With a bucket as checkpoint_dir: seconds a starting kernel waits for the bucket's newest "
         "checkpoint to download before it restores from the local cache instead.",
     )
+    key_file = Unicode(
+        "",
+        config=True,
+        help="File holding the key that signs checkpoints (default: durable_kernel_secret in Jupyter's data dir); "
+        "created, private, if it does not exist. The DURABLE_KERNEL_KEY environment variable, when set, holds the "
+        "key itself and wins over this. 'durable-kernel key export' and 'key import' move a key between machines.",
+    )
     keep_generations = Integer(
         5,
         config=True,
@@ -214,7 +221,10 @@ class DurableKernel(IPythonKernel):
         self.comm_manager.register_target(COMM_TARGET, self._frontend_comm)
         try:
             self.store = open_store(
-                configured=self.checkpoint_dir or None, warnings=self._key_warnings, cache_dir=self.cache_dir or None
+                configured=self.checkpoint_dir or None,
+                warnings=self._key_warnings,
+                cache_dir=self.cache_dir or None,
+                key_file=self.key_file or None,
             )
             self.notices.add(*self._key_warnings)
         except Exception as exc:

@@ -50,7 +50,7 @@ from durable_kernel.checkpoints import (
     printable,
 )
 from durable_kernel.checkpoints.files import check_private
-from durable_kernel.checkpoints.location import key_path, open_store
+from durable_kernel.checkpoints.location import key_file_in_use, open_store
 from durable_kernel.checkpoints.manifest import diff
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
@@ -102,12 +102,14 @@ def _store() -> Store:
     if store.root.exists() and not store.root.is_dir():
         raise Refused(409, f"the checkpoint store {store.root} is not a folder; remove it or set DURABLE_KERNEL_DIR")
     check_private(store.root)  # UnsafeStore: 409, with the chmod to run
-    if not key_path().is_file() and store.notebook_dirs():
+    key_file = key_file_in_use()  # None: $DURABLE_KERNEL_KEY holds the key, no file is needed
+    if key_file is not None and not key_file.is_file() and store.notebook_dirs():
         raise Refused(
             503,
-            f"the signing key {key_path()} is missing, so no checkpoint in {store.root} can be verified: put back "
-            "the key file that signed them (see the README, 'Moving state to another machine or user'). A kernel "
-            "started now makes a new key, and these checkpoints then never load.",
+            f"the signing key {key_file} is missing, so no checkpoint in {store.root} can be verified: put back "
+            "the key that signed them ('durable-kernel key import', or set DURABLE_KERNEL_KEY; see the README, "
+            "'Moving state to another machine or user'). A kernel started now makes a new key, and these "
+            "checkpoints then never load.",
         )
     return store
 

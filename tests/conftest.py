@@ -44,6 +44,7 @@ def jupyter_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
     monkeypatch.delenv("DURABLE_KERNEL_SESSION", raising=False)
+    monkeypatch.delenv("DURABLE_KERNEL_KEY", raising=False)  # the key is the data dir's, not the runner's
     return env
 
 
@@ -99,7 +100,12 @@ class KernelPool:
         self, session: str | None = "notebook.ipynb", env: dict[str, str | None] | None = None, **kwargs
     ) -> KernelProcess:
         """As ``start_kernel``; the test process's own identity variables never leak in."""
-        full_env: dict[str, str | None] = {**self.dirs, "JPY_SESSION_NAME": None, "DURABLE_KERNEL_SESSION": None}
+        full_env: dict[str, str | None] = {
+            **self.dirs,
+            "JPY_SESSION_NAME": None,
+            "DURABLE_KERNEL_SESSION": None,
+            "DURABLE_KERNEL_KEY": None,
+        }
         if session is not None:
             full_env["DURABLE_KERNEL_SESSION"] = session
         full_env.update(env or {})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -50,21 +49,22 @@ class Machines:
     def __init__(self, tmp_path: Path, s3: SeaweedS3, url: str):
         self.tmp, self.s3, self.url = tmp_path, s3, url
         self.kernels: list[KernelProcess] = []
+        self.keys: dict[str, str] = {}
 
     def env(self, name: str) -> dict[str, str]:
-        return {
+        env = {
             **self.s3.env(),
             "JUPYTER_DATA_DIR": str(self.tmp / name / "jupyter-data"),
             "DURABLE_KERNEL_DIR": self.url,
             "DURABLE_KERNEL_SESSION": SESSION,
         }
+        if name in self.keys:
+            env["DURABLE_KERNEL_KEY"] = self.keys[name]
+        return env
 
     def give_key(self, source: str, target: str) -> None:
-        """Carry the key from one machine to another (as `durable-kernel key export | key import` would)."""
-        src, dst = location.key_path(self.env(source)), location.key_path(self.env(target))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dst)
-        os.chmod(dst, 0o600)
+        """Carry the key from one machine to another, as a Kubernetes secret would: in DURABLE_KERNEL_KEY."""
+        self.keys[target] = self.keys.get(source) or location.key_path(self.env(source)).read_text().strip()
 
     def start(self, name: str) -> KernelProcess:
         kernel = KernelProcess(
