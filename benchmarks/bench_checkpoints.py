@@ -489,6 +489,110 @@ def durable_phase(gib: float, args: argparse.Namespace, tmp: Path, cold_method: 
     return r
 
 
+# --- object storage (issue 13) -------------------------------------------------------
+
+
+def object_storage_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """A bucket store on a real S3 server (SeaweedFS on this machine), against the same library's plain
+    put and get of the same bytes, and per-cell latency of a kernel with a bucket store vs a folder."""
+    import numpy as np
+    import obstore
+    from durable_kernel.checkpoints import Store, serialize, sync
+    from durable_kernel.checkpoints.bucket import Bucket
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from s3_support import SeaweedS3
+
+    r: dict[str, Any] = {"gib": gib}
+    server = SeaweedS3(tmp / "seaweedfs")
+    server.start()
+    try:
+        os.environ.update(server.env())
+        url = server.create_bucket("bench") + "/state"
+        bucket = Bucket(url)
+        plain = obstore.store.from_url(
+            "s3://bench/plain", config={"endpoint": server.endpoint}, client_options={"allow_http": "true"}
+        )
+        key = b"0" * 64
+        machine_a = Store(tmp / "cache-a", key).notebook(SESSION)
+        ns = {"arr": np.random.default_rng(0).random(int(gib * GIB / 8)), "small": 1}
+        machine_a.commit(serialize.snapshot(ns), execution_count=1)
+        blob_files = [machine_a.blob_path(d) for d in machine_a.read_manifest(1).blob_digests()]
+        r["bytes"] = sum(f.stat().st_size for f in blob_files)
+
+        # 1. the first upload vs a plain put of the same bytes (each blob file), same library
+        started = time.perf_counter()
+        for i, f in enumerate(blob_files):
+            with open(f, "rb") as fh:
+                obstore.put(plain, f"blob{i}", fh)
+        r["plain_put_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        first = sync.upload_newest(machine_a, bucket)
+        r["upload_s"] = time.perf_counter() - started
+        assert first is not None and first.blobs == len(blob_files)
+
+        # 2. bytes uploaded after a small change
+        ns["small"] = 2
+        machine_a.commit(serialize.snapshot(ns), execution_count=2)
+        small = sync.upload_newest(machine_a, bucket)
+        r["small_upload_bytes"] = small.bytes if small else 0
+
+        # 3. restore on a fresh machine (download, verify, unpickle) vs plain GETs of the same bytes
+        started = time.perf_counter()
+        for i in range(len(blob_files)):
+            obstore.get(plain, f"blob{i}").bytes()
+        r["plain_get_s"] = time.perf_counter() - started
+        machine_b = Store(tmp / "cache-b", key).notebook(SESSION)
+        started = time.perf_counter()
+        got = sync.download_newest(machine_b, bucket)
+        restored = machine_b.load_latest()
+        r["restore_s"] = time.perf_counter() - started
+        assert got.generation is not None and restored is not None
+        assert float(restored.values["arr"][-1]) == float(ns["arr"][-1]) and restored.values["small"] == 2
+        del ns, restored
+
+        # 4. per-cell latency: stock ipykernel, a folder store, a bucket store (same workload, paced)
+        cells = max(10, args.cells // 2)
+        for label, name, env in (
+            ("stock", "python3", kernel_env(tmp / "k-stock", False)),
+            ("folder", "durable-python3", kernel_env(tmp / "k-folder", True)),
+            (
+                "bucket",
+                "durable-python3",
+                {**kernel_env(tmp / "k-bucket", True), **server.env(), "DURABLE_KERNEL_DIR": url + "-kernel"},
+            ),
+        ):
+            k = BenchKernel(name, env, tmp / f"os-{label}.log")
+            try:
+                pace = k.quiesce if label == "stock" else k.wait_checkpoint
+                k.run(f"import numpy as np\narr = np.random.default_rng(0).random({int(gib * GIB / 8)})")
+                pace()
+                time_cells(k, 3, pace)
+                r[f"lat_{label}_ms"] = [t * 1e3 for t in time_cells(k, cells, pace)]
+                if label == "bucket":
+                    ok = k.evaluate(ok="get_ipython().kernel.wait_for_upload(600)")["ok"]
+                    r["bucket_kernel_uploaded"] = ok
+            finally:
+                k.shutdown()
+    finally:
+        server.close()
+    return r
+
+
+def object_storage_table(r: dict[str, Any]) -> str:
+    """The object-storage rows: measured, baseline, ratio, target."""
+    med = {label: median(r[f"lat_{label}_ms"]) for label in ("stock", "folder", "bucket")}
+    rows = [
+        "| object storage (SeaweedFS, this machine) | measured | baseline (same run) | ratio | target |",
+        "|---|---|---|---|---|",
+        f"| first checkpoint upload, {fmt_bytes(r['bytes'])} | {r['upload_s']:.2f} s | obstore put of the same bytes: {r['plain_put_s']:.2f} s | {r['upload_s'] / r['plain_put_s']:.2f}x | <= 1.2x |",
+        f"| restore on a fresh machine (download, verify, load) | {r['restore_s']:.2f} s | obstore get of the same bytes: {r['plain_get_s']:.2f} s | {r['restore_s'] / r['plain_get_s']:.2f}x | <= 1.5x |",
+        f"| bytes uploaded after a small change | {fmt_bytes(r['small_upload_bytes'])} | - | - | < 1 MiB |",
+        f"| per-cell added latency, bucket store, {r['gib']:g} GiB (paced, median) | +{med['bucket'] - med['stock']:.1f} ms | folder store: +{med['folder'] - med['stock']:.1f} ms (stock {med['stock']:.1f} ms) | - | <= 5 ms |",
+    ]
+    return "\n".join(rows)
+
+
 def build_module(gib: float, n_dicts: int) -> types.ModuleType:
     """The workload in a module object, as a kernel's ``__main__`` would hold it."""
     mod = types.ModuleType("bench_namespace")
@@ -944,6 +1048,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", default=str(RESULTS / "latest.md"), help="markdown report (default benchmarks/results/latest.md)"
     )
+    ap.add_argument(
+        "--object-storage",
+        type=float,
+        default=1.0,
+        metavar="GIB",
+        help="GiB of state for the object-storage section (SeaweedFS on this machine; 0 skips it; default 1)",
+    )
+    ap.add_argument("--only-object-storage", action="store_true", help="run the object-storage section alone")
     args = ap.parse_args(argv)
     args.small_done = None
     sizes = sorted(float(s) for s in args.sizes.split(",") if s.strip())
@@ -957,9 +1069,17 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     tmp_root = Path(tempfile.mkdtemp(prefix="durable-bench-", dir=args.tmpdir))
+    if args.only_object_storage:
+        return object_storage_only(args, tmp_root)
     cold_method = drop_caches_method(tmp_root)
     results: dict[float, dict[str, Any]] = {}
+    bucket: dict[str, Any] = {}
     try:
+        if args.object_storage > 0:
+            print(f"== object storage, {args.object_storage:g} GiB (SeaweedFS on this machine)", flush=True)
+            (tmp_root / "object-storage").mkdir()
+            bucket = object_storage_phase(args.object_storage, args, tmp_root / "object-storage")
+            shutil.rmtree(tmp_root / "object-storage", ignore_errors=True)
         for gib in sizes:
             tmp = tmp_root / f"{gib:g}GiB"
             tmp.mkdir()
@@ -991,6 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *verdicts(summary, sizes),
             "",
+            *([object_storage_table(bucket), ""] if bucket else []),
             "Paced: the previous checkpoint is committed before each timed cell (each cell pays a fork). "
             "Back-to-back: cells sent as fast as replies come (checkpoints coalesce and run beside the cells). "
             "Memory: peak over 10 ms samples, while the checkpoint child lives, of Pss_Anon(kernel) + Pss_Anon(child) "
@@ -1004,7 +1125,35 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report + "\n")
-    out.with_suffix(".json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1, default=str))
+    raw: dict[str, Any] = {str(k): v for k, v in results.items()}
+    if bucket:
+        raw["object_storage"] = bucket
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+    return 0
+
+
+def object_storage_only(args: argparse.Namespace, tmp_root: Path) -> int:
+    """``--only-object-storage``: that section alone, its table printed and written beside the report."""
+    try:
+        bucket = object_storage_phase(args.object_storage or 1.0, args, tmp_root)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    report = "\n".join(
+        [
+            "## Object storage benchmark",
+            "",
+            f"Command: `python benchmarks/bench_checkpoints.py --only-object-storage --object-storage "
+            f"{args.object_storage:g} --cells {args.cells}`",
+            "",
+            object_storage_table(bucket),
+        ]
+    )
+    print()
+    print(report)
+    out = Path(args.out).with_name("object-storage.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report + "\n")
+    out.with_suffix(".json").write_text(json.dumps(bucket, indent=1, default=str))
     return 0
 
 
