@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 GRACE_SECONDS = 24 * 3600.0
 #: Remote checkpoints kept per notebook (as many as locally, by default).
 KEEP = 5
+#: How long the sync process trusts a listing of the bucket (see ``_Listings``).
+LISTING_SECONDS = 60.0
 #: The cache folder's record of what was uploaded (see :func:`read_record`).
 RECORD = "uploads.json"
 _MANIFEST_NAME = "manifests/"
@@ -91,7 +93,7 @@ def remote_folder(nb: NotebookFolder) -> str:
     return nb.dir.name
 
 
-def manifest_ids(listing: dict[str, dict[str, Any]]) -> list[int]:
+def manifest_ids(listing: dict[str, Any]) -> list[int]:
     """Generation ids of the manifests in a listing, newest first."""
     ids = []
     for key in listing:
@@ -203,21 +205,56 @@ def upload_newest(
     return None
 
 
+class _Listings:
+    """What the bucket holds for a notebook, as listed at most :data:`LISTING_SECONDS` ago: the sync
+    process uploads after every cell, and two LISTs per cell would cost the server (and, on a small
+    machine, the kernel beside it) more than the upload.  Forgotten after any failure."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[float, dict[str, dict[str, Any]], set[str]]] = {}
+
+    def get(self, bucket: Bucket, folder: str) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """``(blobs, manifests)``: blob key -> {"size", "modified" (unix time)}, and manifest keys."""
+        entry = self._cache.get((bucket.url, folder))
+        if entry is None or time.time() - entry[0] > LISTING_SECONDS:
+            now = time.time()
+            listed = bucket.objects(f"{folder}/blobs")
+            blobs = {k: {"size": v["size"], "modified": now - v["age"]} for k, v in listed.items()}
+            entry = (now, blobs, set(bucket.objects(f"{folder}/manifests")))
+            self._cache[(bucket.url, folder)] = entry
+        return entry[1], entry[2]
+
+    def forget(self, bucket: Bucket, folder: str) -> None:
+        self._cache.pop((bucket.url, folder), None)
+
+
+_listings = _Listings()
+
+
 def _push(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: int, grace: float) -> Transfer:
+    folder = remote_folder(nb)
+    try:
+        return _push_listed(nb, bucket, man, raw, keep, grace)
+    except BaseException:
+        _listings.forget(bucket, folder)
+        raise
+
+
+def _push_listed(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: int, grace: float) -> Transfer:
     started = time.monotonic()
     folder = remote_folder(nb)
-    blobs = bucket.objects(f"{folder}/blobs")
-    manifests = bucket.objects(f"{folder}/manifests")
+    blobs, manifests = _listings.get(bucket, folder)
     named: set[str] = set()
     for key in manifests:
         named |= _named.of(bucket, key) or set()
     todo = []
+    now = time.time()
     for blob in sorted(man.blob_digests()):
         key = f"{folder}/{nb.blob_key(blob)}"
         source = nb.blob_path(blob)
         size = os.stat(source).st_size  # FileNotFoundError: pruned under us
         there = blobs.get(key)
-        if there is not None and there["size"] == size and (blob in named or there["age"] < grace / 2):
+        if there is not None and there["size"] == size and (blob in named or now - there["modified"] < grace / 2):
             continue
         todo.append((key, source, size))
 
@@ -229,8 +266,14 @@ def _push(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: in
     # Small blobs several at a time; a large one is itself sent as parallel parts.
     with ThreadPoolExecutor(PARALLEL) as pool:
         list(pool.map(send, todo))
-    target = _commit_manifest(nb, bucket, man, raw, manifest_ids(manifests))
-    _prune_manifests(bucket, folder, keep)
+    for key, _, size in todo:
+        blobs[key] = {"size": size, "modified": time.time()}
+    target = _commit_manifest(nb, bucket, man, raw, manifest_ids(dict.fromkeys(manifests)))
+    manifests.add(f"{folder}/{nb.manifest_key(target)}")
+    for old in manifest_ids(dict.fromkeys(manifests))[max(keep, 1) :]:
+        old_key = f"{folder}/{NotebookFolder.manifest_key(old)}"
+        bucket.delete(old_key)  # its blobs go at the next gc
+        manifests.discard(old_key)
     return Transfer(
         generation=man.generation,
         remote=target,
@@ -249,19 +292,13 @@ def _commit_manifest(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: byte
         if bucket.create(f"{folder}/{nb.manifest_key(target)}", data):
             return target
         # Another machine committed this generation first: ours is newer, so it goes above.
+        _listings.forget(bucket, folder)
         target = max(target, (manifest_ids(bucket.objects(f"{folder}/manifests")) or [0])[0]) + 1
     raise RemoteError("busy", f"cannot commit to {bucket.url}: other writers took every generation tried")
 
 
 def _signed_as(man: Manifest, generation: int, key: bytes) -> bytes:
     return manifest_format.encode({**man.data, "generation": generation}, key)
-
-
-def _prune_manifests(bucket: Bucket, folder: str, keep: int) -> None:
-    """Keep the ``keep`` newest manifests in the bucket (their blobs go at the next gc)."""
-    ids = manifest_ids(bucket.objects(f"{folder}/manifests"))
-    for old in ids[max(keep, 1) :]:
-        bucket.delete(f"{folder}/{NotebookFolder.manifest_key(old)}")
 
 
 # --- download ---------------------------------------------------------------------------
