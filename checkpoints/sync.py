@@ -68,6 +68,8 @@ GRACE_SECONDS = 24 * 3600.0
 KEEP = 5
 #: How long the sync process trusts a listing of the bucket (see ``_Listings``).
 LISTING_SECONDS = 60.0
+#: How long the sync process gathers upload requests before it uploads the newest state.
+UPLOAD_SETTLE_SECONDS = 0.5
 #: The cache folder's record of what was uploaded (see :func:`read_record`).
 RECORD = "uploads.json"
 _MANIFEST_NAME = "manifests/"
@@ -557,10 +559,28 @@ def _serve(config: dict[str, Any], lines: queue.Queue[str | None]) -> None:
             closed, wanted = True, True
             retry_until = 0.0
             continue
-        request = json.loads(line)
-        if request.get("folder"):
-            nb = NotebookStore(store, request.get("identity", ""), folder=Path(request["folder"]))
+        nb = _requested(store, line, nb)
         wanted = True
+        # Let a burst of cells settle: one upload, of the newest state, half a second later (each
+        # upload costs the server and this process CPU that the kernel's next cell would wait for).
+        settle_until = time.monotonic() + UPLOAD_SETTLE_SECONDS
+        while not fault and (left := settle_until - time.monotonic()) > 0:
+            try:
+                more = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if more is None:
+                closed = True
+                break
+            nb = _requested(store, more, nb)
+
+
+def _requested(store: Store, line: str, nb: NotebookStore) -> NotebookStore:
+    """The notebook an upload request names (it changes when the notebook is renamed)."""
+    request = json.loads(line)
+    if request.get("folder"):
+        return NotebookStore(store, request.get("identity", ""), folder=Path(request["folder"]))
+    return nb
 
 
 def _download(config: dict[str, Any]) -> dict[str, Any]:
