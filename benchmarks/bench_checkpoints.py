@@ -538,18 +538,24 @@ def object_storage_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dic
         r["small_upload_bytes"] = small.bytes if small else 0
 
         # 3. restore on a fresh machine (download, verify, unpickle) vs plain GETs of the same bytes
-        started = time.perf_counter()
-        for i in range(len(blob_files)):
-            obstore.get(plain, f"blob{i}").bytes()
-        r["plain_get_s"] = time.perf_counter() - started
-        machine_b = Store(tmp / "cache-b", key).notebook(SESSION)
-        started = time.perf_counter()
-        got = sync.download_newest(machine_b, bucket)
-        restored = machine_b.load_latest()
-        r["restore_s"] = time.perf_counter() - started
-        assert got.generation is not None and restored is not None
-        assert float(restored.values["arr"][-1]) == float(ns["arr"][-1]) and restored.values["small"] == 2
-        del ns, restored
+        # Interleaved, best of two each: the server's own files may or may not be in the page cache.
+        plain_s, restore_s = [], []
+        for attempt in range(2):
+            started = time.perf_counter()
+            for i in range(len(blob_files)):
+                obstore.get(plain, f"blob{i}").bytes()
+            plain_s.append(time.perf_counter() - started)
+            machine_b = Store(tmp / f"cache-b{attempt}", key).notebook(SESSION)
+            started = time.perf_counter()
+            got = sync.download_newest(machine_b, bucket)
+            restored = machine_b.load_latest()
+            restore_s.append(time.perf_counter() - started)
+            assert got.generation is not None and restored is not None
+            assert float(restored.values["arr"][-1]) == float(ns["arr"][-1]) and restored.values["small"] == 2
+            del restored
+            shutil.rmtree(tmp / f"cache-b{attempt}")
+        r["plain_get_s"], r["restore_s"] = min(plain_s), min(restore_s)
+        del ns
 
         # 4. per-cell latency: stock ipykernel, a folder store, a bucket store (same workload, paced)
         cells = max(10, args.cells // 2)
@@ -567,6 +573,8 @@ def object_storage_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dic
                 pace = k.quiesce if label == "stock" else k.wait_checkpoint
                 k.run(f"import numpy as np\narr = np.random.default_rng(0).random({int(gib * GIB / 8)})")
                 pace()
+                if label == "bucket":  # steady state: the first upload (of the array) is done
+                    k.evaluate(ok="get_ipython().kernel.wait_for_upload(1800)")
                 time_cells(k, 3, pace)
                 r[f"lat_{label}_ms"] = [t * 1e3 for t in time_cells(k, cells, pace)]
                 if label == "bucket":
@@ -586,7 +594,7 @@ def object_storage_table(r: dict[str, Any]) -> str:
         "| object storage (SeaweedFS, this machine) | measured | baseline (same run) | ratio | target |",
         "|---|---|---|---|---|",
         f"| first checkpoint upload, {fmt_bytes(r['bytes'])} | {r['upload_s']:.2f} s | obstore put of the same bytes: {r['plain_put_s']:.2f} s | {r['upload_s'] / r['plain_put_s']:.2f}x | <= 1.2x |",
-        f"| restore on a fresh machine (download, verify, load) | {r['restore_s']:.2f} s | obstore get of the same bytes: {r['plain_get_s']:.2f} s | {r['restore_s'] / r['plain_get_s']:.2f}x | <= 1.5x |",
+        f"| restore on a fresh machine (download, verify, load; best of 2) | {r['restore_s']:.2f} s | obstore get of the same bytes (best of 2, interleaved): {r['plain_get_s']:.2f} s | {r['restore_s'] / r['plain_get_s']:.2f}x | <= 1.5x |",
         f"| bytes uploaded after a small change | {fmt_bytes(r['small_upload_bytes'])} | - | - | < 1 MiB |",
         f"| per-cell added latency, bucket store, {r['gib']:g} GiB (paced, median) | +{med['bucket'] - med['stock']:.1f} ms | folder store: +{med['folder'] - med['stock']:.1f} ms (stock {med['stock']:.1f} ms) | - | <= 5 ms |",
     ]
