@@ -3,8 +3,9 @@
 ``list`` and ``show`` read the bucket's manifests (verified with this user's
 key, never unpickling anything) through a throw-away copy laid out as a store,
 so they print exactly what they print for a folder.  ``gc`` and ``clear``
-delete in the bucket itself (``checkpoints/sync.py``); ``du`` and ``mv`` work
-on folders only.
+delete in the bucket itself (``checkpoints/sync.py``); ``clear`` also clears
+this machine's cache of those notebooks (a kernel would restore from there,
+and upload them again).  ``du`` and ``mv`` work on folders only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from durable_kernel.checkpoints import Store, inventory, sync
+from durable_kernel.checkpoints import NotebookStore, Store, inventory, maintenance, sync
 from durable_kernel.checkpoints.bucket import Bucket
 
 from . import humanize
@@ -39,7 +40,7 @@ def run(store: Store, args: argparse.Namespace) -> int:
         elif args.command == "gc":
             result = _gc(bucket, args)
         else:
-            result = _clear(view, bucket, sizes, args)
+            result = _clear(store, view, bucket, sizes, args)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
@@ -74,7 +75,7 @@ def _gc(bucket: Bucket, args: argparse.Namespace) -> Any:
     return None
 
 
-def _clear(view: Store, bucket: Bucket, sizes: dict[str, int], args: argparse.Namespace) -> Any:
+def _clear(store: Store, view: Store, bucket: Bucket, sizes: dict[str, int], args: argparse.Namespace) -> Any:
     from .cli import _CommandError, _Parser
 
     given = [args.notebook is not None, args.all, args.older_than is not None]
@@ -92,6 +93,10 @@ def _clear(view: Store, bucket: Bucket, sizes: dict[str, int], args: argparse.Na
     results = []
     for info in targets:
         freed = sync.clear(bucket, info.key, dry_run=args.dry_run)
+        cached = store.root / info.key
+        if not args.dry_run and (cached / "manifests").is_dir():
+            # This machine's cache too: else the next kernel would restore it, and upload it again.
+            maintenance.clear_notebook(NotebookStore(store, info.identity or "", folder=cached))
         results.append({**info.to_json(), "size": sizes.get(info.key, 0), "freed": freed})
         if not args.json:
             print(

@@ -322,6 +322,18 @@ def test_the_cli_lists_shows_gcs_and_clears_a_bucket_store(machines):
     assert "No checkpoints" in cli("list").stdout
 
 
+def test_clearing_a_bucket_store_clears_this_machines_cache_too(machines):
+    a = machines.start("A")
+    a.execute("x = 'old state'")
+    uploaded(a)
+    a.kill()
+    env = {**os.environ, **machines.env("A")}
+    cleared = subprocess.run(["durable-kernel", "clear", SESSION], env=env, capture_output=True, text=True)
+    assert cleared.returncode == 0, cleared
+    again = machines.start("A")
+    assert again.execute("print('x' in dir())").stdout.strip() == "False"
+
+
 def test_a_small_change_uploads_less_than_a_mebibyte(machines):
     a = machines.start("A")
     a.execute("import numpy as np\nbig = np.zeros(4_000_000)\nsmall = 1")
