@@ -208,21 +208,24 @@ def upload_newest(
 
 
 class _Listings:
-    """What the bucket holds for a notebook, as listed at most :data:`LISTING_SECONDS` ago: the sync
-    process uploads after every cell, and two LISTs per cell would cost the server (and, on a small
-    machine, the kernel beside it) more than the upload.  Forgotten after any failure."""
+    """What the bucket holds for a notebook, its blobs listed at most :data:`LISTING_SECONDS` ago: the
+    sync process uploads after every cell, and listing every blob each time would cost the server
+    (and, on a small machine, the kernel beside it) more than the upload.  The manifests are listed
+    every time (a handful of keys): when they are not what this process left, another machine has
+    committed, pruned or cleared, and the blobs are listed again.  Forgotten after any failure."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], tuple[float, dict[str, dict[str, Any]], set[str]]] = {}
 
     def get(self, bucket: Bucket, folder: str) -> tuple[dict[str, dict[str, Any]], set[str]]:
         """``(blobs, manifests)``: blob key -> {"size", "modified" (unix time)}, and manifest keys."""
+        manifests = set(bucket.objects(f"{folder}/manifests"))
         entry = self._cache.get((bucket.url, folder))
-        if entry is None or time.time() - entry[0] > LISTING_SECONDS:
+        if entry is None or entry[2] != manifests or time.time() - entry[0] > LISTING_SECONDS:
             now = time.time()
             listed = bucket.objects(f"{folder}/blobs")
             blobs = {k: {"size": v["size"], "modified": now - v["age"]} for k, v in listed.items()}
-            entry = (now, blobs, set(bucket.objects(f"{folder}/manifests")))
+            entry = (now, blobs, manifests)
             self._cache[(bucket.url, folder)] = entry
         return entry[1], entry[2]
 
@@ -596,14 +599,27 @@ def _download(config: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "kind": exc.kind, "message": str(exc)}
 
 
+def _clear_one(config: dict[str, Any]) -> dict[str, Any]:
+    nb = NotebookFolder(Path(config["root"]), config["identity"], folder=Path(config["folder"]))
+    try:
+        with _uploading(nb):  # not while this notebook's upload process commits the state being cleared
+            freed = clear(Bucket(config["url"]), nb.dir.name)
+    except RemoteError as exc:
+        return {"ok": False, "kind": exc.kind, "message": str(exc)}
+    return {"ok": True, "freed": freed}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The sync process: ``download`` (one JSON request on stdin, one JSON answer on stdout) or
-    ``serve`` (a JSON config line, then one line per upload request; JSON events out)."""
+    """The sync process: ``download`` or ``clear`` (one JSON request on stdin, one JSON answer on
+    stdout) or ``serve`` (a JSON config line, then one line per upload request; JSON events out)."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="[durable-kernel sync %(levelname)s] %(message)s")
     config = json.loads(sys.stdin.readline())
     if argv[:1] == ["download"]:
         _emit(_download(config))
+        return 0
+    if argv[:1] == ["clear"]:
+        _emit(_clear_one(config))
         return 0
     # Background work: on a small machine the kernel's next cell goes first.
     with contextlib.suppress(OSError):

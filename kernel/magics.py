@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from typing import TYPE_CHECKING, Any
 
 from durable_kernel.checkpoints import CheckpointError, Manifest, disk_usage, inventory, maintenance, printable
@@ -13,7 +14,7 @@ from durable_kernel.checkpoints.retention import state_key
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from . import humanize, recompute
+from . import humanize, recompute, remote
 from .outcome import CheckpointOutcome
 
 if TYPE_CHECKING:
@@ -375,6 +376,11 @@ class CheckpointMagics(Magics):
         self.kernel.wait_for_checkpoint(self.kernel.restore_wait)
         count = len(self.notebook.checkpoint_ids())
         freed = maintenance.clear_notebook(self.notebook)
+        if self.kernel.uploads is not None:
+            # The bucket too: else the next start would download the state again.
+            problem = remote.clear(self.kernel.uploads.store, self.notebook)
+            if problem:
+                print(f"{problem}; a restart may bring the state back from there.", file=sys.stderr)
         self.kernel.forget_current_state()
         print(
             f"Removed {humanize.plural(count, 'checkpoint')} ({humanize.size(freed)}) "

@@ -80,6 +80,19 @@ def download(store: Store, nb: NotebookStore, timeout: float) -> tuple[list[str]
     return lines, True
 
 
+def clear(store: Store, nb: NotebookStore, timeout: float = 120.0) -> str:
+    """Delete the notebook's checkpoints in the bucket; "" when done, else why not (one line)."""
+    try:
+        done = subprocess.run(
+            [*_SYNC, "clear"], input=_config(store, nb), capture_output=True, timeout=timeout, check=False
+        )
+        answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
+        log.warning("clear in %s failed: %s", store.remote, exc)
+        return f"could not clear {store.remote} (details in the kernel log)"
+    return "" if answer.get("ok") else f"could not clear {answer.get('message')}"
+
+
 class Uploads:
     """The sync process that uploads this kernel's checkpoints, and what it reports."""
 

@@ -349,3 +349,15 @@ def test_pickle_helper_planted_payload_would_run(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(_Planted(marker)))
     assert marker.exists()
+
+
+def test_checkpoint_clear_in_a_kernel_clears_the_bucket_too(machines):
+    a = machines.start("A")
+    a.execute("x = 'old state'")
+    uploaded(a)
+    out = a.execute("%checkpoint clear")
+    assert "Removed" in out.stdout and not out.error, a.stderr_of(out)
+    a.kill()
+    machines.give_key("A", "B")
+    b = machines.start("B")  # a fresh machine: only the bucket could bring it back
+    assert b.execute("print('x' in dir())").stdout.strip() == "False"
