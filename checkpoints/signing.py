@@ -121,23 +121,13 @@ def _create_key(path: Path, warnings: list[str] | None) -> bytes:
     # half-written (a full disk at the first start once left an empty one that
     # stopped every later start), and link() fails if another kernel won the race.
     key = secrets.token_hex(32).encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:  # another kernel created it first: use theirs
-            theirs = read_key(path, warnings)
-            if theirs is None:
-                raise
-            return theirs
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        write_key(path, key)
+    except FileExistsError:  # another kernel created it first: use theirs
+        theirs = read_key(path, warnings)
+        if theirs is None:
+            raise
+        return theirs
     return key
 
 

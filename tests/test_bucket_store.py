@@ -99,6 +99,15 @@ def remote_ids(url: str) -> list[int]:
     return sync.manifest_ids(bucket.objects(f"{manifest_format.folder_name(SESSION)}/manifests"))
 
 
+def first_cell_with_the_server_down(machines: Machines, name: str, cell: str):
+    """Start a kernel on machine ``name`` while the S3 endpoint is down; its first cell's output."""
+    machines.s3.stop()
+    try:
+        return machines.start(name).execute(cell)
+    finally:
+        machines.s3.start()
+
+
 def test_a_kernel_killed_on_one_machine_restores_exactly_on_another(machines):
     a = machines.start("A")
     a.execute("import numpy as np\nx = 41\nnames = ['a', 'b']\narr = np.arange(2_000_000, dtype=np.float64)")
@@ -146,12 +155,7 @@ def test_a_restore_with_the_server_down_uses_the_local_cache_and_says_so(machine
     a.execute("x = 'from the cache'")
     uploaded(a)
     a.kill()
-    machines.s3.stop()
-    try:
-        again = machines.start("A")
-        out = again.execute("print(x)")
-    finally:
-        machines.s3.start()
+    out = first_cell_with_the_server_down(machines, "A", "print(x)")
     assert out.stdout.strip() == "from the cache"
     assert "cannot be reached" in out.stderr and "restored from this machine's cache instead" in out.stderr
 
@@ -162,12 +166,7 @@ def test_a_restore_with_the_server_down_and_no_cache_starts_empty_and_says_why(m
     uploaded(a)
     a.kill()
     machines.give_key("A", "B")
-    machines.s3.stop()
-    try:
-        b = machines.start("B")
-        out = b.execute("print('x' in dir())")
-    finally:
-        machines.s3.start()
+    out = first_cell_with_the_server_down(machines, "B", "print('x' in dir())")
     assert out.stdout.strip() == "False"
     assert "cannot be reached" in out.stderr and "nothing in this machine's cache either" in out.stderr
 
