@@ -20,11 +20,13 @@ against their digest before they are kept), then the manifest, under a
 generation above every local one.  Restore then loads from the cache as ever.
 
 Bucket gc (:func:`collect`) has no lock to take: it deletes only blobs that no
-kept manifest names *and* that are older than a grace period, as restic's prune
+manifest names *and* that are older than a grace period, as restic's prune
 does, so a writer on another machine that uploaded (or found) a blob for a
 manifest it has not written yet never loses it.  A writer only counts on a blob
-already in the bucket when a kept manifest names it or it is younger than half
-the grace period; otherwise it sends it again, which makes it young.
+already in the bucket when a manifest names it or it is younger than
+:data:`REUSE_YOUNG_SECONDS`; otherwise it sends it again, which makes it young.
+Right before its commit point it checks those blobs are still there if another
+machine changed the manifests meanwhile or it counted on a blob for its youth.
 
 Nothing here is trusted that the key has not signed: manifests from the bucket
 are verified before they are used, and blobs are hashed before they are kept.
@@ -54,7 +56,7 @@ from typing import Any
 from . import manifest as manifest_format
 from .blobs import digest, file_digest
 from .bucket import PARALLEL, Bucket, RemoteError
-from .errors import CheckpointError, CorruptCheckpoint
+from .errors import CheckpointError, CorruptCheckpoint, SaveError
 from .files import TMP_PREFIX, fsync_dir, make_private_dirs
 from .folder import NotebookFolder
 from .manifest import Manifest, referenced_blobs
@@ -66,10 +68,15 @@ log = logging.getLogger(__name__)
 GRACE_SECONDS = 24 * 3600.0
 #: Remote checkpoints kept per notebook (as many as locally, by default).
 KEEP = 5
+#: A writer counts on a blob already in the bucket that no manifest names only while it is this
+#: young (gc keeps unreferenced blobs for its grace period, which should be longer).
+REUSE_YOUNG_SECONDS = 3600.0
 #: How long the sync process trusts a listing of the bucket (see ``_Listings``).
 LISTING_SECONDS = 60.0
 #: How long the sync process gathers upload requests before it uploads the newest state.
 UPLOAD_SETTLE_SECONDS = 0.5
+#: Manifest objects in a bucket larger than this are not read (no honest one comes close).
+MAX_MANIFEST_GET = 64 * 1024 * 1024
 #: The cache folder's record of what was uploaded (see :func:`read_record`).
 RECORD = "uploads.json"
 _MANIFEST_NAME = "manifests/"
@@ -126,10 +133,15 @@ def read_record(nb: NotebookFolder, url: str) -> dict[str, Any]:
 
 
 def write_record(nb: NotebookFolder, url: str, **fields: Any) -> None:
-    """Update the record (atomically; the kernel reads it for ``%checkpoint status``)."""
+    """Update the record (atomically; the kernel reads it for ``%checkpoint status``).
+
+    Raises :class:`SaveError` if it cannot be written (a full disk): an upload that cannot be
+    recorded would be taken for a new one and uploaded again and again."""
     record = {**read_record(nb, url), **fields, "url": url, "at": time.time()}
-    with contextlib.suppress(OSError):
+    try:
         nb.files.put(RECORD, [json.dumps(record).encode()])
+    except OSError as exc:
+        raise SaveError(f"cannot record uploads in {nb.dir} ({exc.strerror or exc})") from None
 
 
 def waiting(nb: NotebookFolder, url: str) -> int:
@@ -159,24 +171,28 @@ class _Named:
     def __init__(self) -> None:
         self._seen: dict[str, set[str] | None] = {}
 
-    def of(self, bucket: Bucket, key: str) -> set[str] | None:
+    def of(self, bucket: Bucket, key: str, size: int) -> set[str] | None:
         if key not in self._seen:
+            if size > MAX_MANIFEST_GET:
+                return None  # not an honest manifest: never read whole
             try:
                 body = manifest_format.body_of(bucket.get(key))
                 self._seen[key] = referenced_blobs(json.loads(body))
             except FileNotFoundError:
                 return set()
-            except (ValueError, TypeError, AttributeError):
-                self._seen[key] = None  # unreadable: cannot tell
+            except RemoteError:
+                raise
+            except Exception:  # anything at all may sit in a bucket: unreadable, so cannot tell
+                self._seen[key] = None
         return self._seen[key]
 
 
 _named = _Named()
+#: digests of the manifests this process uploaded
+_uploaded: set[str] = set()
 
 
-def upload_newest(
-    nb: NotebookStore, bucket: Bucket, *, keep: int = KEEP, grace: float = GRACE_SECONDS
-) -> Transfer | None:
+def upload_newest(nb: NotebookStore, bucket: Bucket, *, keep: int = KEEP) -> Transfer | None:
     """Upload the cache's newest checkpoint unless it is uploaded already; None if there was nothing to do.
 
     Raises :class:`RemoteError` when the bucket cannot be used (nothing is lost: the
@@ -193,15 +209,18 @@ def upload_newest(
         except CorruptCheckpoint:
             continue  # pruned just now: a newer one exists
         record = read_record(nb, bucket.url)
-        if record.get("digest") == digest(raw):
+        if record.get("digest") == digest(raw) or digest(raw) in _uploaded:
             return None
         man = manifest_format.decode(
             raw, nb.store.key, f"checkpoint {generation}", generation=generation, folder=nb.dir.name
         )
         try:
-            done = _push(nb, bucket, man, raw, keep, grace)
+            done = _push(nb, bucket, man, raw, keep)
         except FileNotFoundError:
             continue  # a blob was pruned while it was read: the checkpoint it served is superseded
+        # Remembered here too: if the record cannot be written (a full disk), this process must not
+        # take the same checkpoint for a new one and upload it again and again.
+        _uploaded.add(digest(raw))
         write_record(nb, bucket.url, local=generation, remote=done.remote, digest=digest(raw), fault=None)
         return done
     return None
@@ -217,17 +236,23 @@ class _Listings:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], tuple[float, dict[str, dict[str, Any]], set[str]]] = {}
 
-    def get(self, bucket: Bucket, folder: str) -> tuple[dict[str, dict[str, Any]], set[str]]:
-        """``(blobs, manifests)``: blob key -> {"size", "modified" (unix time)}, and manifest keys."""
-        manifests = set(bucket.objects(f"{folder}/manifests"))
+    def get(self, bucket: Bucket, folder: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """``(blobs, manifests)``: blob key -> {"size", "modified" (unix time)}; manifest key -> {"size", "age"}."""
+        manifests = bucket.objects(f"{folder}/manifests")
         entry = self._cache.get((bucket.url, folder))
-        if entry is None or entry[2] != manifests or time.time() - entry[0] > LISTING_SECONDS:
+        if entry is None or entry[2] != set(manifests) or time.time() - entry[0] > LISTING_SECONDS:
             now = time.time()
             listed = bucket.objects(f"{folder}/blobs")
             blobs = {k: {"size": v["size"], "modified": now - v["age"]} for k, v in listed.items()}
-            entry = (now, blobs, manifests)
+            entry = (now, blobs, set(manifests))
             self._cache[(bucket.url, folder)] = entry
-        return entry[1], entry[2]
+        return entry[1], manifests
+
+    def left(self, bucket: Bucket, folder: str, manifests: dict[str, Any]) -> None:
+        """The manifests as this process left them (after its commit and prune)."""
+        entry = self._cache.get((bucket.url, folder))
+        if entry is not None:
+            self._cache[(bucket.url, folder)] = (entry[0], entry[1], set(manifests))
 
     def forget(self, bucket: Bucket, folder: str) -> None:
         self._cache.pop((bucket.url, folder), None)
@@ -236,30 +261,40 @@ class _Listings:
 _listings = _Listings()
 
 
-def _push(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: int, grace: float) -> Transfer:
+def _named_by(bucket: Bucket, manifests: dict[str, dict[str, Any]]) -> set[str]:
+    """Every blob the listed manifests name (unverified: only to decide what not to send or delete)."""
+    named: set[str] = set()
+    for key, meta in manifests.items():
+        if manifest_ids({key: meta}):  # a numbered manifest, not whatever else sits there
+            named |= _named.of(bucket, key, meta["size"]) or set()
+    return named
+
+
+def _push(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: int) -> Transfer:
     folder = remote_folder(nb)
     try:
-        return _push_listed(nb, bucket, man, raw, keep, grace)
+        return _push_listed(nb, bucket, man, raw, keep)
     except BaseException:
         _listings.forget(bucket, folder)
         raise
 
 
-def _push_listed(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: int, grace: float) -> Transfer:
+def _push_listed(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, keep: int) -> Transfer:
     started = time.monotonic()
     folder = remote_folder(nb)
     blobs, manifests = _listings.get(bucket, folder)
-    named: set[str] = set()
-    for key in manifests:
-        named |= _named.of(bucket, key) or set()
-    todo = []
+    named = _named_by(bucket, manifests)
+    todo, reused, by_age = [], [], False
     now = time.time()
     for blob in sorted(man.blob_digests()):
         key = f"{folder}/{nb.blob_key(blob)}"
         source = nb.blob_path(blob)
         size = os.stat(source).st_size  # FileNotFoundError: pruned under us
         there = blobs.get(key)
-        if there is not None and there["size"] == size and (blob in named or now - there["modified"] < grace / 2):
+        young = there is not None and now - there["modified"] < REUSE_YOUNG_SECONDS
+        if there is not None and there["size"] == size and (blob in named or young):
+            reused.append((key, source, size))
+            by_age = by_age or blob not in named
             continue
         todo.append((key, source, size))
 
@@ -273,12 +308,23 @@ def _push_listed(nb: NotebookStore, bucket: Bucket, man: Manifest, raw: bytes, k
         list(pool.map(send, todo))
     for key, _, size in todo:
         blobs[key] = {"size": size, "modified": time.time()}
-    target = _commit_manifest(nb, bucket, man, raw, manifest_ids(dict.fromkeys(manifests)))
-    manifests.add(f"{folder}/{nb.manifest_key(target)}")
-    for old in manifest_ids(dict.fromkeys(manifests))[max(keep, 1) :]:
+    # Right before the commit point: if other machines committed or pruned meanwhile, or a blob was
+    # counted on only for being young, check that the blobs counted on are still there (a gc on
+    # another machine may have deleted them) and send again any that are not.
+    fresh = bucket.objects(f"{folder}/manifests")
+    if reused and (by_age or set(fresh) != set(manifests)):
+        present = bucket.objects(f"{folder}/blobs")
+        gone = [item for item in reused if item[0] not in present]
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(send, gone))
+        todo += gone
+    target = _commit_manifest(nb, bucket, man, raw, manifest_ids(fresh))
+    fresh[f"{folder}/{nb.manifest_key(target)}"] = {"size": len(raw), "age": 0.0}
+    for old in manifest_ids(fresh)[max(keep, 1) :]:
         old_key = f"{folder}/{NotebookFolder.manifest_key(old)}"
         bucket.delete(old_key)  # its blobs go at the next gc
-        manifests.discard(old_key)
+        fresh.pop(old_key, None)
+    _listings.left(bucket, folder, fresh)
     return Transfer(
         generation=man.generation,
         remote=target,
@@ -320,15 +366,14 @@ def download_newest(nb: NotebookStore, bucket: Bucket, *, tries: int = KEEP + 1)
     folder = remote_folder(nb)
     result = Transfer()
     manifests = bucket.objects(f"{folder}/manifests")
-    record = read_record(nb, bucket.url)
     local = _newest_local(nb)
     blobs: dict[str, dict[str, Any]] | None = None
     for remote in manifest_ids(manifests)[:tries]:
-        if remote == record.get("remote") and record.get("local") in nb.checkpoint_ids():
-            break  # the cache's own upload: the cache is as new
         key = f"{folder}/{nb.manifest_key(remote)}"
         where = f"checkpoint {remote} in {bucket.url}"
         try:
+            if manifests[key]["size"] > MAX_MANIFEST_GET:
+                raise CorruptCheckpoint(f"{where} is implausibly large; it was not read")
             raw = bucket.get(key)
             man = manifest_format.decode(raw, nb.store.key, where, generation=remote, folder=folder)
         except FileNotFoundError:
@@ -340,12 +385,16 @@ def download_newest(nb: NotebookStore, bucket: Bucket, *, tries: int = KEEP + 1)
             break
         if blobs is None:
             blobs = bucket.objects(f"{folder}/blobs")
-        try:
-            count, size = _fetch_blobs(nb, bucket, man, blobs, where)
-        except CorruptCheckpoint as exc:
-            result.notes.append(str(exc))
-            continue
-        data = _install_manifest(nb, man, raw)
+        nb.ensure_dirs()
+        # Under the notebook's lock: a commit (of the previous kernel's last checkpoint, still
+        # running) would sweep the temp files and prune the blobs no local manifest names yet.
+        with nb.locked():
+            try:
+                count, size = _fetch_blobs(nb, bucket, man, blobs, where)
+            except CorruptCheckpoint as exc:
+                result.notes.append(str(exc))
+                continue
+            data = _install_manifest(nb, man, raw)
         result.generation, result.remote, result.blobs, result.bytes = data, remote, count, size + len(raw)
         written = nb.manifest_bytes(data)
         write_record(nb, bucket.url, local=data, remote=remote, digest=digest(written), fault=None)
@@ -389,7 +438,10 @@ def _fetch_blobs(
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.close(fd)
-            bucket.download(key, size, tmp)
+            try:
+                bucket.download(key, size, tmp)
+            except FileNotFoundError:
+                raise CorruptCheckpoint(f"{where} needs a blob the bucket no longer has ({blob[:12]}…)") from None
             with open(tmp, "rb") as f:
                 # The disk writes the bytes back while they are hashed (both let go of the GIL).
                 with ThreadPoolExecutor(1) as flush:
@@ -413,13 +465,12 @@ def _fetch_blobs(
 
 
 def _install_manifest(nb: NotebookStore, man: Manifest, raw: bytes) -> int:
-    """Write a downloaded manifest into the cache above every local generation; returns its generation."""
-    nb.ensure_dirs()
-    with nb.locked():
-        local_ids = nb.checkpoint_ids()
-        target = man.generation if not local_ids or man.generation > local_ids[0] else local_ids[0] + 1
-        data = raw if target == man.generation else _signed_as(man, target, nb.store.key)
-        nb.files.publish(nb.manifest_key(target), data)
+    """Write a downloaded manifest into the cache above every local generation (the caller holds the
+    notebook's lock); returns its generation."""
+    local_ids = nb.checkpoint_ids()
+    target = man.generation if not local_ids or man.generation > local_ids[0] else local_ids[0] + 1
+    data = raw if target == man.generation else _signed_as(man, target, nb.store.key)
+    nb.files.publish(nb.manifest_key(target), data)
     return target
 
 
@@ -431,42 +482,35 @@ class Collected:
     """What a bucket gc did for one notebook folder."""
 
     folder: str
-    manifests_removed: int = 0
     blobs_removed: int = 0
     freed: int = 0
     #: why blobs were all kept (a manifest that could not be read)
     kept_because: str = ""
 
 
-def collect(
-    bucket: Bucket, *, keep: int = KEEP, grace: float = GRACE_SECONDS, dry_run: bool = False
-) -> list[Collected]:
-    """Drop manifests beyond the ``keep`` newest, then blobs no kept manifest names that are
-    older than ``grace`` seconds, in every notebook folder of the bucket."""
-    return [_collect_folder(bucket, folder, keep, grace, dry_run) for folder in bucket.folders()]
+def collect(bucket: Bucket, *, grace: float = GRACE_SECONDS, dry_run: bool = False) -> list[Collected]:
+    """Delete the blobs no manifest names that are older than ``grace`` seconds, in every notebook
+    folder of the bucket.  Manifests are left alone: each writer keeps its own number of them."""
+    return [_collect_folder(bucket, folder, grace, dry_run) for folder in bucket.folders()]
 
 
-def _collect_folder(bucket: Bucket, folder: str, keep: int, grace: float, dry_run: bool) -> Collected:
+def _collect_folder(bucket: Bucket, folder: str, grace: float, dry_run: bool) -> Collected:
     done = Collected(folder)
-    manifests = bucket.objects(f"{folder}/manifests")
-    ids = manifest_ids(manifests)
-    for old in ids[max(keep, 1) :]:
-        done.manifests_removed += 1
-        if not dry_run:
-            bucket.delete(f"{folder}/{NotebookFolder.manifest_key(old)}")
-    kept = ids[: max(keep, 1)]
+    first = bucket.objects(f"{folder}/manifests")
     blobs = bucket.objects(f"{folder}/blobs")
     candidates = {k: v for k, v in blobs.items() if v["age"] > grace}
     if not candidates:
         return done
-    # Read the manifests again right before deleting: one committed meanwhile (by a writer
-    # on another machine) protects its blobs too.
-    kept = sorted(set(kept) | set(manifest_ids(bucket.objects(f"{folder}/manifests"))))
+    # The manifests again right before deleting: one committed meanwhile (by a writer on another
+    # machine) protects its blobs too.
+    manifests = {**first, **bucket.objects(f"{folder}/manifests")}
     named: set[str] = set()
-    for generation in kept:
-        found = _named.of(bucket, f"{folder}/{NotebookFolder.manifest_key(generation)}")
+    for key, meta in manifests.items():
+        if not manifest_ids({key: meta}):
+            continue  # not a numbered manifest: nothing a loader would read
+        found = _named.of(bucket, key, meta["size"])
         if found is None:
-            done.kept_because = f"checkpoint {generation} cannot be read"
+            done.kept_because = f"{key.rsplit('/', 1)[-1]} cannot be read"
             return done
         named |= found
     for key, meta in candidates.items():
@@ -530,7 +574,13 @@ def _emit(event: dict[str, Any]) -> None:
 def _serve(config: dict[str, Any], lines: queue.Queue[str | None]) -> None:
     """Upload after every request until the kernel closes our stdin; then finish what is waiting."""
     store = Store(config["root"], config["key"].encode())
-    bucket = Bucket(config["url"])
+    try:
+        bucket = Bucket(config["url"])
+    except RemoteError as exc:  # a URL or configuration that can never work: told once, then idle
+        _emit({"event": "fault", "kind": exc.kind, "message": f"cannot upload: {exc}"})
+        while lines.get() is not None:
+            pass
+        return
     keep = int(config.get("keep", KEEP))
     nb = NotebookStore(store, config["identity"], folder=Path(config["folder"]))
     wanted, closed, fault, delay, retry_until = True, False, "", 1.0, 0.0
@@ -547,14 +597,16 @@ def _serve(config: dict[str, Any], lines: queue.Queue[str | None]) -> None:
                     _emit({"event": "resumed"})
                 fault, delay = "", 1.0
             except RemoteError as exc:
-                write_record(nb, bucket.url, fault={"kind": exc.kind, "message": str(exc), "since": time.time()})
+                with contextlib.suppress(SaveError):
+                    write_record(nb, bucket.url, fault={"kind": exc.kind, "message": str(exc), "since": time.time()})
                 if exc.kind != fault:
-                    _emit({"event": "fault", "kind": exc.kind, "message": str(exc)})
+                    _emit({"event": "fault", "kind": exc.kind, "message": f"cannot upload to {exc}"})
                 fault, wanted = exc.kind, True
                 retry_until = retry_until or (time.monotonic() + 600 if closed else 0.0)
             except Exception as exc:  # our bug or a local problem: told, and the next request tries again
                 log.exception("upload failed")
-                _emit({"event": "fault", "kind": "local", "message": f"{type(exc).__name__}: {exc}"})
+                why = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+                _emit({"event": "fault", "kind": "local", "message": f"uploading to {bucket.url} failed: {why}"})
         if closed and (not wanted or (retry_until and time.monotonic() > retry_until)):
             return
         try:
@@ -596,7 +648,9 @@ def _download(config: dict[str, Any]) -> dict[str, Any]:
     try:
         return {"ok": True, **asdict(download_newest(nb, Bucket(config["url"])))}
     except RemoteError as exc:
-        return {"ok": False, "kind": exc.kind, "message": str(exc)}
+        return {"ok": False, "kind": exc.kind, "message": f"cannot read {exc}"}
+    except (OSError, CheckpointError) as exc:  # this machine's side: the cache
+        return {"ok": False, "kind": "local", "message": f"could not copy the bucket's checkpoint into {nb.dir}: {exc}"}
 
 
 def _clear_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -605,7 +659,7 @@ def _clear_one(config: dict[str, Any]) -> dict[str, Any]:
         with _uploading(nb):  # not while this notebook's upload process commits the state being cleared
             freed = clear(Bucket(config["url"]), nb.dir.name)
     except RemoteError as exc:
-        return {"ok": False, "kind": exc.kind, "message": str(exc)}
+        return {"ok": False, "kind": exc.kind, "message": f"could not clear {exc}"}
     return {"ok": True, "freed": freed}
 
 
@@ -621,9 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["clear"]:
         _emit(_clear_one(config))
         return 0
-    # Background work: on a small machine the kernel's next cell goes first.
+    # Background work: on a small machine the kernel's next cell goes first, and the kernel is not
+    # what the OOM killer takes if this process ever grows.
     with contextlib.suppress(OSError):
         os.nice(10)
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:

@@ -48,9 +48,14 @@ def run(store: Store, args: argparse.Namespace) -> int:
 
 def _gc(bucket: Bucket, args: argparse.Namespace) -> Any:
     grace = inventory.parse_age(args.grace) if args.grace else sync.GRACE_SECONDS
+    if grace < 2 * sync.REUSE_YOUNG_SECONDS:
+        print(
+            f"warning: with --grace under {humanize.duration(2 * sync.REUSE_YOUNG_SECONDS)}, a kernel uploading to "
+            "this bucket right now may lose a blob it is about to commit",
+            file=sys.stderr,
+        )
     results = sync.collect(bucket, grace=grace, dry_run=args.dry_run)
     blobs = sum(r.blobs_removed for r in results)
-    manifests = sum(r.manifests_removed for r in results)
     freed = sum(r.freed for r in results)
     if args.json:
         return {
@@ -59,14 +64,13 @@ def _gc(bucket: Bucket, args: argparse.Namespace) -> Any:
             "grace_seconds": grace,
             "notebooks": [vars(r) for r in results],
             "blobs_removed": blobs,
-            "manifests_removed": manifests,
             "freed": freed,
         }
     verb = "Would remove" if args.dry_run else "Removed"
     print(
-        f"{verb} {humanize.plural(blobs, 'blob')} and {humanize.plural(manifests, 'old checkpoint')}, "
+        f"{verb} {humanize.plural(blobs, 'blob')} no checkpoint needs, "
         f"{'would free' if args.dry_run else 'freed'} {humanize.size(freed)} "
-        f"({humanize.plural(len(results), 'notebook')} checked in {bucket.url}; blobs younger than "
+        f"({humanize.plural(len(results), 'notebook')} checked in {bucket.url}; unreferenced blobs younger than "
         f"{humanize.duration(grace)} are kept for writers on other machines)."
     )
     for r in results:

@@ -70,7 +70,7 @@ def download(store: Store, nb: NotebookStore, timeout: float) -> tuple[list[str]
         return [f"could not read {url} (details in the kernel log)"], False
     if not answer.get("ok"):
         log.warning("download from %s: %s", url, answer.get("message"))
-        return [f"cannot read {answer.get('message')}"], False
+        return [str(answer.get("message"))], False
     lines = [f"not taken from {url}: {note}" for note in answer.get("notes", [])]
     if answer.get("generation") is not None:
         lines.append(
@@ -90,7 +90,7 @@ def clear(store: Store, nb: NotebookStore, timeout: float = 120.0) -> str:
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
         log.warning("clear in %s failed: %s", store.remote, exc)
         return f"could not clear {store.remote} (details in the kernel log)"
-    return "" if answer.get("ok") else f"could not clear {answer.get('message')}"
+    return "" if answer.get("ok") else str(answer.get("message"))
 
 
 class Uploads:
@@ -173,7 +173,7 @@ class Uploads:
                 self.fault = str(event.get("kind"))
                 self.tell(
                     f"upload {self.fault}",
-                    f"cannot upload to {event.get('message')}. Checkpoints are kept on this machine meanwhile "
+                    f"{event.get('message')}. Checkpoints are kept on this machine meanwhile "
                     "and uploaded when it works again ('%checkpoint status' shows how many wait).",
                 )
         elif kind == "resumed":

@@ -360,3 +360,37 @@ def test_checkpoint_clear_in_a_kernel_clears_the_bucket_too(machines):
     machines.give_key("A", "B")
     b = machines.start("B")  # a fresh machine: only the bucket could bring it back
     assert b.execute("print('x' in dir())").stdout.strip() == "False"
+
+
+def test_a_cache_restores_the_newer_state_another_machine_made_after_a_clear(machines):
+    a = machines.start("A")
+    for i in range(3):
+        a.execute(f"x = 'old {i}'")
+    uploaded(a)
+    machines.give_key("A", "B")
+    b = machines.start("B")
+    assert b.execute("print(x)").stdout.strip() == "old 2"  # B's cache now holds the old state
+    b.kill()
+    a.execute("%checkpoint clear")
+    for i in range(3):  # the bucket's generations start again from 1 and reach the same numbers
+        a.execute(f"x = 'new {i}'")
+    uploaded(a)
+    a.kill()
+    again = machines.start("B")
+    assert again.execute("print(x)").stdout.strip() == "new 2"
+
+
+def test_junk_under_manifests_in_the_bucket_does_not_stop_uploads(machines):
+    a = machines.start("A")
+    a.execute("x = 1")
+    uploaded(a)
+    folder = manifest_format.folder_name(SESSION)
+    junk = machines.tmp / "junk"
+    junk.write_bytes(b'durable-kernel-manifest\nsig\n{"variables":[{"buffers":[{}]}]}')
+    with open(junk, "rb") as f:
+        Bucket(machines.url).upload(f"{folder}/manifests/notes.txt", f)
+    a.execute("x = 2")
+    uploaded(a)
+    a.kill()
+    machines.give_key("A", "B")
+    assert machines.start("B").execute("print(x)").stdout.strip() == "2"
