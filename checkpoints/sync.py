@@ -417,12 +417,16 @@ def _fetch_blobs(
 ) -> tuple[int, int]:
     """Download the blobs ``man`` needs that the cache lacks, each checked against its digest."""
     folder = remote_folder(nb)
+    declared = _declared_sizes(man)
     todo = []
     for blob in sorted(man.blob_digests()):
         key = f"{folder}/{nb.blob_key(blob)}"
         there = listing.get(key)
         if there is None:
             raise CorruptCheckpoint(f"{where} needs a blob the bucket does not have ({blob[:12]}…); it was not used")
+        if there["size"] > declared.get(blob, there["size"]):
+            # Never download more than the signed manifest says a blob holds (a planted giant).
+            raise CorruptCheckpoint(f"{where}: a blob in the bucket is larger than it should be ({blob[:12]}…)")
         try:
             if os.stat(nb.blob_path(blob)).st_size == there["size"]:
                 continue  # the loader checks its digest anyway
@@ -462,6 +466,18 @@ def _fetch_blobs(
     for folder_path in {nb.blob_path(b).parent for b, _, _ in todo}:
         fsync_dir(folder_path)
     return len(todo), sum(size for _, _, size in todo)
+
+
+def _declared_sizes(man: Manifest) -> dict[str, int]:
+    """The most bytes each blob of a checkpoint can hold, as its signed manifest says (a group's
+    stream has no bound of its own: it is absent)."""
+    sizes: dict[str, int] = {}
+    for var in man.variables:
+        for buf in var.get("buffers", []):
+            sizes[buf["digest"]] = max(sizes.get(buf["digest"], 0), int(buf["size"]))
+        if var.get("digest") and "members" not in var:
+            sizes[var["digest"]] = max(sizes.get(var["digest"], 0), int(var.get("size", 0)))
+    return sizes
 
 
 def _install_manifest(nb: NotebookStore, man: Manifest, raw: bytes) -> int:

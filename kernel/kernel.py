@@ -307,9 +307,12 @@ class DurableKernel(IPythonKernel):
             return
         if not reached:
             fetched[-1] += (
-                "; restored from this machine's cache instead."
+                "; restored from this machine's cache instead"
                 if report.restored is not None
-                else "; nothing in this machine's cache either, so the namespace starts empty."
+                else "; nothing in this machine's cache either, so the namespace starts empty"
+            ) + (
+                ". If another machine saved newer state there, restart once the bucket can be read: this "
+                "kernel's next checkpoint becomes the newest one there."
             )
         report.lines[:0] = fetched
         if report.restored is not None:

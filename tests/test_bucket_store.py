@@ -394,3 +394,28 @@ def test_junk_under_manifests_in_the_bucket_does_not_stop_uploads(machines):
     a.kill()
     machines.give_key("A", "B")
     assert machines.start("B").execute("print(x)").stdout.strip() == "2"
+
+
+def test_a_blob_larger_than_its_signed_manifest_says_is_not_downloaded(machines):
+    a = machines.start("A")
+    a.execute("import numpy as np\nold = np.arange(1000)")
+    uploaded(a)
+    a.execute("new = np.arange(100_000) * 3")
+    uploaded(a)
+    a.kill()
+    bucket = Bucket(machines.url)
+    folder = manifest_format.folder_name(SESSION)
+    key = location.key_path(machines.env("A")).read_bytes().strip()
+    newest = remote_ids(machines.url)[0]
+    man = manifest_format.decode(
+        bucket.get(f"{folder}/manifests/{newest:012d}.manifest"), key, "newest", generation=newest, folder=folder
+    )
+    digest = next(b["digest"] for v in man.variables if v["name"] == "new" for b in v.get("buffers", []))
+    giant = machines.tmp / "giant"
+    giant.write_bytes(b"\x00" * (8 << 20))
+    with open(giant, "rb") as f:
+        bucket.upload(f"{folder}/blobs/{digest[:2]}/{digest}", f)
+    machines.give_key("A", "B")
+    out = machines.start("B").execute("print('new' in dir(), old[-1])")
+    assert out.stdout.strip() == "False 999"
+    assert "larger than it should be" in out.stderr
