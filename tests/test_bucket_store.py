@@ -268,6 +268,21 @@ def test_a_checkpoint_planted_in_the_bucket_without_the_key_is_never_unpickled(m
     assert not marker.exists()
 
 
+def replace_newest_buffer_of(machines: Machines, name: str, data: bytes) -> None:
+    """Overwrite, in the bucket, the first buffer blob of variable ``name`` in the newest checkpoint."""
+    bucket = Bucket(machines.url)
+    folder = manifest_format.folder_name(SESSION)
+    key = location.key_path(machines.env("A")).read_bytes().strip()
+    newest = remote_ids(machines.url)[0]
+    raw = bucket.get(f"{folder}/manifests/{newest:012d}.manifest")
+    man = manifest_format.decode(raw, key, "newest", generation=newest, folder=folder)
+    digest = next(b["digest"] for v in man.variables if v["name"] == name for b in v.get("buffers", []))
+    path = machines.tmp / f"replacement-{digest[:8]}"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        bucket.upload(f"{folder}/blobs/{digest[:2]}/{digest}", f)
+
+
 def test_a_damaged_blob_in_the_bucket_is_not_used(machines):
     a = machines.start("A")
     a.execute("import numpy as np\nold = np.arange(100_000)")
@@ -275,21 +290,7 @@ def test_a_damaged_blob_in_the_bucket_is_not_used(machines):
     a.execute("new = np.arange(200_000) * 2")
     uploaded(a)
     a.kill()
-    bucket = Bucket(machines.url)
-    folder = manifest_format.folder_name(SESSION)
-    key = location.key_path(machines.env("A")).read_bytes().strip()
-    newest = remote_ids(machines.url)[0]
-    man = manifest_format.decode(
-        bucket.get(f"{folder}/manifests/{newest:012d}.manifest"), key, "newest", generation=newest, folder=folder
-    )
-    new_blobs = [b["digest"] for v in man.variables if v["name"] == "new" for b in v.get("buffers", [])]
-    assert new_blobs
-    target = f"{folder}/blobs/{new_blobs[0][:2]}/{new_blobs[0]}"
-    size = bucket.objects(f"{folder}/blobs")[target]["size"]
-    damaged = Path(machines.tmp / "damaged")
-    damaged.write_bytes(b"\x00" * size)
-    with open(damaged, "rb") as f:
-        bucket.upload(target, f)
+    replace_newest_buffer_of(machines, "new", b"\x00" * 200_000 * 8)  # same size, other bytes
     machines.give_key("A", "B")
     b = machines.start("B")
     out = b.execute("print('new' in dir(), old[-1])")
@@ -403,18 +404,7 @@ def test_a_blob_larger_than_its_signed_manifest_says_is_not_downloaded(machines)
     a.execute("new = np.arange(100_000) * 3")
     uploaded(a)
     a.kill()
-    bucket = Bucket(machines.url)
-    folder = manifest_format.folder_name(SESSION)
-    key = location.key_path(machines.env("A")).read_bytes().strip()
-    newest = remote_ids(machines.url)[0]
-    man = manifest_format.decode(
-        bucket.get(f"{folder}/manifests/{newest:012d}.manifest"), key, "newest", generation=newest, folder=folder
-    )
-    digest = next(b["digest"] for v in man.variables if v["name"] == "new" for b in v.get("buffers", []))
-    giant = machines.tmp / "giant"
-    giant.write_bytes(b"\x00" * (8 << 20))
-    with open(giant, "rb") as f:
-        bucket.upload(f"{folder}/blobs/{digest[:2]}/{digest}", f)
+    replace_newest_buffer_of(machines, "new", b"\x00" * (8 << 20))
     machines.give_key("A", "B")
     out = machines.start("B").execute("print('new' in dir(), old[-1])")
     assert out.stdout.strip() == "False 999"
