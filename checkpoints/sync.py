@@ -209,7 +209,8 @@ def upload_newest(nb: NotebookStore, bucket: Bucket, *, keep: int = KEEP) -> Tra
         except CorruptCheckpoint:
             continue  # pruned just now: a newer one exists
         record = read_record(nb, bucket.url)
-        if record.get("digest") == digest(raw) or digest(raw) in _uploaded:
+        raw_digest = digest(raw)
+        if record.get("digest") == raw_digest or raw_digest in _uploaded:
             return None
         man = manifest_format.decode(
             raw, nb.store.key, f"checkpoint {generation}", generation=generation, folder=nb.dir.name
@@ -220,8 +221,8 @@ def upload_newest(nb: NotebookStore, bucket: Bucket, *, keep: int = KEEP) -> Tra
             continue  # a blob was pruned while it was read: the checkpoint it served is superseded
         # Remembered here too: if the record cannot be written (a full disk), this process must not
         # take the same checkpoint for a new one and upload it again and again.
-        _uploaded.add(digest(raw))
-        write_record(nb, bucket.url, local=generation, remote=done.remote, digest=digest(raw), fault=None)
+        _uploaded.add(raw_digest)
+        write_record(nb, bucket.url, local=generation, remote=done.remote, digest=raw_digest, fault=None)
         return done
     return None
 
@@ -394,10 +395,9 @@ def download_newest(nb: NotebookStore, bucket: Bucket, *, tries: int = KEEP + 1)
             except CorruptCheckpoint as exc:
                 result.notes.append(str(exc))
                 continue
-            data = _install_manifest(nb, man, raw)
-        result.generation, result.remote, result.blobs, result.bytes = data, remote, count, size + len(raw)
-        written = nb.manifest_bytes(data)
-        write_record(nb, bucket.url, local=data, remote=remote, digest=digest(written), fault=None)
+            generation, written = _install_manifest(nb, man, raw)
+        result.generation, result.remote, result.blobs, result.bytes = generation, remote, count, size + len(raw)
+        write_record(nb, bucket.url, local=generation, remote=remote, digest=digest(written), fault=None)
         break
     result.seconds = time.monotonic() - started
     return result
@@ -480,14 +480,14 @@ def _declared_sizes(man: Manifest) -> dict[str, int]:
     return sizes
 
 
-def _install_manifest(nb: NotebookStore, man: Manifest, raw: bytes) -> int:
+def _install_manifest(nb: NotebookStore, man: Manifest, raw: bytes) -> tuple[int, bytes]:
     """Write a downloaded manifest into the cache above every local generation (the caller holds the
-    notebook's lock); returns its generation."""
+    notebook's lock); returns its generation and the bytes written."""
     local_ids = nb.checkpoint_ids()
     target = man.generation if not local_ids or man.generation > local_ids[0] else local_ids[0] + 1
     data = raw if target == man.generation else _signed_as(man, target, nb.store.key)
     nb.files.publish(nb.manifest_key(target), data)
-    return target
+    return target, data
 
 
 # --- gc and clear -------------------------------------------------------------------------

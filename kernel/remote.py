@@ -62,11 +62,15 @@ def download(store: Store, nb: NotebookStore, timeout: float) -> tuple[list[str]
             timeout=timeout,
             check=False,
         )
-        answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
     except subprocess.TimeoutExpired:
         return [f"{url} did not answer within {humanize.duration(timeout)}"], False
-    except (OSError, ValueError, IndexError):
-        log.warning("download from %s failed: %s", url, locals().get("done"))
+    except OSError as exc:
+        log.warning("cannot start the download from %s: %s", url, exc)
+        return [f"could not read {url} (details in the kernel log)"], False
+    try:
+        answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        log.warning("download from %s failed (exit %s): %s", url, done.returncode, done.stderr.decode()[-2000:])
         return [f"could not read {url} (details in the kernel log)"], False
     if not answer.get("ok"):
         log.warning("download from %s: %s", url, answer.get("message"))

@@ -73,9 +73,6 @@ class Machines:
         self.kernels.append(kernel)
         return kernel
 
-    def store(self, name: str):
-        return open_store(environ=self.env(name))
-
     def close(self) -> None:
         for kernel in self.kernels:
             if kernel.km.is_alive():
