@@ -42,8 +42,9 @@ class Backend(Protocol):
     def get(self, key: str, limit: int) -> bytes:
         """The object's bytes; :class:`TooLarge` past ``limit``, FileNotFoundError if absent."""
 
-    def put(self, key: str, chunks: Iterable[Any]) -> int:
-        """Create or replace the object (readers see the old or the new one whole); returns bytes written."""
+    def put(self, key: str, chunks: Iterable[Any], durable: bool = True) -> int:
+        """Create or replace the object (readers see the old or the new one whole); returns bytes written.
+        ``durable=False``: the caller makes it durable later (``files.sync_filesystem``)."""
 
     def publish(self, key: str, data: bytes) -> None:
         """:meth:`put`, made durable before returning: a checkpoint's commit point."""
@@ -93,10 +94,10 @@ class LocalFolder:
                 raise TooLarge(errno.EFBIG, f"has {info.st_size} bytes, more than {limit}")
             return f.read(limit + 1)
 
-    def put(self, key: str, chunks: Iterable[Any]) -> int:
+    def put(self, key: str, chunks: Iterable[Any], durable: bool = True) -> int:
         path = self.path(key)
         make_private_dirs(path.parent)
-        return write_atomically(path, chunks)
+        return write_atomically(path, chunks, durable)
 
     def publish(self, key: str, data: bytes) -> None:
         path = self.path(key)

@@ -15,14 +15,16 @@ import base64
 import mmap
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from . import mapping
 from .backend import NotARegularFile, NotOwned
 from .errors import CorruptCheckpoint
-from .files import READ_FLAGS, foreign, make_private_dirs
+from .files import READ_FLAGS, foreign, fsync_dir, make_private_dirs, sync_filesystem
 
 if TYPE_CHECKING:
     from .folder import NotebookFolder
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 _PARALLEL_HASH_BYTES = 8 << 20
 
 _hash_threads = blake3.blake3.AUTO
+#: Chunk files a commit fsyncs one by one; above this it flushes the file system once.
+_FSYNC_EACH_UP_TO = 32
 
 
 def _hash_single_threaded_after_fork() -> None:
@@ -50,6 +54,33 @@ def digest(data: Any) -> str:
     view = memoryview(data)
     threads = _hash_threads if view.nbytes >= _PARALLEL_HASH_BYTES else 1
     return blake3.blake3(view, max_threads=threads).hexdigest()
+
+
+def digests(views: list[Any]) -> list[str]:
+    """BLAKE3 of each chunk, on every core when there is much to hash (blake3 releases the GIL)."""
+    total = sum(memoryview(v).nbytes for v in views)
+    workers = min(os.cpu_count() or 1, 8)
+    if workers < 2 or len(views) < 2 or total < _PARALLEL_HASH_BYTES:
+        return [digest(v) for v in views]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(digest, views, chunksize=max(1, len(views) // (workers * 4))))
+
+
+def blob_entries(var: dict[str, Any]) -> list[dict[str, Any]]:
+    """The blob entries (``digest``, ``size``, ``stamp``) of a manifest variable: its stream's chunks, then its
+    buffers' (a whole stream stored as one blob is named by the variable's own ``digest``, not listed here)."""
+    return [*var.get("stream", []), *var.get("buffers", [])]
+
+
+def pieces_of(var: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """A variable's out-of-band buffers, each as the list of its chunk entries (one entry if not chunked)."""
+    entries = var.get("buffers", [])
+    counts = var.get("pieces") or [1] * len(entries)
+    out, at = [], 0
+    for count in counts:
+        out.append(entries[at : at + count])
+        at += count
+    return out
 
 
 def stamp(info: os.stat_result) -> list[int]:
@@ -78,7 +109,7 @@ def stamps_named_by(data: dict[str, Any]) -> dict[str, list[int]]:
     for var in data.get("variables", []):
         if "stamp" in var and "inline" not in var:
             found[var["digest"]] = var["stamp"]
-        for buf in var.get("buffers", []):
+        for buf in blob_entries(var):
             if "stamp" in buf:
                 found[buf["digest"]] = buf["stamp"]
     return found
@@ -99,9 +130,24 @@ class BlobWriter:
         #: names whose stored copy was damaged and has been written again
         self.repaired: set[str] = set()
         self._stamps: dict[str, list[int]] = {}
+        #: blob files written without their own fsync (chunks): made durable together by :meth:`make_durable`
+        self._unsynced: list[Path] = []
 
-    def put(self, digest_hex: str, data: Any, name: str) -> list[int]:
-        """Make sure blob ``digest_hex`` holds ``data``; returns its file's stamp."""
+    def put_chunks(
+        self, data: Any, cuts: list[tuple[int, int]], chunk_digests: list[str], name: str
+    ) -> list[dict[str, Any]]:
+        """Store ``data`` as the chunks ``cuts`` (named ``chunk_digests``); returns their manifest entries."""
+        view = memoryview(data).cast("B")
+        return [
+            {"digest": d, "size": end - start, "stamp": self.put(d, view[start:end], name, durable=False)}
+            for (start, end), d in zip(cuts, chunk_digests, strict=True)
+        ]
+
+    def put(self, digest_hex: str, data: Any, name: str, durable: bool = True) -> list[int]:
+        """Make sure blob ``digest_hex`` holds ``data``; returns its file's stamp.
+
+        ``durable=False`` leaves the file's flush to :meth:`make_durable`, which
+        the commit calls before its manifest."""
         if digest_hex in self._stamps:  # the same buffer twice in this commit
             return self._stamps[digest_hex]
         path = self.nb.blob_path(digest_hex)
@@ -117,11 +163,32 @@ class BlobWriter:
                 self.nb.set_aside_locked(digest_hex, info)  # a rename cannot replace a directory
             make_private_dirs(path.parent)
             self.touched.add(path.parent)
-            self.written += self.nb.files.put(self.nb.blob_key(digest_hex), [data])  # a rename replaces a bad file
+            # a rename replaces a bad file
+            self.written += self.nb.files.put(self.nb.blob_key(digest_hex), [data], durable=durable)
             self.blobs += 1
+            if not durable:
+                self._unsynced.append(path)
             found = stamp(path.lstat())
         self._stamps[digest_hex] = found
         return found
+
+    def make_durable(self) -> None:
+        """Flush what this commit wrote (files, then their folders' entries), before the manifest names it."""
+        if len(self._unsynced) > _FSYNC_EACH_UP_TO:
+            # One flush of the file system beats thousands of fsyncs (each a journal commit).
+            sync_filesystem(self.nb.blobs_dir)
+        else:
+            for path in self._unsynced:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for folder in self.touched:
+                fsync_dir(folder)
+            if self.touched:
+                fsync_dir(self.nb.blobs_dir)
+        self._unsynced.clear()
 
     def _trusted(self, digest_hex: str, info: os.stat_result, size: int, name: str) -> bool:
         """Can the file already there be reused as the blob ``digest_hex``?"""
@@ -145,14 +212,14 @@ class BlobWriter:
         if entry.get("kind") not in ("pickle", "member"):  # a module or an alias: a name, no data
             return out
         # A member's stream is its group's first variable's; a group's stream holds every member's part.
-        has_stream = entry.get("kind") == "pickle" and "inline" not in entry
+        has_stream = entry.get("kind") == "pickle" and "inline" not in entry and "stream" not in entry
         bound = 1 << 62 if "members" in entry else entry.get("size", 0)
-        digests = [(entry["digest"], bound, out)] if has_stream else []
-        out["buffers"] = [dict(b) for b in entry.get("buffers", [])]
-        digests += [(b["digest"], b["size"], b) for b in out["buffers"]]
-        if not out["buffers"]:
-            del out["buffers"]
-        for digest_hex, size, holder in digests:
+        named = [(entry["digest"], bound, out)] if has_stream else []
+        for key in ("stream", "buffers"):
+            if key in entry:
+                out[key] = [dict(b) for b in entry[key]]
+                named += [(b["digest"], b["size"], b) for b in out[key]]
+        for digest_hex, size, holder in named:
             try:
                 info = self.nb.blob_path(digest_hex).lstat()
             except OSError:
@@ -178,13 +245,15 @@ class BlobReader:
         self._folders_checked: set[Path] = set()
 
     def payload(self, var: dict[str, Any]) -> bytes:
-        """A variable's pickle (inline or from its blob), checked against its digest."""
+        """A variable's pickle (inline, from its blob or from its chunks), checked against its digest."""
         found = None
         if "inline" in var:
             try:
                 payload = base64.b64decode(var["inline"], validate=True)
             except (ValueError, TypeError):
                 raise CorruptCheckpoint(f"{self.where}: variable {var['name']!r} is damaged") from None
+        elif "stream" in var:
+            payload = b"".join(self._chunk(entry) for entry in var["stream"])
         else:
             payload, found = self._read_blob(var)
         if digest(payload) != var["digest"]:
@@ -192,6 +261,63 @@ class BlobReader:
                 self.nb.set_aside(var["digest"], found)
             raise CorruptCheckpoint(f"{self.where}: variable {var['name']!r} does not match its digest")
         return payload
+
+    def _chunk(self, entry: dict[str, Any]) -> bytes:
+        """One chunk of a stream, read and checked (its recorded size is exact)."""
+        fd, info = self._open(entry["digest"])
+        with open(fd, "rb") as f:
+            if info.st_size != entry["size"]:
+                raise CorruptCheckpoint(
+                    f"{self.where}: blob {entry['digest'][:12]} has {info.st_size} bytes, expected {entry['size']}"
+                )
+            try:
+                data = f.read(info.st_size + 1)
+            except OSError as exc:
+                raise CorruptCheckpoint(
+                    f"{self.where}: blob {entry['digest'][:12]} cannot be read: {exc.strerror or exc}"
+                ) from None
+        if digest(data) != entry["digest"]:
+            self.nb.set_aside(entry["digest"], info)
+            raise CorruptCheckpoint(f"{self.where}: blob {entry['digest'][:12]} does not match its digest")
+        return data
+
+    def buffers(self, var: dict[str, Any]) -> list[Any]:
+        """A variable's out-of-band buffers, each whole (a chunked one assembled from its chunks)."""
+        return [self.buffer(p[0]) if len(p) == 1 else self.chunked(p) for p in pieces_of(var)]
+
+    def chunked(self, entries: list[dict[str, Any]]) -> Any:
+        """A buffer stored as chunks: their files mapped side by side (``mapping.assemble``), each checked."""
+        opened: list[tuple[int, os.stat_result, dict[str, Any]]] = []
+        try:
+            for entry in entries:
+                fd, info = self._open(entry["digest"])
+                opened.append((fd, info, entry))
+                if info.st_size != entry["size"]:
+                    raise CorruptCheckpoint(
+                        f"{self.where}: blob {entry['digest'][:12]} has {info.st_size} bytes, "
+                        f"expected {entry['size']} (truncated?)"
+                    )
+            try:
+                region = mapping.assemble([(fd, e["size"], e["digest"], info.st_ino) for fd, info, e in opened])
+            except OSError as exc:
+                raise CorruptCheckpoint(
+                    f"{self.where}: a buffer's chunks cannot be read: {exc.strerror or exc}"
+                ) from None
+        finally:
+            for fd, _, _ in opened:
+                os.close(fd)
+        view = memoryview(region)
+        check, at = [], 0
+        for _, info, entry in opened:
+            unchanged = entry.get("stamp") == stamp(info) and entry["digest"] not in self.nb.damaged_digests
+            if self.verify_buffers or not unchanged:
+                check.append((view[at : at + entry["size"]], info, entry))
+            at += entry["size"]
+        for (_, info, entry), found in zip(check, digests([v for v, _, _ in check]), strict=True):
+            if found != entry["digest"]:
+                self.nb.set_aside(entry["digest"], info)
+                raise CorruptCheckpoint(f"{self.where}: blob {entry['digest'][:12]} does not match its digest")
+        return region
 
     def _read_blob(self, var: dict[str, Any]) -> tuple[bytes, os.stat_result]:
         # The recorded size counts the payload and the buffers, so an honest

@@ -211,8 +211,8 @@ def variable_json(var: dict[str, Any]) -> dict[str, Any]:
     """One variable of a manifest, for JSON output: name, type, kind, size and where it is stored."""
     out = {k: var.get(k) for k in ("name", "type", "kind", "size")}
     if var.get("kind") == "pickle":
-        out["stored"] = "inline" if "inline" in var else "blob"
-        out["buffers"] = len(var.get("buffers", []))
+        out["stored"] = "inline" if "inline" in var else "chunks" if "stream" in var else "blob"
+        out["buffers"] = len(var.get("pieces") or var.get("buffers", []))
     else:
         out["target"] = var.get("target")
     return out

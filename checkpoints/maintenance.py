@@ -18,6 +18,7 @@ from typing import Any
 
 from . import manifest as manifest_format
 from . import retention
+from .blobs import blob_entries
 from .errors import CheckpointError, UnsafeStore
 from .files import check_private, fsync_dir, make_private_dirs, write_atomically
 from .inventory import NotebookInfo, describe, garbage, notebook_at
@@ -183,7 +184,7 @@ def move(store: Store, source: NotebookStore, target_identity: str, wait: float 
             # make the next commit check them, so say that plainly.
             for var in data["variables"]:
                 var.pop("stamp", None)
-                for buf in var.get("buffers", []):
+                for buf in blob_entries(var):
                     buf.pop("stamp", None)
             write_atomically(target.manifest_path(base + offset), [manifest_format.encode(data, store.key)])
             moved.append(base + offset)

@@ -18,8 +18,8 @@ The signature is checked before the JSON is even parsed.  The JSON holds::
                       ("kernel": its connection file's name, which survives a restart;
                       "seq": which of that kernel's checkpoints this is)
     versions          {"python", "dill", "durable_kernel", "packages": {...}}
-    variables         [{name, type, kind, size, digest?, inline?, stamp?, buffers?, target?, python?,
-                        members?, span?, part?}]
+    variables         [{name, type, kind, size, digest?, inline?, stamp?, stream?, buffers?, pieces?,
+                        target?, python?, members?, span?, part?}]
     skipped           [{name, type, reason}]
     cells?            [{execution_count, source, reads, binds, ok, seconds}]: the cells run, as the
                       kernel records them (to say which cell made a variable, and to run it again)
@@ -40,6 +40,13 @@ each other is of kind ``member`` with ``target`` naming the first.  Each has
 its own ``buffers`` (the stream takes them in member order), its ``span``
 ``[start, end]`` in the stream and ``part``, the digest of that slice (what a
 diff compares).  Schema 2 added groups; schema 1 manifests load unchanged.
+
+Chunks (schema 3, ``chunking.py``): a payload over 1 MiB is not one blob but
+``stream``, a list of ``{digest, size, stamp}`` chunks to concatenate (its
+``digest`` still names the whole pickle, which is checked after joining); a
+buffer over 512 KiB is several consecutive ``buffers`` entries, and
+``pieces`` says how many entries each buffer takes, in order (absent: one
+each).  Schema 2 manifests load unchanged.
 ``python`` (on a variable carried forward unloaded from an older checkpoint)
 is the version of the Python that pickled it, and wins over
 ``versions.python``: notebook code (bytecode) loads only on that minor version.
@@ -62,8 +69,8 @@ from typing import Any
 from . import signing
 from .errors import CorruptCheckpoint, IncompatibleCheckpoint, UntrustedCheckpoint
 
-SCHEMA_VERSION = 2
-#: The oldest schema this version still loads (1: 0.1 and 0.2, before groups).
+SCHEMA_VERSION = 3
+#: The oldest schema this version still loads (1: 0.1 and 0.2, before groups; 2: 0.3 and 0.4, before chunks).
 OLDEST_SCHEMA = 1
 MAGIC = b"durable-kernel-manifest\n"
 #: Manifests larger than this are refused unread: no honest one comes close.
@@ -134,10 +141,11 @@ def referenced_blobs(data: dict[str, Any]) -> set[str]:
     """Blob digests named by a manifest's JSON object."""
     found: set[str] = set()
     for var in data.get("variables", []):
-        if var.get("digest") and "inline" not in var:
+        if var.get("digest") and "inline" not in var and "stream" not in var:
             found.add(var["digest"])
-        for buf in var.get("buffers", []):
-            found.add(buf["digest"])
+        for key in ("stream", "buffers"):
+            for buf in var.get(key, []):
+                found.add(buf["digest"])
     return found
 
 
@@ -293,16 +301,16 @@ def _validate(data: dict[str, Any], where: str) -> None:
                 ok = ok and isinstance(var.get("inline", ""), str) and _stamp_ok(var.get("stamp"))
             else:
                 ok = isinstance(var.get("target"), str)
-            ok = ok and isinstance(var.get("buffers", []), list)
-            ok = ok and all(
-                isinstance(b, dict)
-                and isinstance(b.get("digest"), str)
-                and _DIGEST.match(b["digest"])
-                and isinstance(b.get("size"), int)
-                and b["size"] >= 0
-                and _stamp_ok(b.get("stamp"))
-                for b in var.get("buffers", [])
-            )
+            ok = ok and all(_blob_list_ok(var.get(key, [])) for key in ("buffers", "stream"))
+            if ok and "stream" in var:
+                ok = var["kind"] == "pickle" and "inline" not in var and "stamp" not in var and bool(var["stream"])
+            if ok and "pieces" in var:
+                pieces = var["pieces"]
+                ok = (
+                    isinstance(pieces, list)
+                    and all(type(p) is int and p > 0 for p in pieces)
+                    and sum(pieces) == len(var.get("buffers", []))
+                )
         elif ok:
             ok = isinstance(var.get("target"), str)
         if not ok:
@@ -335,6 +343,18 @@ def _validate_groups(variables: list[dict[str, Any]], where: str) -> None:
     for var in variables:
         if var["kind"] == "member" and var["name"] not in claimed:
             raise CorruptCheckpoint(f"{where}: {printable(var['name'])} belongs to no group")
+
+
+def _blob_list_ok(entries: Any) -> bool:
+    return isinstance(entries, list) and all(
+        isinstance(b, dict)
+        and isinstance(b.get("digest"), str)
+        and _DIGEST.match(b["digest"])
+        and isinstance(b.get("size"), int)
+        and b["size"] >= 0
+        and _stamp_ok(b.get("stamp"))
+        for b in entries
+    )
 
 
 def _stamp_ok(stamp: Any) -> bool:

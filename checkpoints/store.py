@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import equivalence, retention
+from . import chunking, equivalence, mapping, retention
 from . import manifest as manifest_format
-from .blobs import BlobReader, BlobWriter, digest, stamps_named_by
+from .blobs import BlobReader, BlobWriter, digest, digests, stamps_named_by
 from .errors import CheckpointError, CorruptCheckpoint, SaveError, UnsafeStore
-from .files import disk_usage, fsync_dir
+from .files import disk_usage
 from .folder import NotebookFolder
 from .manifest import Manifest, folder_name
-from .serialize import Loader, Skipped, Snapshot
+from .serialize import Loader, Skipped, Snapshot, Variable
 
 log = logging.getLogger(__name__)
 
@@ -173,58 +173,19 @@ class NotebookStore(NotebookFolder):
         skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
         before = {v.get("name"): v for v in previous.get("variables", [])} if previous is not None else {}
         compare = [COMPARE_MAX_BYTES]  # what is left to compare in this commit
-        for var in snap.variables:
-            if var.stored is not None:
-                carried = writing.carry(var.stored)
-                if carried is None:
+        clean = mapping.CleanChunks()
+        try:
+            for var in snap.variables:
+                entry = self._entry(var, writing, before, compare, clean)
+                if entry is None:
                     skipped.append({"name": var.name, "type": var.type, "reason": "its saved data is damaged"})
                 else:
-                    entries.append({**carried, "name": var.name})
-                continue
-            entry: dict[str, Any] = {"name": var.name, "type": var.type, "kind": var.kind, "size": var.size}
-            if var.kind not in ("pickle", "member"):
-                entry["target"] = var.target
-                entries.append(entry)
-                continue
-            if var.span is not None and var.part is not None:
-                # Saved together with others: its place in the group's stream, and a digest of
-                # its own part, so a diff can tell which member changed.
-                entry["span"] = list(var.span)
-                entry["part"] = digest(var.part)
-            buffer_digests = [digest(buf) for buf in var.buffers]
-            if var.kind == "member":
-                entry["target"] = var.target
-            else:
-                payload = var.payload
-                entry["digest"] = digest(payload)
-                if var.members:
-                    entry["members"] = var.members
-                else:
-                    kept_as = self._same_value_as_stored(
-                        before.get(var.name), payload, entry["digest"], buffer_digests, compare
-                    )
-                    if kept_as is not None:
-                        # The same value as stored, pickled differently in this process: keep the stored
-                        # bytes, so that the variable is not shown as changed nor written again.
-                        payload = kept_as
-                        entry["digest"] = digest(payload)
-                        entry["size"] = len(payload) + sum(b.nbytes for b in var.buffers)
-                if len(payload) <= INLINE_MAX_BYTES:
-                    entry["inline"] = base64.b64encode(payload).decode("ascii")
-                else:
-                    entry["stamp"] = writing.put(entry["digest"], payload, var.name)
-            if var.buffers:
-                entry["buffers"] = [
-                    {"digest": d, "size": buf.nbytes, "stamp": writing.put(d, buf, var.name)}
-                    for d, buf in zip(buffer_digests, var.buffers, strict=True)
-                ]
-            entries.append(entry)
+                    entries.append(entry)
+        finally:
+            clean.close()
         entries, broken = _whole_groups(entries)
         skipped += broken
-        for folder in writing.touched:
-            fsync_dir(folder)
-        if writing.touched:
-            fsync_dir(self.blobs_dir)
+        writing.make_durable()
 
         generation = (gens[0] + 1) if gens else 1
         newest = previous if gens and previous is not None and previous.get("generation") == gens[0] else None
@@ -271,6 +232,67 @@ class NotebookStore(NotebookFolder):
         self.damaged_digests -= writing.checked
         return CommitResult(Manifest(data), written, writing.blobs, 0.0, other, sorted(writing.repaired))
 
+    def _entry(
+        self,
+        var: Variable,
+        writing: BlobWriter,
+        before: dict[str, Any],
+        compare: list[int],
+        clean: mapping.CleanChunks,
+    ) -> dict[str, Any] | None:
+        """One variable's manifest entry, its blobs written; None if it is carried forward but its data is damaged."""
+        if var.stored is not None:
+            carried = writing.carry(var.stored)
+            return None if carried is None else {**carried, "name": var.name}
+        entry: dict[str, Any] = {"name": var.name, "type": var.type, "kind": var.kind, "size": var.size}
+        if var.kind not in ("pickle", "member"):
+            entry["target"] = var.target
+            return entry
+        if var.span is not None and var.part is not None:
+            # Saved together with others: its place in the group's stream, and a digest of
+            # its own part, so a diff can tell which member changed.
+            entry["span"] = list(var.span)
+            entry["part"] = digest(var.part)
+        # Large buffers are stored as chunks (chunking.py); a chunk whose pages are untouched
+        # since it was mapped from its blob (mapping.py) is not even read.
+        cuts = [chunking.buffer_cuts(buf.nbytes) for buf in var.buffers]
+        chunk_digests = [_chunk_digests(buf, c, clean) for buf, c in zip(var.buffers, cuts, strict=True)]
+        buffer_digests = [d for ds in chunk_digests for d in ds]
+        if var.kind == "member":
+            entry["target"] = var.target
+        else:
+            payload = var.payload
+            entry["digest"] = digest(payload)
+            if var.members:
+                entry["members"] = var.members
+            else:
+                kept_as = self._same_value_as_stored(
+                    before.get(var.name), payload, entry["digest"], buffer_digests, compare
+                )
+                if kept_as is not None:
+                    # The same value as stored, pickled differently in this process: keep the stored
+                    # bytes, so that the variable is not shown as changed nor written again.
+                    payload = kept_as
+                    entry["digest"] = digest(payload)
+                    entry["size"] = len(payload) + sum(b.nbytes for b in var.buffers)
+            if len(payload) <= INLINE_MAX_BYTES:
+                entry["inline"] = base64.b64encode(payload).decode("ascii")
+            elif len(payload) > chunking.STREAM_CHUNK_FROM:
+                stream = chunking.stream_cuts(payload)
+                view = memoryview(payload)
+                entry["stream"] = writing.put_chunks(view, stream, digests([view[a:b] for a, b in stream]), var.name)
+            else:
+                entry["stamp"] = writing.put(entry["digest"], payload, var.name)
+        if var.buffers:
+            entry["buffers"] = [
+                e
+                for buf, c, ds in zip(var.buffers, cuts, chunk_digests, strict=True)
+                for e in writing.put_chunks(buf, c, ds, var.name)
+            ]
+            if any(len(c) > 1 for c in cuts):
+                entry["pieces"] = [len(c) for c in cuts]
+        return entry
+
     def _same_value_as_stored(
         self,
         stored: dict[str, Any] | None,
@@ -312,6 +334,8 @@ class NotebookStore(NotebookFolder):
 
     def _stored_payload(self, entry: dict[str, Any]) -> bytes | None:
         """A kept checkpoint's pickle of one variable, checked against its digest; None if it is not at hand."""
+        if "stream" in entry:
+            return None  # larger than anything compared
         try:
             if "inline" in entry:
                 payload = base64.b64decode(entry["inline"], validate=True)
@@ -367,7 +391,7 @@ class NotebookStore(NotebookFolder):
             whole = {**var, "size": sum(by_name[m].get("size", 0) for m in members)} if len(members) > 1 else var
             try:
                 payload = reading.payload(whole)
-                buffers = [reading.buffer(b) for m in members for b in by_name[m].get("buffers", [])]
+                buffers = [buf for m in members for buf in reading.buffers(by_name[m])]
             except CorruptCheckpoint as exc:
                 # One stream: a damaged part costs every variable saved with it.
                 for m in members:
@@ -449,10 +473,24 @@ class NotebookStore(NotebookFolder):
                 with contextlib.suppress(CorruptCheckpoint):
                     reading.payload({**var, "size": sum(m.get("size", 0) for m in members)})
                     for member in members:
-                        for buf in member.get("buffers", []):
-                            reading.buffer(buf)
+                        reading.buffers(member)
                     found[name] = gen
         return found
+
+
+def _chunk_digests(buffer: Any, cuts: list[tuple[int, int]], clean: mapping.CleanChunks) -> list[str]:
+    """The digest of each chunk of ``buffer``: read from its mapping when untouched, else hashed."""
+    address = mapping.address_of(buffer) if len(cuts) > 1 else None
+    known = {}
+    if address is not None:
+        for start, end in cuts:
+            found = clean.digest_if_clean(address + start, end - start)
+            if found is not None:
+                known[start] = found
+    view = memoryview(buffer).cast("B")
+    todo = [(a, b) for a, b in cuts if a not in known]
+    known.update(zip((a for a, _ in todo), digests([view[a:b] for a, b in todo]), strict=True))
+    return [known[a] for a, _ in cuts]
 
 
 def _with_python(entry: dict[str, Any], version: Any) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest as manifest_format
-from .blobs import digest, file_digest
+from .blobs import blob_entries, digest, file_digest
 from .bucket import PARALLEL, Bucket, RemoteError
 from .errors import CheckpointError, CorruptCheckpoint, SaveError
 from .files import TMP_PREFIX, fsync_dir, make_private_dirs
@@ -473,9 +473,9 @@ def _declared_sizes(man: Manifest) -> dict[str, int]:
     stream has no bound of its own: it is absent)."""
     sizes: dict[str, int] = {}
     for var in man.variables:
-        for buf in var.get("buffers", []):
+        for buf in blob_entries(var):
             sizes[buf["digest"]] = max(sizes.get(buf["digest"], 0), int(buf["size"]))
-        if var.get("digest") and "members" not in var:
+        if var.get("digest") and "members" not in var and "stream" not in var:
             sizes[var["digest"]] = max(sizes.get(var["digest"], 0), int(var.get("size", 0)))
     return sizes
 
