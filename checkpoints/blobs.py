@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from . import mapping
+from . import chunking, mapping
 from .backend import NotARegularFile, NotOwned
 from .errors import CorruptCheckpoint
 from .files import READ_FLAGS, foreign, fsync_dir, make_private_dirs, sync_filesystem
@@ -298,7 +298,10 @@ class BlobReader:
                         f"expected {entry['size']} (truncated?)"
                     )
             try:
-                region = mapping.assemble([(fd, e["size"], e["digest"], info.st_ino) for fd, info, e in opened])
+                region = mapping.assemble(
+                    [(fd, e["size"], e["digest"], info.st_ino) for fd, info, e in opened],
+                    chunking.page_offset([e["size"] for e in entries]),
+                )
             except OSError as exc:
                 raise CorruptCheckpoint(
                     f"{self.where}: a buffer's chunks cannot be read: {exc.strerror or exc}"

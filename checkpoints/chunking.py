@@ -28,8 +28,11 @@ bigger manifests; 512 KiB keeps one changed element of a 1 GiB array under
 
 from __future__ import annotations
 
+import mmap
 import sys
 from typing import Any
+
+PAGE = mmap.PAGESIZE
 
 #: Out-of-band buffers larger than this are stored as fixed-size chunks of this size (a page multiple).
 BUFFER_CHUNK_BYTES = 512 * 1024
@@ -45,11 +48,26 @@ _MASK_EASY = (1 << 14) - 1
 _BLOCK = 4 << 20
 
 
-def buffer_cuts(nbytes: int) -> list[tuple[int, int]]:
-    """``(start, end)`` of each chunk of an out-of-band buffer of ``nbytes`` (one piece if it is small)."""
+def buffer_cuts(nbytes: int, address: int | None = None) -> list[tuple[int, int]]:
+    """``(start, end)`` of each chunk of an out-of-band buffer of ``nbytes`` (one piece if it is small).
+
+    With the buffer's ``address``, the chunks after the first start on page
+    boundaries of memory: a first piece shorter than a page (the "head", up to
+    the first page boundary) comes before them.  A restored buffer is placed at
+    the same offset in its page, so its chunks are cut the same way again, and
+    each chunk can be backed by its blob file (``mapping.py``).
+    """
     if nbytes <= BUFFER_CHUNK_BYTES:
         return [(0, nbytes)]
-    return [(start, min(start + BUFFER_CHUNK_BYTES, nbytes)) for start in range(0, nbytes, BUFFER_CHUNK_BYTES)]
+    head = (-address) % PAGE if address is not None else 0
+    cuts = [(0, head)] if head else []
+    cuts += [(start, min(start + BUFFER_CHUNK_BYTES, nbytes)) for start in range(head, nbytes, BUFFER_CHUNK_BYTES)]
+    return cuts
+
+
+def page_offset(sizes: list[int]) -> int:
+    """Where in its page a chunked buffer starts, from its pieces' sizes (see :func:`buffer_cuts`)."""
+    return (PAGE - sizes[0]) % PAGE if len(sizes) > 1 and sizes[0] < PAGE else 0
 
 
 def stream_cuts(data: Any) -> list[tuple[int, int]]:

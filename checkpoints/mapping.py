@@ -22,12 +22,17 @@ copy, no tracking, the same bytes.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import mmap
 import os
+import stat
+import time
 import weakref
 from typing import Any
+
+from .files import foreign
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ _MAP_BUDGET_SHARE = 0.25
 #: Mapped chunk start address -> (size, digest, inode of its blob): what a child checks and reuses.
 _mapped: dict[int, tuple[int, str, int]] = {}
 _maps_made = 0
+#: Regions made by :func:`assemble`: start -> end (this module's own memory, safe to map chunks into).
+_regions: dict[int, int] = {}
 
 
 def _load_libc() -> Any:
@@ -53,6 +60,8 @@ def _load_libc() -> Any:
             ctypes.c_int,
             ctypes.c_long,
         ]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         return libc
     except (OSError, AttributeError):
         return None
@@ -82,28 +91,25 @@ def address_of(buffer: Any) -> int | None:
     return address
 
 
-def assemble(pieces: list[tuple[int, int, str, int]]) -> Any:
+def assemble(pieces: list[tuple[int, int, str, int]], lead: int = 0) -> Any:
     """One writable buffer made of chunk files: ``pieces`` are ``(fd, size, digest, inode)`` in order.
 
-    Every size but the last must be a page multiple.  The caller keeps the fds
-    and closes them (a mapping outlives its fd).  Returns an mmap object.
+    The buffer starts ``lead`` bytes into its first page (``chunking.page_offset``),
+    so that every chunk that starts on a page boundary is mapped from its file;
+    the others (a head shorter than a page) are read.  The caller closes the fds
+    (a mapping outlives its fd).  Returns a writable buffer object.
     """
     global _maps_made
     total = sum(size for _, size, _, _ in pieces)
-    region = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region = mmap.mmap(-1, max(lead + total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = address_of(region)
-    mapped = (
-        _CAN_MAP
-        and base is not None
-        and _maps_made + len(pieces) <= _map_budget()
-        and all(size % PAGE == 0 for _, size, _, _ in pieces[:-1])
-    )
-    offset = 0
+    mapped = _CAN_MAP and base is not None and _maps_made + len(pieces) <= _map_budget()
+    offset = lead
     made: list[int] = []
-    for fd, size, digest_hex, inode in pieces:
-        if mapped and size:
-            assert base is not None
-            at = base + offset
+    for i, (fd, size, digest_hex, inode) in enumerate(pieces):
+        at = (base or 0) + offset
+        whole_pages = size % PAGE == 0 or i == len(pieces) - 1
+        if mapped and size and at % PAGE == 0 and whole_pages:
             got = _libc.mmap(at, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
             if got == at:
                 _mapped[at] = (size, digest_hex, inode)
@@ -118,15 +124,18 @@ def assemble(pieces: list[tuple[int, int, str, int]]) -> Any:
         offset += size
     if made:
         _maps_made += len(made)
-        weakref.finalize(region, _forget, made)
-    return region
+    if base is not None:
+        _regions[base] = base + lead + total
+    weakref.finalize(region, _forget, made, base)
+    return memoryview(region)[lead : lead + total] if lead else region
 
 
-def _forget(addresses: list[int]) -> None:
+def _forget(addresses: list[int], base: int | None) -> None:
     global _maps_made
     for at in addresses:
         _mapped.pop(at, None)
     _maps_made -= len(addresses)
+    _regions.pop(base or 0, None)
 
 
 def _read_into(region: Any, offset: int, fd: int, size: int) -> None:
@@ -199,3 +208,169 @@ def _file_vmas() -> dict[int, tuple[int, int]]:
 def tracked() -> int:
     """How many chunk maps this process holds (for tests and status)."""
     return len(_mapped)
+
+
+# --- adopting: a buffer computed in this process, backed by the chunks a checkpoint just wrote ----------
+
+#: glibc's chunk header flag for memory it got from mmap (and only ever gives back with munmap).
+_IS_MMAPPED = 0x2
+
+
+def adoptable(address: int | None, cuts: list[tuple[int, int]], chunk_digests: list[str]) -> list[Any]:
+    """What a checkpoint child reports of one buffer so that the kernel may back it by its chunk files:
+    ``[address, nbytes, [[chunk address, size, digest], ...]]`` for whole-page chunks not mapped
+    from their blob already; None when there is none (the kernel checks everything again)."""
+    if address is None or not _CAN_MAP or len(cuts) < 2:
+        return None
+    chunks = []
+    for (start, end), digest_hex in zip(cuts, chunk_digests, strict=True):
+        at, size = address + start, end - start
+        if at % PAGE or size % PAGE:
+            continue
+        mapped = _mapped.get(at)
+        if mapped is not None and mapped[:2] == (size, digest_hex):
+            continue
+        chunks.append([at, size, digest_hex])
+    return [address, cuts[-1][1], chunks] if chunks else None
+
+
+class Adopter:
+    """Replaces a buffer's anonymous pages by private maps of the chunk files holding the same bytes.
+
+    Run by the kernel on its main thread while no cell runs and no thread of
+    the user's is alive, so that nothing writes the memory between the
+    comparison and the mapping.  Each chunk is compared byte for byte with its
+    file first; only memory that ``malloc`` got from ``mmap`` for one
+    allocation (glibc's chunk header says so, and it only ever unmaps such
+    memory) or that :func:`assemble` made is touched, never the heap, a
+    file the user mapped, or read-only memory.  Afterwards a checkpoint
+    skips the chunks the user did not write (:class:`CleanChunks`), and the
+    clean pages are page cache the system can reclaim.
+    """
+
+    def __init__(self, blob_path: Any):
+        #: digest -> Path of its blob file
+        self.blob_path = blob_path
+        self._vmas: list[tuple[int, int, str, int, str]] = []
+        self._starts: list[int] = []
+
+    def adopt(self, buffers: list[Any], seconds: float) -> tuple[int, list[Any]]:
+        """Adopt chunks of ``buffers`` (as :func:`adoptable` reports them) for at most ``seconds``;
+        returns how many chunks were adopted, and what is left for another call."""
+        if not _CAN_MAP:
+            return 0, []
+        deadline = time.monotonic() + seconds
+        self._read_vmas()
+        budget = _map_budget() - len(self._vmas)
+        adopted = 0
+        left: list[Any] = []
+        for n, (address, nbytes, chunks) in enumerate(buffers):
+            if not self._owned(address, nbytes):
+                continue
+            for i, (at, size, digest_hex) in enumerate(chunks):
+                if time.monotonic() > deadline:
+                    left = [[address, nbytes, chunks[i:]], *buffers[n + 1 :]]
+                    return adopted, left
+                if adopted >= budget:
+                    return adopted, []
+                if self._plain(at, size) and self._adopt_chunk(at, size, digest_hex):
+                    adopted += 1
+        return adopted, left
+
+    def _read_vmas(self) -> None:
+        vmas = []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) < 5:
+                        continue
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    name = fields[5].strip() if len(fields) > 5 else ""
+                    vmas.append((start, end, fields[1], int(fields[4]), name))
+        except (OSError, ValueError):
+            vmas = []
+        self._vmas = vmas
+        self._starts = [v[0] for v in vmas]
+
+    def _covering(self, at: int, size: int) -> list[tuple[int, int, str, int, str]] | None:
+        """The memory areas covering ``[at, at + size)`` without a gap, or None."""
+        i = bisect.bisect_right(self._starts, at) - 1
+        found = []
+        end = at
+        while i < len(self._vmas) and end < at + size:
+            vma = self._vmas[i]
+            if vma[0] > end or vma[1] <= end:
+                return None
+            found.append(vma)
+            end = vma[1]
+            i += 1
+        return found if end >= at + size else None
+
+    def _owned(self, address: int, nbytes: int) -> bool:
+        """Is ``[address, address + nbytes)`` inside one mmap-ed malloc allocation, or a region of ours?"""
+        for start, end in _regions.items():
+            if start <= address and address + nbytes <= end:
+                return True
+        base = address - address % PAGE
+        if address - base != 16:  # not where malloc puts the memory of an mmap-ed chunk
+            return False
+        first = self._covering(base, PAGE)
+        if not first or not _anonymous(first[0]):
+            return False
+        # malloc's header sits right before the memory it hands out: [prev_size, size | flags];
+        # glibc's own test for "got from mmap" is the flag (heap chunks never have it).
+        header = ctypes.c_uint64.from_address(base + 8).value
+        return bool(header & _IS_MMAPPED) and base + (header & ~7) >= address + nbytes
+
+    def _plain(self, at: int, size: int) -> bool:
+        """Is the chunk's memory private, writable, and anonymous or one of our chunk maps?"""
+        covering = self._covering(at, size)
+        return bool(covering) and all(
+            _anonymous(vma) or (vma[2] == "rw-p" and _mapped.get(vma[0], (0, "", -1))[2] == vma[3])
+            for vma in covering or []
+        )
+
+    def _adopt_chunk(self, at: int, size: int, digest_hex: str) -> bool:
+        try:
+            fd = os.open(self.blob_path(digest_hex), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size or foreign(info):
+                return False
+            view = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+            if view in (None, ctypes.c_void_p(-1).value):
+                return False
+            try:
+                if _libc.memcmp(at, view, size) != 0:
+                    return False  # written since the checkpoint: the next one will say
+            finally:
+                _libc.munmap(view, size)
+            got = _libc.mmap(at, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+            if got != at:
+                _refill(at, size, fd)
+                return False
+        finally:
+            os.close(fd)
+        global _maps_made
+        if at not in _mapped:
+            _maps_made += 1
+        _mapped[at] = (size, digest_hex, info.st_ino)
+        return True
+
+
+def _anonymous(vma: tuple[int, int, str, int, str]) -> bool:
+    return vma[2] == "rw-p" and vma[3] == 0 and vma[4] == ""
+
+
+def _refill(at: int, size: int, fd: int) -> None:
+    """A failed ``MAP_FIXED`` may have unmapped the range (old kernels): put the same bytes back."""
+    log.error("mapping a chunk over its memory failed (errno %s); restoring it from the file", ctypes.get_errno())
+    got = _libc.mmap(
+        at, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0
+    )
+    if got == at:
+        view = (ctypes.c_char * size).from_address(at)
+        os.preadv(fd, [memoryview(view).cast("B")], 0)

@@ -59,6 +59,8 @@ class CommitResult:
     repaired: list[str] = field(default_factory=list)
     #: True if this kernel had already committed a newer state: nothing was written
     superseded: bool = False
+    #: chunks this process may back by their blob files (``mapping.adoptable``, one item per buffer)
+    adoptable: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -174,9 +176,10 @@ class NotebookStore(NotebookFolder):
         before = {v.get("name"): v for v in previous.get("variables", [])} if previous is not None else {}
         compare = [COMPARE_MAX_BYTES]  # what is left to compare in this commit
         clean = mapping.CleanChunks()
+        adoptable: list[Any] = []
         try:
             for var in snap.variables:
-                entry = self._entry(var, writing, before, compare, clean)
+                entry = self._entry(var, writing, before, compare, clean, adoptable)
                 if entry is None:
                     skipped.append({"name": var.name, "type": var.type, "reason": "its saved data is damaged"})
                 else:
@@ -230,7 +233,9 @@ class NotebookStore(NotebookFolder):
         if not isinstance(other, dict) or not other or other.get("id") == writer.get("id"):
             other = None
         self.damaged_digests -= writing.checked
-        return CommitResult(Manifest(data), written, writing.blobs, 0.0, other, sorted(writing.repaired))
+        return CommitResult(
+            Manifest(data), written, writing.blobs, 0.0, other, sorted(writing.repaired), adoptable=adoptable
+        )
 
     def _entry(
         self,
@@ -239,6 +244,7 @@ class NotebookStore(NotebookFolder):
         before: dict[str, Any],
         compare: list[int],
         clean: mapping.CleanChunks,
+        adoptable: list[Any],
     ) -> dict[str, Any] | None:
         """One variable's manifest entry, its blobs written; None if it is carried forward but its data is damaged."""
         if var.stored is not None:
@@ -255,7 +261,7 @@ class NotebookStore(NotebookFolder):
             entry["part"] = digest(var.part)
         # Large buffers are stored as chunks (chunking.py); a chunk whose pages are untouched
         # since it was mapped from its blob (mapping.py) is not even read.
-        cuts = [chunking.buffer_cuts(buf.nbytes) for buf in var.buffers]
+        cuts = [chunking.buffer_cuts(buf.nbytes, mapping.address_of(buf)) for buf in var.buffers]
         chunk_digests = [_chunk_digests(buf, c, clean) for buf, c in zip(var.buffers, cuts, strict=True)]
         buffer_digests = [d for ds in chunk_digests for d in ds]
         if var.kind == "member":
@@ -291,6 +297,10 @@ class NotebookStore(NotebookFolder):
             ]
             if any(len(c) > 1 for c in cuts):
                 entry["pieces"] = [len(c) for c in cuts]
+            for buf, c, ds in zip(var.buffers, cuts, chunk_digests, strict=True):
+                report = mapping.adoptable(mapping.address_of(buf), c, ds)
+                if report is not None:
+                    adoptable.append(report)
         return entry
 
     def _same_value_as_stored(

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
 from . import __version__, humanize, identity, recompute, remote
+from .adoption import Adoption
 from .notices import PREFIX, Notices
 from .outcome import CheckpointOutcome
 from .recompute import CellHistory, record_cell
@@ -150,6 +152,14 @@ class DurableKernel(IPythonKernel):
         "(about half the kernel's size). With less free memory (container limits count), checkpoints are "
         "saved in the foreground, skipping what does not fit.",
     )
+    map_arrays = Bool(
+        True,
+        config=True,
+        help="After a checkpoint, back large arrays (numpy buffers over 512 KiB that malloc got from mmap) by "
+        "the chunk files it wrote: private copy-on-write maps holding the same bytes, compared byte for byte "
+        "first. The next checkpoint then reads only the chunks written since, and clean pages are page cache "
+        "the system can reclaim. Done between cells, never while a thread of yours is alive. Linux only.",
+    )
     checkpoint_timeout = Float(
         300.0,
         config=True,
@@ -197,6 +207,8 @@ class DurableKernel(IPythonKernel):
         self._saver: Saver | None = None
         #: the process that uploads checkpoints, with a bucket as the store
         self.uploads: remote.Uploads | None = None
+        #: backs arrays by the chunk files checkpoints wrote (``map_arrays``)
+        self.adoption: Adoption | None = None
         #: why checkpoints are off for this kernel ("" while they work)
         self.off_reason = ""
         self._key_warnings: list[str] = []
@@ -245,6 +257,8 @@ class DurableKernel(IPythonKernel):
             timeout=self.checkpoint_timeout or None,
             fork_margin=self.fork_memory_margin,
         )
+        if self.map_arrays and self.background:
+            self.adoption = Adoption(self._run_on_main_thread)
         if self.restore == "auto":
             self._restore()
         else:
@@ -705,6 +719,11 @@ class DurableKernel(IPythonKernel):
             self.log.exception("checkpoint failed")
             self._note_failure(f"{type(exc).__name__}: {exc}")
 
+    def _run_on_main_thread(self, fn: Callable[[], None], delay: float) -> None:
+        """Run ``fn`` on the kernel's main loop, between cells, after ``delay`` seconds (from any thread)."""
+        loop = self.io_loop
+        loop.add_callback(lambda: loop.call_later(delay, fn))
+
     def _on_outcome(self, outcome: CheckpointOutcome) -> None:
         """Turn a checkpoint's outcome into what the user is told (at their next cell)."""
         if outcome.superseded:
@@ -731,6 +750,8 @@ class DurableKernel(IPythonKernel):
             self._last_error = ""
         if self.uploads is not None and self.notebook is not None:
             self.uploads.request(self.notebook)
+        if self.adoption is not None and self.notebook is not None:
+            self.adoption.offer(outcome.adoptable, self.notebook.blob_path)
         for name in outcome.repaired:
             self.notices.once(
                 f"repaired {name}", f"the saved copy of {name} was damaged on disk; it has been saved again."

@@ -41,6 +41,8 @@ class CheckpointOutcome:
     out_of_memory: bool = False
     #: which of the kernel's checkpoint requests this is (0: unknown)
     seq: int = 0
+    #: chunks the kernel may back by the files just written (``checkpoints.mapping.Adopter``)
+    adoptable: list[Any] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         """JSON of bounded size: a namespace of 100,000 unsaveable objects must not make a huge message."""

@@ -98,6 +98,7 @@ class SaveRequest:
             repaired=done.repaired,
             other_writer=done.other_writer,
             seq=self.writer.get("seq", 0),
+            adoptable=done.adoptable,
         )
 
 

@@ -1,0 +1,94 @@
+"""After a checkpoint, back the user's large arrays by the chunk files it wrote (``checkpoints.mapping.Adopter``).
+
+Why: a buffer backed by its chunk files tells the next checkpoint which chunks
+the user wrote (the others are not even read, so a trivial cell's checkpoint
+of a 4 GiB array takes milliseconds instead of hashing 4 GiB), and its clean
+pages are page cache the system can reclaim rather than anonymous memory.
+
+When: a checkpoint child reports the chunks it wrote (from any thread); the
+kernel adopts them on its main thread, between cells, a few milliseconds at a
+time so that a cell sent meanwhile waits at most that long.  Never while a
+thread the kernel did not start is alive (a user's thread, a subshell): it
+could write the memory between the byte-for-byte comparison and the mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from durable_kernel.checkpoints.mapping import Adopter
+
+log = logging.getLogger(__name__)
+
+#: Seconds of one step on the main thread (a cell sent meanwhile waits this long at most).
+STEP_SECONDS = 0.005
+#: Seconds between tries while a user's thread is alive.
+RETRY_SECONDS = 5.0
+
+
+class Adoption:
+    """Pending chunks to adopt, and the steps that adopt them on the kernel's main loop."""
+
+    def __init__(self, schedule: Callable[[Callable[[], None], float], None]):
+        #: ``schedule(fn, delay)``: run ``fn`` on the main thread's loop after ``delay`` seconds (thread-safe)
+        self._schedule = schedule
+        self._own_threads = set(threading.enumerate())
+        self._lock = threading.Lock()
+        self._pending: list[Any] = []
+        self._blob_path: Callable[[str], Path] | None = None
+        self._scheduled = False
+        self.adopted = 0
+
+    def offer(self, buffers: list[Any], blob_path: Callable[[str], Path]) -> None:
+        """Chunks a checkpoint just wrote (any thread): they replace what an older one offered."""
+        if not buffers:
+            return
+        with self._lock:
+            self._pending = buffers
+            self._blob_path = blob_path
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._schedule(self.step, 0.0)
+
+    def step(self) -> None:
+        """Adopt for a few milliseconds (main thread, between cells), then schedule the rest."""
+        with self._lock:
+            pending, blob_path = self._pending, self._blob_path
+            self._pending = []
+        if not pending or blob_path is None:
+            with self._lock:
+                self._scheduled = False
+            return
+        foreign = self._foreign_threads()
+        if foreign:
+            log.debug("not backing arrays by their checkpoint files while threads %s run", foreign)
+            self._again(pending, RETRY_SECONDS)
+            return
+        try:
+            done, left = Adopter(blob_path).adopt(pending, STEP_SECONDS)
+        except Exception:  # an aid to later checkpoints: never a reason to disturb the user
+            log.exception("backing arrays by their checkpoint files failed")
+            done, left = 0, []
+        self.adopted += done
+        self._again(left, 0.0)
+
+    def _again(self, left: list[Any], delay: float) -> None:
+        with self._lock:
+            if not self._pending:  # a newer offer replaces what is left
+                self._pending = left
+            if not self._pending:
+                self._scheduled = False
+                return
+        self._schedule(self.step, delay)
+
+    def _foreign_threads(self) -> list[str]:
+        return [
+            t.name
+            for t in threading.enumerate()
+            if t not in self._own_threads and not t.name.startswith("durable-") and t.is_alive()
+        ]
