@@ -125,6 +125,8 @@ class BlobWriter:
         self.touched: set[Path] = set()
         self.written = 0
         self.blobs = 0
+        #: bytes of buffers hashed for this commit (the store counts them)
+        self.hashed = 0
         #: digests whose stored bytes were read back and checked
         self.checked: set[str] = set()
         #: names whose stored copy was damaged and has been written again

@@ -216,7 +216,7 @@ def tracked() -> int:
 _IS_MMAPPED = 0x2
 
 
-def adoptable(address: int | None, cuts: list[tuple[int, int]], chunk_digests: list[str]) -> list[Any]:
+def adoptable(address: int | None, cuts: list[tuple[int, int]], chunk_digests: list[str]) -> list[Any] | None:
     """What a checkpoint child reports of one buffer so that the kernel may back it by its chunk files:
     ``[address, nbytes, [[chunk address, size, digest], ...]]`` for whole-page chunks not mapped
     from their blob already; None when there is none (the kernel checks everything again)."""

@@ -61,6 +61,8 @@ class CommitResult:
     superseded: bool = False
     #: chunks this process may back by their blob files (``mapping.adoptable``, one item per buffer)
     adoptable: list[Any] = field(default_factory=list)
+    #: bytes of out-of-band buffers read and hashed (chunks known unchanged are not)
+    bytes_hashed: int = 0
 
 
 @dataclass
@@ -234,7 +236,14 @@ class NotebookStore(NotebookFolder):
             other = None
         self.damaged_digests -= writing.checked
         return CommitResult(
-            Manifest(data), written, writing.blobs, 0.0, other, sorted(writing.repaired), adoptable=adoptable
+            Manifest(data),
+            written,
+            writing.blobs,
+            0.0,
+            other,
+            sorted(writing.repaired),
+            adoptable=adoptable,
+            bytes_hashed=writing.hashed,
         )
 
     def _entry(
@@ -262,7 +271,7 @@ class NotebookStore(NotebookFolder):
         # Large buffers are stored as chunks (chunking.py); a chunk whose pages are untouched
         # since it was mapped from its blob (mapping.py) is not even read.
         cuts = [chunking.buffer_cuts(buf.nbytes, mapping.address_of(buf)) for buf in var.buffers]
-        chunk_digests = [_chunk_digests(buf, c, clean) for buf, c in zip(var.buffers, cuts, strict=True)]
+        chunk_digests = [_chunk_digests(buf, c, clean, writing) for buf, c in zip(var.buffers, cuts, strict=True)]
         buffer_digests = [d for ds in chunk_digests for d in ds]
         if var.kind == "member":
             entry["target"] = var.target
@@ -488,7 +497,9 @@ class NotebookStore(NotebookFolder):
         return found
 
 
-def _chunk_digests(buffer: Any, cuts: list[tuple[int, int]], clean: mapping.CleanChunks) -> list[str]:
+def _chunk_digests(
+    buffer: Any, cuts: list[tuple[int, int]], clean: mapping.CleanChunks, writing: BlobWriter
+) -> list[str]:
     """The digest of each chunk of ``buffer``: read from its mapping when untouched, else hashed."""
     address = mapping.address_of(buffer) if len(cuts) > 1 else None
     known = {}
@@ -499,6 +510,7 @@ def _chunk_digests(buffer: Any, cuts: list[tuple[int, int]], clean: mapping.Clea
                 known[start] = found
     view = memoryview(buffer).cast("B")
     todo = [(a, b) for a, b in cuts if a not in known]
+    writing.hashed += sum(b - a for a, b in todo)
     known.update(zip((a for a, _ in todo), digests([view[a:b] for a, b in todo]), strict=True))
     return [known[a] for a, _ in cuts]
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds of one step on the main thread (a cell sent meanwhile waits this long at most).
 STEP_SECONDS = 0.005
+#: Where the threads ipykernel, IPython and this package start come from.
+_KERNEL_MODULES = ("ipykernel.", "IPython.", "durable_kernel.", "jupyter_client.")
 #: Seconds between tries while a user's thread is alive.
 RETRY_SECONDS = 5.0
 
@@ -42,6 +44,11 @@ class Adoption:
         self._blob_path: Callable[[str], Path] | None = None
         self._scheduled = False
         self.adopted = 0
+
+    @property
+    def busy(self) -> bool:
+        """True while chunks wait to be adopted."""
+        return self._scheduled
 
     def offer(self, buffers: list[Any], blob_path: Callable[[str], Path]) -> None:
         """Chunks a checkpoint just wrote (any thread): they replace what an older one offered."""
@@ -87,8 +94,16 @@ class Adoption:
         self._schedule(self.step, delay)
 
     def _foreign_threads(self) -> list[str]:
-        return [
-            t.name
-            for t in threading.enumerate()
-            if t not in self._own_threads and not t.name.startswith("durable-") and t.is_alive()
-        ]
+        return [t.name for t in threading.enumerate() if t.is_alive() and not self._kernels(t)]
+
+    def _kernels(self, thread: threading.Thread) -> bool:
+        """Is this one of the kernel's own threads (which never write the user's arrays)?"""
+        if type(thread).__name__ == "SubshellThread":
+            return False  # runs the user's cells
+        if thread in self._own_threads:
+            return True
+        if type(thread) is threading.Thread:
+            module = getattr(getattr(thread, "_target", None), "__module__", None) or ""
+        else:
+            module = type(thread).__module__
+        return module.startswith(_KERNEL_MODULES)

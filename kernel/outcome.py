@@ -43,6 +43,8 @@ class CheckpointOutcome:
     seq: int = 0
     #: chunks the kernel may back by the files just written (``checkpoints.mapping.Adopter``)
     adoptable: list[Any] = field(default_factory=list)
+    #: bytes of large buffers read and hashed (chunks known unchanged are not)
+    bytes_hashed: int = 0
 
     def to_json(self) -> bytes:
         """JSON of bounded size: a namespace of 100,000 unsaveable objects must not make a huge message."""

@@ -99,6 +99,7 @@ class SaveRequest:
             other_writer=done.other_writer,
             seq=self.writer.get("seq", 0),
             adoptable=done.adoptable,
+            bytes_hashed=done.bytes_hashed,
         )
 
 

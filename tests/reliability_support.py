@@ -148,7 +148,7 @@ def damaged_blobs(root: Path) -> list[Path]:
 #: so a checkpoint takes long enough (tens of ms) for kills to land inside it.
 STORM_BIG = 1_000_000
 STORM_SLOW = 1_000_000
-STORM_ROWS = 20_000
+STORM_ROWS = 60_000  # a pickle over 1 MiB: stored as content-defined chunks
 STORM_NAMES = sorted(["np", "tag", "big", "slow", "rows", "alias", "meta"])
 
 #: Checks a namespace against the state cell ``tag`` produces; shared verbatim by the
@@ -176,6 +176,10 @@ def state_problems(ns, t):
         problems.append("alias is not rows (sharing lost)")
     if ns.get("meta") != {{"tag": t, "text": "%d;" % t * 5000}}:
         problems.append("meta is not from cell %d" % t)
+    kept = ns.get("kept")
+    if not (isinstance(kept, _np.ndarray) and kept.shape == ({STORM_BIG},)
+            and _np.flatnonzero(kept).tolist() == ([(t % 16) * 50_000 + t] if t else []) and kept.max() == t):
+        problems.append("kept is not from cell %d" % t)
     if getattr(ns.get("np"), "__name__", None) != "numpy":
         problems.append("np is not numpy")
     return problems
@@ -212,6 +216,10 @@ def storm_cell(tag: int) -> str:
         f"rows = [(tag, i, 'r%d' % i) for i in range({STORM_ROWS})]\n"
         "alias = rows\n"
         "meta = {'tag': tag, 'text': '%d;' % tag * 5000}\n"
+        # Changed in place, a few pages at a time: what dirty-page tracking must see.
+        f"kept = np.zeros({STORM_BIG}) if 'kept' not in globals() else kept\n"
+        "kept[kept != 0] = 0\n"
+        "kept[(tag % 16) * 50_000 + tag] = tag\n"
     )
 
 

@@ -63,10 +63,20 @@ def states() -> dict[int, dict]:
     """What each generation of the template store holds."""
     arr = np.arange(10_000, dtype=np.float64)  # 80 kB: an out-of-band buffer blob
     big = list(range(20_000))  # a pickle blob
+    wide = np.arange(200_000, dtype=np.float64)  # 1.6 MB: a buffer in 512 KiB chunks
+    long = [str(i) for i in range(200_000)]  # a pickle over 1 MiB: content-defined chunks
     return {
         1: {"x": 1, "s": "short"},  # inline only
-        2: {"x": 2, "big": big, "same": big, "arr": arr, "np": np},  # blob, alias, buffer, module
-        3: {"x": 3, "big": list(range(20_001)), "arr": arr, "f": lambda v: v + 1},  # dedup'd buffer, dill
+        2: {"x": 2, "big": big, "same": big, "arr": arr, "np": np, "wide": wide},  # blob, alias, buffer, module
+        # dedup'd buffer, dill, chunks shared with generation 2 and one changed
+        3: {
+            "x": 3,
+            "big": list(range(20_001)),
+            "arr": arr,
+            "f": lambda v: v + 1,
+            "wide": wide + (wide == 7),
+            "long": long,
+        },
     }
 
 
