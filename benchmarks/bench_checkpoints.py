@@ -117,6 +117,15 @@ def build_shared() -> types.ModuleType:
     return mod
 
 
+#: cells timed right after a fresh allocation (where a new user once saw +9-12 ms at 2 GiB)
+FRESH_CELLS = 10
+
+
+def fresh_code(gib: float) -> str:
+    """A new array of a quarter of the workload's size, computed in one cell."""
+    return f"fresh = np.random.default_rng(1).random({int(gib * GIB / 4 / 8)})"
+
+
 # --- helpers --------------------------------------------------------------------
 
 
@@ -187,14 +196,18 @@ class MemPoller:
     after it.
     """
 
-    def __init__(self, pid: int, period: float = 0.01):
-        self.pid, self.period = pid, period
-        self.base = anon_pss_kib(pid) or 0  # KiB, before the checkpoint
+    def __init__(self, pid: int, period: float = 0.01, field: str = "Pss_Anon"):
+        self.pid, self.period, self.field = pid, period, field
+        self.base = self._pss(pid) or 0  # KiB, before the checkpoint
         self.extra_max = 0  # KiB
         self.child_dirty_max = 0  # KiB, Private_Dirty of the child (its copies and allocations)
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _pss(self, pid: int) -> int | None:
+        info = smaps_kib(pid)
+        return None if info is None else info.get(self.field, info.get("Pss", 0))
 
     def __enter__(self) -> MemPoller:
         self._thread.start()
@@ -209,10 +222,10 @@ class MemPoller:
             kids = children(self.pid)
             if kids:
                 child = [smaps_kib(k) for k in kids]
-                parent = anon_pss_kib(self.pid)
+                parent = self._pss(self.pid)
                 if children(self.pid) == kids and None not in child and parent is not None:
                     self.samples += 1
-                    child_pss = sum(c.get("Pss_Anon", c.get("Pss", 0)) for c in child)  # type: ignore[union-attr]
+                    child_pss = sum(c.get(self.field, c.get("Pss", 0)) for c in child)  # type: ignore[union-attr]
                     self.extra_max = max(self.extra_max, parent + child_pss - self.base)
                     dirty = sum(c.get("Private_Dirty", 0) for c in child)  # type: ignore[union-attr]
                     self.child_dirty_max = max(self.child_dirty_max, dirty)
@@ -382,6 +395,8 @@ def stock_phase(gib: float, args: argparse.Namespace, tmp: Path) -> dict[str, An
         time_cells(k, 5, k.quiesce)
         r["lat_paced_ms"] = [t * 1e3 for t in time_cells(k, args.cells, k.quiesce)]
         r["lat_b2b_ms"] = [t * 1e3 for t in time_cells(k, args.cells, None)]
+        k.run(fresh_code(gib))
+        r["lat_fresh_ms"] = [t * 1e3 for t in time_cells(k, FRESH_CELLS, k.quiesce)]
     finally:
         k.shutdown()
     return r
@@ -405,10 +420,51 @@ def checkpoint_files(store_root: Path, jupyter_data: Path) -> tuple[list[Path], 
     return files, sum(p.stat().st_size for p in files)
 
 
+def wait_adopted(k: BenchKernel, limit: float = 600.0) -> float:
+    """Seconds until the kernel has backed its arrays by their chunk files (it does so between cells)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        if not k.evaluate(busy="get_ipython().kernel.adoption.busy")["busy"]:
+            break
+        time.sleep(0.05)
+    return time.perf_counter() - started
+
+
+def changes_in_place(k: BenchKernel, r: dict[str, Any]) -> None:
+    """Issue 14: what a checkpoint costs after a change inside a large variable, and memory while the user
+    writes a large array during a checkpoint; then per-cell latency right after a fresh allocation."""
+    r["adopt_wait_s"] = wait_adopted(k)
+    k.run("x = 2")
+    r["trivial_ckpt"] = k.wait_checkpoint()
+    k.run("arr[len(arr) // 2] = 1.0")
+    r["arr_elem_ckpt"] = k.wait_checkpoint()
+    k.run("df.iloc[len(df) // 2, 0] = 1.0")
+    r["df_cell_ckpt"] = k.wait_checkpoint()
+    wait_adopted(k)
+    # A trivial cell's checkpoint, while the next cell writes the whole array.
+    with MemPoller(k.pid, period=0.005, field="Pss") as during_trivial:
+        k.run("small = 4")
+        k.run("arr += 1.0")
+        k.wait_checkpoint()
+    # The checkpoint that reads the whole array again, while the next cell writes it once more.
+    with MemPoller(k.pid, period=0.005, field="Pss") as during_full:
+        k.run("arr += 1.0")
+        k.run("arr += 1.0")
+        r["arr_full_ckpt"] = k.wait_checkpoint()
+    r["mem_mutate_kib"] = (during_trivial.extra_max, during_trivial.child_dirty_max, during_trivial.samples)
+    r["mem_mutate_full_kib"] = (during_full.extra_max, during_full.child_dirty_max, during_full.samples)
+    wait_adopted(k)
+    k.run(fresh_code(r["gib"]))
+    r["lat_fresh_ms"] = [t * 1e3 for t in time_cells(k, FRESH_CELLS, k.wait_checkpoint)]
+    r["fresh_ckpt"] = k.wait_checkpoint()
+    k.run("del fresh")
+    k.wait_checkpoint()
+
+
 def durable_phase(gib: float, args: argparse.Namespace, tmp: Path, cold_method: str) -> dict[str, Any]:
     from durable_kernel.checkpoints import disk_usage, folder_name
 
-    r: dict[str, Any] = {}
+    r: dict[str, Any] = {"gib": gib}
     env = kernel_env(tmp, True)
     store_root = tmp / "store"
     nb_dir = store_root / folder_name(SESSION)
@@ -441,6 +497,7 @@ def durable_phase(gib: float, args: argparse.Namespace, tmp: Path, cold_method: 
         r["steady_ckpt"] = k.wait_checkpoint()
         r["lat_b2b_ms"] = [t * 1e3 for t in time_cells(k, args.cells, None)]
         k.wait_checkpoint()
+        changes_in_place(k, r)
 
         # 2. write amplification: one small variable changes
         before = disk_usage(nb_dir)
@@ -487,6 +544,80 @@ def durable_phase(gib: float, args: argparse.Namespace, tmp: Path, cold_method: 
         r["restore_cold_s"] = k.start_to_first_result
         k.shutdown()
     return r
+
+
+# --- changes inside large variables (issue 14) ----------------------------------------
+
+CHANGES_SETUP = """\
+import numpy as np
+import pandas as pd
+_rng = np.random.default_rng(0)
+big = _rng.random(1 << 27)
+frame = pd.DataFrame({c: _rng.random(1 << 25) for c in "abcd"})
+dicts = [{"id": i, "name": f"user{i}", "score": i * 0.5} for i in range(2_000_000)]
+strings = [f"line {i} of a long text" for i in range(1_000_000)]
+small = 0
+del _rng
+"""
+#: (what changes, the cell, the variable, target bytes written)
+CHANGES = [
+    ("one element of a 1 GiB array", "big[len(big) // 2] = -1.0", "big", MIB),
+    ("one field of one dict among 2M dicts", "dicts[1_000_000]['score'] = -1.0", "dicts", 256 * 1024),
+    ("one string appended to 1M strings", "strings.append('one more line')", "strings", 256 * 1024),
+    ("one cell of a 1 GiB DataFrame", "frame.iloc[len(frame) // 2, 0] = -1.0", "frame", MIB),
+    ("a new small variable", "small = 1", "small", MIB),
+]
+
+
+def changes_phase(tmp: Path) -> dict[str, Any]:
+    """Bytes written after one small change inside each kind of large variable, against its stored size."""
+    from durable_kernel.checkpoints.location import open_store
+
+    env = kernel_env(tmp, True)
+    k = BenchKernel("durable-python3", env, tmp / "changes.log")
+    out: dict[str, Any] = {"rows": []}
+    try:
+        k.run(CHANGES_SETUP)
+        out["first"] = k.wait_checkpoint()
+        wait_adopted(k)
+        nb = open_store(environ=env).notebook(SESSION)
+        for what, cell, name, target in CHANGES:
+            k.run(cell)
+            done = k.wait_checkpoint()
+            man = nb.read_manifest(nb.checkpoint_ids()[0])
+            size = next((v.get("size", 0) for v in man.variables if v["name"] == name), 0)
+            out["rows"].append(
+                {
+                    "what": what,
+                    "cell": cell,
+                    "written": done["bytes_written"],
+                    "hashed": done.get("bytes_hashed", 0),
+                    "wall": done["wall_seconds"],
+                    "variable": size,
+                    "target": target,
+                }
+            )
+            print(f"    {what}: {fmt_bytes(done['bytes_written'])} written (variable: {fmt_bytes(size)})", flush=True)
+            wait_adopted(k)
+    finally:
+        k.shutdown()
+    return out
+
+
+def changes_table(c: dict[str, Any]) -> str:
+    lines = [
+        "| cell (1 GiB-scale variables in one kernel) | bytes written | buffers hashed | fork → committed "
+        "| the variable, stored | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in c["rows"]:
+        ok = row["written"] <= row["target"]
+        lines.append(
+            f"| `{row['cell']}` ({row['what']}) | **{fmt_bytes(row['written'])}** | {fmt_bytes(row['hashed'])} "
+            f"| {row['wall']:.2f} s | {fmt_bytes(row['variable'])} | ≤ {fmt_bytes(row['target'])}: "
+            f"**{'met' if ok else 'NOT met'}** |"
+        )
+    return "\n".join(lines)
 
 
 # --- object storage (issue 13) -------------------------------------------------------
@@ -810,6 +941,20 @@ def summarize(size_results: dict[float, dict[str, Any]]) -> dict[float, dict[str
         m["inproc_steady"] = p["steady_ckpt_s"]
         m["inproc_steady_snapshot"] = p["steady_snapshot_s"]
         m["load"] = (res["load_before"], res["load_after"])
+        # issue 14
+        m["adopt_wait"] = d["adopt_wait_s"]
+        for key, ckpt in (("trivial", "trivial_ckpt"), ("elem", "arr_elem_ckpt"), ("dfcell", "df_cell_ckpt")):
+            m[f"{key}_wall"] = d[ckpt]["wall_seconds"]
+            m[f"{key}_commit"] = d[ckpt]["seconds"]
+            m[f"{key}_written"] = d[ckpt]["bytes_written"]
+            m[f"{key}_hashed"] = d[ckpt].get("bytes_hashed", 0)
+        m["full_rewrite_wall"] = d["arr_full_ckpt"]["wall_seconds"]
+        m["mem_mut"] = d["mem_mutate_kib"][0] * 1024
+        m["mem_mut_full"] = d["mem_mutate_full_kib"][0] * 1024
+        m["mem_mut_ratio"] = max(m["mem_mut"], m["mem_mut_full"]) / m["ns_bytes"]
+        m["fresh_stock"] = median(s["lat_fresh_ms"])
+        m["fresh_durable"] = median(d["lat_fresh_ms"])
+        m["fresh_added"] = m["fresh_durable"] - m["fresh_stock"]
         out[gib] = m
     return out
 
@@ -929,6 +1074,87 @@ def table(summary: dict[float, dict[str, Any]], cells: int) -> str:
     for label, fn in rows:
         lines.append(f"| {label} | " + " | ".join(fn(summary[s]) for s in sizes) + " |")
     return "\n".join(lines)
+
+
+def changes_by_size_table(summary: dict[float, dict[str, Any]]) -> str:
+    """Issue 14, per workload size: work and memory in proportion to the change."""
+    sizes = list(summary)
+    rows: list[tuple[str, Any]] = [
+        ("arrays backed by their chunk files after the first checkpoint (between cells)", "adopt_wait", "{:.1f} s"),
+        (
+            "trivial cell: fork → committed (commit alone)",
+            None,
+            lambda m: f"{m['trivial_wall']:.3f} s ({m['trivial_commit']:.3f} s)",
+        ),
+        (
+            "trivial cell: buffers hashed / bytes written",
+            None,
+            lambda m: f"{fmt_bytes(m['trivial_hashed'])} / {fmt_bytes(m['trivial_written'])}",
+        ),
+        (
+            "`arr[len(arr) // 2] = 1.0`: fork → committed (commit alone)",
+            None,
+            lambda m: f"{m['elem_wall']:.3f} s ({m['elem_commit']:.3f} s)",
+        ),
+        (
+            "`arr[len(arr) // 2] = 1.0`: buffers hashed / bytes written",
+            None,
+            lambda m: f"{fmt_bytes(m['elem_hashed'])} / {fmt_bytes(m['elem_written'])}",
+        ),
+        ("`df.iloc[len(df) // 2, 0] = 1.0`: bytes written", None, lambda m: fmt_bytes(m["dfcell_written"])),
+        ("extra memory, trivial checkpoint while `arr += 1.0` runs", None, lambda m: fmt_bytes(m["mem_mut"])),
+        (
+            "extra memory, checkpoint of the whole array while `arr += 1.0` runs again",
+            None,
+            lambda m: fmt_bytes(m["mem_mut_full"]),
+        ),
+        ("  that checkpoint: fork → committed", "full_rewrite_wall", "{:.2f} s"),
+        ("extra peak / namespace (target ≤ 25%)", None, lambda m: f"**{100 * m['mem_mut_ratio']:.1f}%**"),
+        (
+            f"right after a fresh allocation: `x = 1`, median of {FRESH_CELLS} paced, stock / durable (added)",
+            None,
+            lambda m: f"{m['fresh_stock']:.2f} / {m['fresh_durable']:.2f} ms (**{m['fresh_added']:+.2f} ms**)",
+        ),
+    ]
+    lines = ["| | " + " | ".join(f"{s:g} GiB" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for label, key, fmt in rows:
+        cells = [fmt.format(summary[s][key]) if key else fmt(summary[s]) for s in sizes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def changes_verdicts(summary: dict[float, dict[str, Any]], sizes: list[float], c: dict[str, Any]) -> list[str]:
+    """Issue 14's targets, each with the figure it is judged on."""
+    top = max(sizes)
+    m = summary[top]
+    at = f"at {top:g} GiB" + ("" if top >= 4 else " (set at 4 GiB: run with --sizes ...,4)")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    out = []
+    if c:
+        ok = all(row["written"] <= row["target"] for row in c["rows"])
+        out.append(f"- Issue 14 target 1 (bytes written ∝ change, table above): **{verdict(ok)}**")
+    out.append(
+        f"- Issue 14 target 2 (trivial cell's checkpoint ≤ 0.3 s {at}): {m['trivial_wall']:.3f} s fork → committed "
+        f"→ **{verdict(m['trivial_wall'] <= 0.3)}**"
+    )
+    out.append(
+        f"- Issue 14 target 2 (checkpoint after `arr[i] = 1.0` ≤ 0.5 s {at}): {m['elem_wall']:.3f} s "
+        f"→ **{verdict(m['elem_wall'] <= 0.5)}**"
+    )
+    worst = max(summary[s]["mem_mut_ratio"] for s in sizes)
+    out.append(
+        f"- Issue 14 target 3 (extra memory ≤ 25% of the namespace while a large array is written during the "
+        f"checkpoint, every size): worst {100 * worst:.1f}% → **{verdict(worst <= 0.25)}**"
+    )
+    fresh = max(summary[s]["fresh_added"] for s in sizes)
+    out.append(
+        f"- Issue 14 target 4 (≤ 5 ms added right after a fresh allocation, every size): worst {fresh:+.2f} ms "
+        f"→ **{verdict(fresh <= 5)}**"
+    )
+    return out
 
 
 def verdicts(summary: dict[float, dict[str, Any]], sizes: list[float]) -> list[str]:
@@ -1064,6 +1290,11 @@ def main(argv: list[str] | None = None) -> int:
         help="GiB of state for the object-storage section (SeaweedFS on this machine; 0 skips it; default 1)",
     )
     ap.add_argument("--only-object-storage", action="store_true", help="run the object-storage section alone")
+    ap.add_argument(
+        "--no-changes",
+        action="store_true",
+        help="skip the section that changes one element, field or string inside 1 GiB-scale variables",
+    )
     args = ap.parse_args(argv)
     args.small_done = None
     sizes = sorted(float(s) for s in args.sizes.split(",") if s.strip())
@@ -1082,7 +1313,13 @@ def main(argv: list[str] | None = None) -> int:
     cold_method = drop_caches_method(tmp_root)
     results: dict[float, dict[str, Any]] = {}
     bucket: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
     try:
+        if not args.no_changes:
+            print("== changes inside 1 GiB-scale variables", flush=True)
+            (tmp_root / "changes").mkdir()
+            changes = changes_phase(tmp_root / "changes")
+            shutil.rmtree(tmp_root / "changes", ignore_errors=True)
         if args.object_storage > 0:
             print(f"== object storage, {args.object_storage:g} GiB (SeaweedFS on this machine)", flush=True)
             (tmp_root / "object-storage").mkdir()
@@ -1119,6 +1356,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *verdicts(summary, sizes),
             "",
+            "### Checkpoints that cost what changed (issue 14)",
+            "",
+            *([changes_table(changes), ""] if changes else []),
+            changes_by_size_table(summary),
+            "",
+            *changes_verdicts(summary, sizes, changes),
+            "",
             *([object_storage_table(bucket), ""] if bucket else []),
             "Paced: the previous checkpoint is committed before each timed cell (each cell pays a fork). "
             "Back-to-back: cells sent as fast as replies come (checkpoints coalesce and run beside the cells). "
@@ -1136,6 +1380,8 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, Any] = {str(k): v for k, v in results.items()}
     if bucket:
         raw["object_storage"] = bucket
+    if changes:
+        raw["changes"] = changes
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     return 0
 

@@ -127,6 +127,8 @@ class BlobWriter:
         self.blobs = 0
         #: bytes of buffers hashed for this commit (the store counts them)
         self.hashed = 0
+        #: names of arrays backed by a chunk file that was changed in place: their memory changed with it
+        self.backing_changed: set[str] = set()
         #: digests whose stored bytes were read back and checked
         self.checked: set[str] = set()
         #: names whose stored copy was damaged and has been written again
@@ -301,8 +303,9 @@ class BlobReader:
                     )
             try:
                 region = mapping.assemble(
-                    [(fd, e["size"], e["digest"], info.st_ino) for fd, info, e in opened],
+                    [(fd, e["size"], e["digest"], info) for fd, info, e in opened],
                     chunking.page_offset([e["size"] for e in entries]),
+                    may_map=mapping.local_filesystem(self.nb.blobs_dir),
                 )
             except OSError as exc:
                 raise CorruptCheckpoint(

@@ -41,8 +41,8 @@ PAGE = mmap.PAGESIZE
 #: ``vm.max_map_count`` (65530 by default) bounds them all, malloc's included.
 _MAP_BUDGET_SHARE = 0.25
 
-#: Mapped chunk start address -> (size, digest, inode of its blob): what a child checks and reuses.
-_mapped: dict[int, tuple[int, str, int]] = {}
+#: Mapped chunk start address -> (size, digest, stamp of its blob file when mapped): what a child checks and reuses.
+_mapped: dict[int, tuple[int, str, tuple[int, int]]] = {}
 _maps_made = 0
 #: Regions made by :func:`assemble`: start -> end (this module's own memory, safe to map chunks into).
 _regions: dict[int, int] = {}
@@ -61,6 +61,7 @@ def _load_libc() -> Any:
             ctypes.c_long,
         ]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         return libc
     except (OSError, AttributeError):
@@ -80,6 +81,34 @@ def _map_budget() -> int:
         return 8192
 
 
+#: File systems whose files may vanish or fail under a mapping (a server gone): a page read then kills the
+#: process with SIGBUS, so buffers are read into memory rather than mapped from files there.
+_REMOTE_FILESYSTEMS = ("nfs", "cifs", "smb", "fuse", "9p", "ceph", "glusterfs", "afs", "lustre", "gpfs", "sshfs")
+_local_cache: dict[str, bool] = {}
+
+
+def local_filesystem(path: Any) -> bool:
+    """Is ``path`` on a local file system (where mapping files is safe)?  False where it cannot be told."""
+    key = os.path.realpath(path)
+    if key not in _local_cache:
+        best, fstype = "", ""
+        try:
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    fields = line.split()
+                    if " - " not in line or len(fields) < 10:
+                        continue
+                    mount = fields[4].replace("\\040", " ")
+                    kind = line.split(" - ", 1)[1].split()[0]
+                    inside = key == mount or key.startswith(mount.rstrip("/") + "/")
+                    if inside and len(mount) >= len(best):
+                        best, fstype = mount, kind
+        except OSError:
+            pass
+        _local_cache[key] = bool(fstype) and not fstype.startswith(_REMOTE_FILESYSTEMS)
+    return _local_cache[key]
+
+
 def address_of(buffer: Any) -> int | None:
     """The start address of a writable buffer's memory, or None (read-only, or not contiguous)."""
     try:
@@ -91,8 +120,8 @@ def address_of(buffer: Any) -> int | None:
     return address
 
 
-def assemble(pieces: list[tuple[int, int, str, int]], lead: int = 0) -> Any:
-    """One writable buffer made of chunk files: ``pieces`` are ``(fd, size, digest, inode)`` in order.
+def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, may_map: bool = True) -> Any:
+    """One writable buffer made of chunk files: ``pieces`` are ``(fd, size, digest, its fstat)`` in order.
 
     The buffer starts ``lead`` bytes into its first page (``chunking.page_offset``),
     so that every chunk that starts on a page boundary is mapped from its file;
@@ -103,16 +132,16 @@ def assemble(pieces: list[tuple[int, int, str, int]], lead: int = 0) -> Any:
     total = sum(size for _, size, _, _ in pieces)
     region = mmap.mmap(-1, max(lead + total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = address_of(region)
-    mapped = _CAN_MAP and base is not None and _maps_made + len(pieces) <= _map_budget()
+    mapped = may_map and _CAN_MAP and base is not None and _maps_made + len(pieces) <= _map_budget()
     offset = lead
     made: list[int] = []
-    for i, (fd, size, digest_hex, inode) in enumerate(pieces):
+    for i, (fd, size, digest_hex, info) in enumerate(pieces):
         at = (base or 0) + offset
         whole_pages = size % PAGE == 0 or i == len(pieces) - 1
         if mapped and size and at % PAGE == 0 and whole_pages:
             got = _libc.mmap(at, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
             if got == at:
-                _mapped[at] = (size, digest_hex, inode)
+                _mapped[at] = (size, digest_hex, (info.st_ino, info.st_ctime_ns))
                 made.append(at)
             else:
                 # The region's pages there are still the anonymous ones: fill them instead.
@@ -151,6 +180,26 @@ def _read_into(region: Any, offset: int, fd: int, size: int) -> None:
 # --- in the checkpoint child ------------------------------------------------
 
 
+def release(buffers: list[Any]) -> None:
+    """Let go of the whole pages of these buffers in this process (``MADV_DONTNEED``).
+
+    For a forked checkpoint child that has written them and exits: while it
+    holds the kernel's pages, every page the kernel writes is copied for it.
+    The pages read as zeros (or as their file) afterwards: never call this in a
+    process that goes on using the buffers.
+    """
+    if not _CAN_MAP:
+        return
+    for buffer in buffers:
+        address = address_of(buffer)
+        if address is None:
+            continue
+        start = -(-address // PAGE) * PAGE
+        end = (address + memoryview(buffer).nbytes) // PAGE * PAGE
+        if end > start:
+            _libc.madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", 4))
+
+
 _DIRTY = bytes(1 if (b & 0x20) == 0 and (b & 0xC0) != 0 else 0 for b in range(256))
 
 
@@ -160,18 +209,32 @@ class CleanChunks:
     def __init__(self) -> None:
         self._vmas: dict[int, tuple[int, int]] | None = None
         self._pagemap: int | None = None
+        #: address -> digest of chunks whose pages are untouched but whose blob file changed since it was
+        #: mapped (written in place): the memory may have changed with it
+        self.suspect: dict[int, str] = {}
 
-    def digest_if_clean(self, address: int, size: int) -> str | None:
-        """The digest of the chunk mapped at ``address`` if none of its pages was written since; else None."""
+    def digest_if_clean(self, address: int, size: int, blob_path: Any) -> str | None:
+        """The digest of the chunk mapped at ``address`` if none of its pages was written since and its
+        file (``blob_path(digest)``) is the one mapped, unchanged; else None (the chunk is then hashed)."""
         found = _mapped.get(address)
         if found is None or found[0] != size:
             return None
         if self._vmas is None:
             self._vmas = _file_vmas()
         vma = self._vmas.get(address)
-        if vma is None or vma[1] != found[2] or vma[0] < address + size:
+        if vma is None or vma[1] != found[2][0] or vma[0] < address + size:
             return None  # unmapped, or something else lives there now
-        return found[1] if self._untouched(address, size) else None
+        if not self._untouched(address, size):
+            return None
+        try:
+            info = os.lstat(blob_path(found[1]))
+        except OSError:
+            return None
+        if (info.st_ino, info.st_ctime_ns) != found[2]:
+            if info.st_ino == found[2][0]:
+                self.suspect[address] = found[1]
+            return None
+        return found[1]
 
     def _untouched(self, address: int, size: int) -> bool:
         if self._pagemap is None:
@@ -260,6 +323,8 @@ class Adopter:
         if not _CAN_MAP:
             return 0, []
         deadline = time.monotonic() + seconds
+        if buffers and not local_filesystem(self.blob_path(buffers[0][2][0][2]).parent):
+            return 0, []
         self._read_vmas()
         budget = _map_budget() - len(self._vmas)
         adopted = 0
@@ -327,7 +392,7 @@ class Adopter:
         """Is the chunk's memory private, writable, and anonymous or one of our chunk maps?"""
         covering = self._covering(at, size)
         return bool(covering) and all(
-            _anonymous(vma) or (vma[2] == "rw-p" and _mapped.get(vma[0], (0, "", -1))[2] == vma[3])
+            _anonymous(vma) or (vma[2] == "rw-p" and vma[0] in _mapped and _mapped[vma[0]][2][0] == vma[3])
             for vma in covering or []
         )
 
@@ -357,7 +422,7 @@ class Adopter:
         global _maps_made
         if at not in _mapped:
             _maps_made += 1
-        _mapped[at] = (size, digest_hex, info.st_ino)
+        _mapped[at] = (size, digest_hex, (info.st_ino, info.st_ctime_ns))
         return True
 
 

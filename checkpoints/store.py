@@ -63,6 +63,8 @@ class CommitResult:
     adoptable: list[Any] = field(default_factory=list)
     #: bytes of out-of-band buffers read and hashed (chunks known unchanged are not)
     bytes_hashed: int = 0
+    #: arrays backed by a chunk file someone changed in place: their values in memory changed with it
+    backing_changed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -128,8 +130,15 @@ class NotebookStore(NotebookFolder):
         keep: int = 5,
         writer: dict[str, Any] | None = None,
         cells: list[dict[str, Any]] | None = None,
+        release_buffers: bool = False,
     ) -> CommitResult:
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
+
+        ``release_buffers=True`` is for a forked child that exits after the commit:
+        once every blob is written, before the flush, it lets go of the memory of
+        the snapshot's buffers (``mapping.release``), so that what the parent
+        writes meanwhile is no longer copied for it.  Never in a process that
+        goes on using those buffers: their pages read as zeros afterwards.
 
         Raises :class:`SaveError` (with the previous checkpoint untouched) on any
         failure, such as a full disk, and :class:`UnsafeStore` (nothing written)
@@ -146,7 +155,7 @@ class NotebookStore(NotebookFolder):
                 # Leftovers of crashed commits first: on a small disk they are
                 # what keeps this commit from fitting.
                 retention.remove(retention.sweep_plan(self, None))
-                result = self._commit_locked(snap, execution_count, cell, writer or {}, keep, cells)
+                result = self._commit_locked(snap, execution_count, cell, writer or {}, keep, cells, release_buffers)
         except CheckpointError:
             raise
         except OSError as exc:
@@ -162,6 +171,7 @@ class NotebookStore(NotebookFolder):
         writer: dict[str, Any],
         keep: int,
         cells: list[dict[str, Any]] | None,
+        release_buffers: bool = False,
     ) -> CommitResult:
         gens = self.checkpoint_ids()
         kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
@@ -190,6 +200,8 @@ class NotebookStore(NotebookFolder):
             clean.close()
         entries, broken = _whole_groups(entries)
         skipped += broken
+        if release_buffers:
+            mapping.release([buf for var in snap.variables for buf in var.buffers])
         writing.make_durable()
 
         generation = (gens[0] + 1) if gens else 1
@@ -244,6 +256,7 @@ class NotebookStore(NotebookFolder):
             sorted(writing.repaired),
             adoptable=adoptable,
             bytes_hashed=writing.hashed,
+            backing_changed=sorted(writing.backing_changed),
         )
 
     def _entry(
@@ -271,7 +284,10 @@ class NotebookStore(NotebookFolder):
         # Large buffers are stored as chunks (chunking.py); a chunk whose pages are untouched
         # since it was mapped from its blob (mapping.py) is not even read.
         cuts = [chunking.buffer_cuts(buf.nbytes, mapping.address_of(buf)) for buf in var.buffers]
-        chunk_digests = [_chunk_digests(buf, c, clean, writing) for buf, c in zip(var.buffers, cuts, strict=True)]
+        chunk_digests = [
+            _chunk_digests(buf, c, clean, writing, self.blob_path, var.name)
+            for buf, c in zip(var.buffers, cuts, strict=True)
+        ]
         buffer_digests = [d for ds in chunk_digests for d in ds]
         if var.kind == "member":
             entry["target"] = var.target
@@ -498,20 +514,32 @@ class NotebookStore(NotebookFolder):
 
 
 def _chunk_digests(
-    buffer: Any, cuts: list[tuple[int, int]], clean: mapping.CleanChunks, writing: BlobWriter
+    buffer: Any,
+    cuts: list[tuple[int, int]],
+    clean: mapping.CleanChunks,
+    writing: BlobWriter,
+    blob_path: Any,
+    name: str,
 ) -> list[str]:
     """The digest of each chunk of ``buffer``: read from its mapping when untouched, else hashed."""
     address = mapping.address_of(buffer) if len(cuts) > 1 else None
     known = {}
     if address is not None:
         for start, end in cuts:
-            found = clean.digest_if_clean(address + start, end - start)
+            found = clean.digest_if_clean(address + start, end - start, blob_path)
             if found is not None:
                 known[start] = found
     view = memoryview(buffer).cast("B")
     todo = [(a, b) for a, b in cuts if a not in known]
     writing.hashed += sum(b - a for a, b in todo)
-    known.update(zip((a for a, _ in todo), digests([view[a:b] for a, b in todo]), strict=True))
+    hashed = dict(zip((a for a, _ in todo), digests([view[a:b] for a, b in todo]), strict=True))
+    if address is not None:
+        for start, new in hashed.items():
+            old = clean.suspect.get(address + start)
+            if old is not None and old != new:
+                # Untouched pages, yet other bytes: the file under them was written in place.
+                writing.backing_changed.add(name)
+    known.update(hashed)
     return [known[a] for a, _ in cuts]
 
 

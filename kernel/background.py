@@ -59,7 +59,11 @@ def memory_for_fork(margin: int) -> tuple[bool, int, int]:
 
     The child touches every Python object it pickles (reference counts), and
     the kernel copies every page it writes while the child runs; half the
-    kernel's resident size plus ``margin`` bytes is a safe bound in practice.
+    kernel's anonymous memory plus ``margin`` bytes is a safe bound in
+    practice.  Arrays backed by their checkpoint's chunk files
+    (``kernel/adoption.py``) are page cache, not anonymous memory: a page the
+    kernel writes becomes one anonymous page, whether a child runs or not, and
+    the clean file page it leaves can be reclaimed, so they are not counted.
     ``available`` is the least of the machine's free memory and what the
     container's memory limits (cgroup v1 or v2) leave.  Where nothing is
     known, assume room.
@@ -72,6 +76,14 @@ def memory_for_fork(margin: int) -> tuple[bool, int, int]:
 
 
 def _rss() -> int | None:
+    """This process's anonymous resident memory (all of its resident memory where that is not told)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -756,6 +756,13 @@ class DurableKernel(IPythonKernel):
             self.notices.once(
                 f"repaired {name}", f"the saved copy of {name} was damaged on disk; it has been saved again."
             )
+        for name in outcome.backing_changed:
+            self.notices.once(
+                f"backing {name}",
+                f"a checkpoint file holding part of {name} was changed on disk while {name} was backed by it "
+                f"(c.DurableKernel.map_arrays), so {name}'s values in memory changed with it; it is saved as it is "
+                f"now: check it, or make it again.",
+            )
         self.log.debug(
             "checkpoint %s: %s variables, %s written in %.3f s",
             outcome.checkpoint_id,

@@ -45,6 +45,8 @@ class CheckpointOutcome:
     adoptable: list[Any] = field(default_factory=list)
     #: bytes of large buffers read and hashed (chunks known unchanged are not)
     bytes_hashed: int = 0
+    #: arrays backed by a checkpoint file that was changed in place (their memory changed with it)
+    backing_changed: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         """JSON of bounded size: a namespace of 100,000 unsaveable objects must not make a huge message."""

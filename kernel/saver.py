@@ -58,11 +58,17 @@ class SaveRequest:
     #: still "not saved", so a later restart still offers to make them again
     missing: list[tuple[str, str, str]] | None = None
 
+    def run_in_child(self, progress: Callable[[str], None] | None = None) -> CheckpointOutcome:
+        """:meth:`run` in a forked child, which exits after it: the kernel's pages it holds are let go
+        as soon as the blobs are written, before the flush (see ``NotebookStore.commit``)."""
+        return self.run(progress, forked_child=True)
+
     def run(
         self,
         progress: Callable[[str], None] | None = None,
         memory_left: Callable[[], int | None] | None = None,
         stop_on: tuple[type[BaseException], ...] = (),
+        forked_child: bool = False,
     ) -> CheckpointOutcome:
         """Pickle and commit; a :class:`CheckpointError` becomes a failed outcome."""
         snap = snapshot(
@@ -83,6 +89,7 @@ class SaveRequest:
                 keep=self.keep,
                 writer=self.writer,
                 cells=self.cells,
+                release_buffers=forked_child,
             )
         except CheckpointError as exc:
             return CheckpointOutcome.failed(str(exc))
@@ -100,6 +107,7 @@ class SaveRequest:
             seq=self.writer.get("seq", 0),
             adoptable=done.adoptable,
             bytes_hashed=done.bytes_hashed,
+            backing_changed=done.backing_changed,
         )
 
 
@@ -173,7 +181,7 @@ class Saver:
         """Start the checkpoint (a child) or take it now (the foreground). Never raises for a bad variable."""
         if self._children is not None and self._room_to_fork():
             try:
-                self._children.request(request.run, keep_fds=keep_fds)
+                self._children.request(request.run_in_child, keep_fds=keep_fds)
                 return
             except OSError as exc:  # no process or memory to fork with: the foreground still saves
                 log.warning("cannot fork a checkpoint process", exc_info=True)

@@ -149,7 +149,7 @@ def damaged_blobs(root: Path) -> list[Path]:
 STORM_BIG = 1_000_000
 STORM_SLOW = 1_000_000
 STORM_ROWS = 60_000  # a pickle over 1 MiB: stored as content-defined chunks
-STORM_NAMES = sorted(["np", "tag", "big", "slow", "rows", "alias", "meta"])
+STORM_NAMES = sorted(["np", "tag", "big", "slow", "rows", "alias", "meta", "kept"])
 
 #: Checks a namespace against the state cell ``tag`` produces; shared verbatim by the
 #: test process and the kernel (exec'd there without touching the user's names).

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -265,17 +266,18 @@ def test_a_checkpoint_planted_in_the_bucket_without_the_key_is_never_unpickled(m
     assert not marker.exists()
 
 
-def replace_newest_buffer_of(machines: Machines, name: str, data: bytes) -> None:
-    """Overwrite, in the bucket, the first buffer blob of variable ``name`` in the newest checkpoint."""
+def replace_newest_buffer_of(machines: Machines, name: str, data: Callable[[int], bytes]) -> None:
+    """Overwrite, in the bucket, the first buffer blob (chunk) of variable ``name`` in the newest checkpoint
+    with ``data(its size)``."""
     bucket = Bucket(machines.url)
     folder = manifest_format.folder_name(SESSION)
     key = location.key_path(machines.env("A")).read_bytes().strip()
     newest = remote_ids(machines.url)[0]
     raw = bucket.get(f"{folder}/manifests/{newest:012d}.manifest")
     man = manifest_format.decode(raw, key, "newest", generation=newest, folder=folder)
-    digest = next(b["digest"] for v in man.variables if v["name"] == name for b in v.get("buffers", []))
+    digest, size = next((b["digest"], b["size"]) for v in man.variables if v["name"] == name for b in v["buffers"])
     path = machines.tmp / f"replacement-{digest[:8]}"
-    path.write_bytes(data)
+    path.write_bytes(data(size))
     with open(path, "rb") as f:
         bucket.upload(f"{folder}/blobs/{digest[:2]}/{digest}", f)
 
@@ -287,7 +289,7 @@ def test_a_damaged_blob_in_the_bucket_is_not_used(machines):
     a.execute("new = np.arange(200_000) * 2")
     uploaded(a)
     a.kill()
-    replace_newest_buffer_of(machines, "new", b"\x00" * 200_000 * 8)  # same size, other bytes
+    replace_newest_buffer_of(machines, "new", lambda size: b"\x00" * size)  # same size, other bytes
     machines.give_key("A", "B")
     b = machines.start("B")
     out = b.execute("print('new' in dir(), old[-1])")
@@ -401,7 +403,7 @@ def test_a_blob_larger_than_its_signed_manifest_says_is_not_downloaded(machines)
     a.execute("new = np.arange(100_000) * 3")
     uploaded(a)
     a.kill()
-    replace_newest_buffer_of(machines, "new", b"\x00" * (8 << 20))
+    replace_newest_buffer_of(machines, "new", lambda size: b"\x00" * (8 << 20))
     machines.give_key("A", "B")
     out = machines.start("B").execute("print('new' in dir(), old[-1])")
     assert out.stdout.strip() == "False 999"

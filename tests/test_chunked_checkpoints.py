@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import holds, wait_saved
 from durable_kernel.checkpoints import Store, chunking, mapping, snapshot
+from durable_kernel.checkpoints.location import open_store
 
 KEY = b"chunk-key-" * 7
 KIB, MIB = 1 << 10, 1 << 20
@@ -89,7 +90,7 @@ def test_a_schema_3_manifest_lists_chunks_and_pieces(nb):
 # --- dirty pages agree with hashing ---------------------------------------------------------------
 
 
-def chunk_states(buffer: np.ndarray) -> list[tuple[str | None, str]]:
+def chunk_states(buffer: np.ndarray, blob_path) -> list[tuple[str | None, str]]:
     """(digest page tracking gives or None, digest of the memory) for each chunk of ``buffer``."""
     from durable_kernel.checkpoints.blobs import digest
 
@@ -98,7 +99,7 @@ def chunk_states(buffer: np.ndarray) -> list[tuple[str | None, str]]:
     clean = mapping.CleanChunks()
     try:
         return [
-            (clean.digest_if_clean(address + a, b - a), digest(view[a:b]))
+            (clean.digest_if_clean(address + a, b - a, blob_path), digest(view[a:b]))
             for a, b in chunking.buffer_cuts(view.nbytes, address)
         ]
     finally:
@@ -123,7 +124,7 @@ def test_page_tracking_and_hashing_agree_on_every_chunk(nb, how):
     written.add(arr.nbytes - 8)
     address = mapping.address_of(memoryview(arr).cast("B"))
     cuts = chunking.buffer_cuts(arr.nbytes, address)
-    states = chunk_states(arr)
+    states = chunk_states(arr, nb.blob_path)
     for (start, end), (tracked, hashed) in zip(cuts, states, strict=True):
         touched = any(start <= w < end for w in written)
         if tracked is not None:
@@ -255,3 +256,29 @@ def test_no_array_is_backed_by_its_chunks_while_a_thread_of_the_users_runs(start
     holds(kernel, "get_ipython().kernel.adoption.adopted == 0")  # the thread could write `big` meanwhile
     assert not kernel.execute("stop.set()\nworker.join()").error
     wait_adopted(kernel, 100)
+
+
+def test_a_chunk_file_written_in_place_under_a_backed_array_is_told_and_saved_as_memory_now_holds(
+    start_kernel, jupyter_dirs
+):
+    kernel = start_kernel(session="chunks.ipynb")
+    assert not kernel.execute("import numpy as np\nbig = np.random.default_rng(0).random(8 << 20)").error
+    wait_saved(kernel)
+    wait_adopted(kernel, 120)
+    nb = open_store(environ=jupyter_dirs).notebook("chunks.ipynb")
+    manifest = nb.read_manifest(nb.checkpoint_ids()[0])
+    chunk = next(v["buffers"][20] for v in manifest.variables if v["name"] == "big")
+    with open(nb.blob_path(chunk["digest"]), "r+b") as f:  # one byte, in place: the array's clean pages show it
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert not kernel.execute("x = 1").error
+    wait_saved(kernel)
+    told = kernel.execute("y = 2").stderr
+    assert "was changed on disk while big was backed by it" in told, told
+    checksum = kernel.value("float(big.sum())")
+    wait_saved(kernel)
+    kernel.kill()
+    again = start_kernel(session="chunks.ipynb")
+    assert again.value("float(big.sum())") == checksum  # what memory held, saved under its true digest

@@ -446,7 +446,7 @@ def test_du_shows_disk_use_by_notebook_biggest_first(store):
     assert "Total" in out and "2 notebooks" in out and "free on that disk" in out
     data = json.loads(ok("du", "--json").stdout)
     first = data["notebooks"][0]
-    assert first["identity"] == "big.ipynb" and first["blobs"] >= 2_000_000 and first["blob_count"] == 1
+    assert first["identity"] == "big.ipynb" and first["blobs"] >= 2_000_000 and first["blob_count"] >= 1
     assert data["size"] == sum(n["size"] for n in data["notebooks"]) and data["free"] > 0
     assert first["size"] == sum(p.stat().st_size for p in big.dir.rglob("*") if p.is_file())
 

@@ -124,9 +124,9 @@ instances = [Color.RED, Point(1), Pair(2), fib, counter]
 # --- helpers ------------------------------------------------------------------------
 
 
-def copy_fixture(release: str, dest: Path) -> Path:
+def copy_fixture(release: str, dest: Path, kind: str = "format") -> Path:
     """A copy of a release's fixture with a real store's modes (git keeps none): folders 0700, files 0600."""
-    shutil.copytree(FIXTURES / f"format-{release}", dest)
+    shutil.copytree(FIXTURES / f"{kind}-{release}", dest)
     for folder, _, files in os.walk(dest):
         os.chmod(folder, 0o700)
         for name in files:
@@ -370,6 +370,9 @@ def test_manifest_holds_the_documented_fields(release):
     if release_tuple(release) >= (0, 3, 0):  # groups (schema 2), what the cell changed, who ran it
         fields |= {"made_by", "changes"}
         schema = 2
+    if release_tuple(release) >= (0, 5, 0):  # chunks (schema 3); the signing key's id (0.4)
+        fields |= {"key_id"}
+        schema = 3
     assert set(data) == fields
     assert (data["schema"], data["generation"], data["execution_count"], data["identity"]) == (schema, 2, 3, IDENTITY)
     assert {"python", "dill", "durable_kernel", "packages"} <= set(data["versions"])
@@ -665,3 +668,31 @@ def test_the_oldest_kept_checkpoint_of_an_old_store_does_not_claim_it_added_ever
         assert rows[0]["id"] == "2" and rows[0]["changes"].endswith("~revision -draft"), rows
     else:
         assert [(r["id"], r["changes"]) for r in rows] == [("2", "(the checkpoint before it is not kept)")]
+
+
+# --- chunked data (schema 3): tests/fixtures/chunks-<version>/, make_chunked_store.py ----------------
+
+
+CHUNKED_RELEASES = sorted(p.name.removeprefix("chunks-") for p in FIXTURES.glob("chunks-*"))
+
+
+@pytest.mark.parametrize("chunked_release", CHUNKED_RELEASES)
+def test_a_chunked_buffer_and_a_chunked_pickle_written_by_a_release_load(chunked_release, tmp_path):
+    copy = copy_fixture(chunked_release, tmp_path / "fixture", kind="chunks")
+    notebook = Store(copy / "store", load_or_create_key(copy / "durable_kernel_secret")).notebook(
+        "chunked-fixture.ipynb"
+    )
+    newest = notebook.load_latest()
+    assert newest.manifest.generation == 2 and newest.not_restored == []
+    wide, long = newest.values["wide"], newest.values["long"]
+    assert wide.shape == (200_000,) and wide[100_000] == 2.0 and wide[-1] == 1.0 and wide.sum() == 3.0
+    assert long == [7] * 600_000 + [8]
+    older = notebook.load(1).values
+    assert older["wide"].sum() == 1.0 and older["long"] == [7] * 600_000
+    variables = {v["name"]: v for v in newest.manifest.variables}
+    assert variables["wide"]["pieces"] == [len(variables["wide"]["buffers"])] and len(variables["wide"]["buffers"]) > 1
+    assert len(variables["long"]["stream"]) > 1
+
+
+def test_the_chunked_format_has_a_fixture():
+    assert "0.5.0" in CHUNKED_RELEASES

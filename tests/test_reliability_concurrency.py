@@ -130,9 +130,9 @@ def commit_racing_gc(tmp_path: Path, monkeypatch, locked: bool) -> tuple[bool, s
     original = blobs.BlobWriter.put
     race: dict = {}
 
-    def put_blob(self, digest_hex, data, name):
+    def put_blob(self, digest_hex, data, name, durable=True):
         before = self.blobs
-        stamp = original(self, digest_hex, data, name)
+        stamp = original(self, digest_hex, data, name, durable)
         if self.blobs == before and "gc" not in race:  # A's blob is there: the commit relies on it
             race["gc"] = start_gc(tmp_path, nb, "once" if locked else "unlocked")
             try:
