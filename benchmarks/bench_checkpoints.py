@@ -1291,6 +1291,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only-object-storage", action="store_true", help="run the object-storage section alone")
     ap.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip benchmarks/peers.py (Kishu and ElasticKernel at 1 GiB, from their own virtualenvs)",
+    )
+    ap.add_argument(
         "--no-changes",
         action="store_true",
         help="skip the section that changes one element, field or string inside 1 GiB-scale variables",
@@ -1343,6 +1348,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
+    peers = "" if args.no_peers else peers_section(args)
     summary = summarize(results)
     report = "\n".join(
         [
@@ -1364,6 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
             *changes_verdicts(summary, sizes, changes),
             "",
             *([object_storage_table(bucket), ""] if bucket else []),
+            *([peers, ""] if peers else []),
             "Paced: the previous checkpoint is committed before each timed cell (each cell pays a fork). "
             "Back-to-back: cells sent as fast as replies come (checkpoints coalesce and run beside the cells). "
             "Memory: peak over 10 ms samples, while the checkpoint child lives, of Pss_Anon(kernel) + Pss_Anon(child) "
@@ -1384,6 +1391,20 @@ def main(argv: list[str] | None = None) -> int:
         raw["changes"] = changes
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     return 0
+
+
+def peers_section(args: argparse.Namespace) -> str:
+    """Kishu and ElasticKernel beside durable-kernel at 1 GiB, in this run (``benchmarks/peers.py``)."""
+    print("== peers at 1 GiB (benchmarks/peers.py)", flush=True)
+    cells = str(min(args.cells, 30))
+    command = [sys.executable, str(HERE / "peers.py"), "--cells", cells, "--output", str(RESULTS / "peers.md")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| system")), None)
+    if done.returncode or start is None:
+        return f"Peers: benchmarks/peers.py failed ({done.returncode}): {(done.stderr or done.stdout)[-500:]}"
+    body = "\n".join(lines[start:]).split("\nwritten to ")[0]
+    return f"### Peers at 1 GiB (same run: `python benchmarks/peers.py --cells {cells}`)\n\n{body}"
 
 
 def object_storage_only(args: argparse.Namespace, tmp_root: Path) -> int:
