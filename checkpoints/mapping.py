@@ -43,7 +43,6 @@ _MAP_BUDGET_SHARE = 0.25
 
 #: Mapped chunk start address -> (size, digest, stamp of its blob file when mapped): what a child checks and reuses.
 _mapped: dict[int, tuple[int, str, tuple[int, int]]] = {}
-_maps_made = 0
 #: Regions made by :func:`assemble`: start -> end (this module's own memory, safe to map chunks into).
 _regions: dict[int, int] = {}
 
@@ -128,11 +127,10 @@ def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, 
     the others (a head shorter than a page) are read.  The caller closes the fds
     (a mapping outlives its fd).  Returns a writable buffer object.
     """
-    global _maps_made
     total = sum(size for _, size, _, _ in pieces)
     region = mmap.mmap(-1, max(lead + total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = address_of(region)
-    mapped = may_map and _CAN_MAP and base is not None and _maps_made + len(pieces) <= _map_budget()
+    mapped = may_map and _CAN_MAP and base is not None and len(_mapped) + len(pieces) <= _map_budget()
     offset = lead
     made: list[int] = []
     for i, (fd, size, digest_hex, info) in enumerate(pieces):
@@ -151,8 +149,6 @@ def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, 
         elif size:
             _read_into(region, offset, fd, size)
         offset += size
-    if made:
-        _maps_made += len(made)
     if base is not None:
         _regions[base] = base + lead + total
     weakref.finalize(region, _forget, made, base)
@@ -160,10 +156,8 @@ def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, 
 
 
 def _forget(addresses: list[int], base: int | None) -> None:
-    global _maps_made
     for at in addresses:
         _mapped.pop(at, None)
-    _maps_made -= len(addresses)
     _regions.pop(base or 0, None)
 
 
@@ -326,6 +320,7 @@ class Adopter:
         if buffers and not local_filesystem(self.blob_path(buffers[0][2][0][2]).parent):
             return 0, []
         self._read_vmas()
+        self._forget_unmapped()
         budget = _map_budget() - len(self._vmas)
         adopted = 0
         left: list[Any] = []
@@ -357,6 +352,13 @@ class Adopter:
             vmas = []
         self._vmas = vmas
         self._starts = [v[0] for v in vmas]
+
+    def _forget_unmapped(self) -> None:
+        """Drop chunks no longer mapped where they were (the array freed, its memory reused): adopted
+        arrays are freed by malloc, which never tells this registry."""
+        files = {start: inode for start, _, _, inode, _ in self._vmas if inode}
+        for at in [at for at, (_, _, stamp) in _mapped.items() if files.get(at) != stamp[0]]:
+            del _mapped[at]
 
     def _covering(self, at: int, size: int) -> list[tuple[int, int, str, int, str]] | None:
         """The memory areas covering ``[at, at + size)`` without a gap, or None."""
@@ -419,9 +421,6 @@ class Adopter:
                 return False
         finally:
             os.close(fd)
-        global _maps_made
-        if at not in _mapped:
-            _maps_made += 1
         _mapped[at] = (size, digest_hex, (info.st_ino, info.st_ctime_ns))
         return True
 

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 #: Seconds of one step on the main thread (a cell sent meanwhile waits this long at most).
 STEP_SECONDS = 0.005
 #: Where the threads ipykernel, IPython and this package start come from.
-_KERNEL_MODULES = ("ipykernel.", "IPython.", "durable_kernel.", "jupyter_client.")
+#: (``zmq.``: pyzmq's garbage collector thread for zero-copy messages, started at the first large one.)
+_KERNEL_MODULES = ("ipykernel.", "IPython.", "durable_kernel.", "jupyter_client.", "zmq.")
 #: Seconds between tries while a user's thread is alive.
 RETRY_SECONDS = 5.0
 
