@@ -27,6 +27,7 @@ import ctypes
 import logging
 import mmap
 import os
+import re
 import stat
 import time
 import weakref
@@ -269,6 +270,8 @@ def tracked() -> int:
 
 # --- adopting: a buffer computed in this process, backed by the chunks a checkpoint just wrote ----------
 
+#: One line of /proc/self/maps: start-end perms offset dev inode [name].
+_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+) *(.*)$", re.MULTILINE)
 #: glibc's chunk header flag for memory it got from mmap (and only ever gives back with munmap).
 _IS_MMAPPED = 0x2
 
@@ -306,10 +309,15 @@ class Adopter:
     """
 
     def __init__(self, blob_path: Any):
+        """Reads this process's memory map once: use one Adopter only while nothing else maps or
+        unmaps memory (no cell runs in between), a new one otherwise."""
         #: digest -> Path of its blob file
         self.blob_path = blob_path
         self._vmas: list[tuple[int, int, str, int, str]] = []
         self._starts: list[int] = []
+        if _CAN_MAP:
+            self._read_vmas()
+            self._forget_unmapped()
 
     def adopt(self, buffers: list[Any], seconds: float) -> tuple[int, list[Any]]:
         """Adopt chunks of ``buffers`` (as :func:`adoptable` reports them) for at most ``seconds``;
@@ -319,8 +327,6 @@ class Adopter:
         deadline = time.monotonic() + seconds
         if buffers and not local_filesystem(self.blob_path(buffers[0][2][0][2]).parent):
             return 0, []
-        self._read_vmas()
-        self._forget_unmapped()
         budget = _map_budget() - len(self._vmas)
         adopted = 0
         left: list[Any] = []
@@ -338,20 +344,16 @@ class Adopter:
         return adopted, left
 
     def _read_vmas(self) -> None:
-        vmas = []
         try:
             with open("/proc/self/maps") as f:
-                for line in f:
-                    fields = line.split(maxsplit=5)
-                    if len(fields) < 5:
-                        continue
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    name = fields[5].strip() if len(fields) > 5 else ""
-                    vmas.append((start, end, fields[1], int(fields[4]), name))
-        except (OSError, ValueError):
-            vmas = []
-        self._vmas = vmas
-        self._starts = [v[0] for v in vmas]
+                text = f.read()
+        except OSError:
+            text = ""
+        self._vmas = [
+            (int(start, 16), int(end, 16), perms, int(inode), name)
+            for start, end, perms, inode, name in _MAPS_LINE.findall(text)
+        ]
+        self._starts = [v[0] for v in self._vmas]
 
     def _forget_unmapped(self) -> None:
         """Drop chunks no longer mapped where they were (the array freed, its memory reused): adopted

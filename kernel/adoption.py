@@ -45,6 +45,14 @@ class Adoption:
         self._blob_path: Callable[[str], Path] | None = None
         self._scheduled = False
         self.adopted = 0
+        #: counts the shell messages handled: the memory map read by an Adopter is only reused while it is
+        #: unchanged (nothing but adoption ran since)
+        self._activity = 0
+        self._adopter: tuple[int, Adopter] | None = None
+
+    def note_activity(self) -> None:
+        """A shell message is being handled (it may run code that maps or frees memory): main thread."""
+        self._activity += 1
 
     @property
     def busy(self) -> bool:
@@ -78,7 +86,9 @@ class Adoption:
             self._again(pending, RETRY_SECONDS)
             return
         try:
-            done, left = Adopter(blob_path).adopt(pending, STEP_SECONDS)
+            if self._adopter is None or self._adopter[0] != self._activity:
+                self._adopter = (self._activity, Adopter(blob_path))
+            done, left = self._adopter[1].adopt(pending, STEP_SECONDS)
         except Exception:  # an aid to later checkpoints: never a reason to disturb the user
             log.exception("backing arrays by their checkpoint files failed")
             done, left = 0, []

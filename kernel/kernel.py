@@ -555,6 +555,8 @@ class DurableKernel(IPythonKernel):
         """Handle a shell message, then start the checkpoint its cell asked for."""
         # Passed on as given: ipykernel 6 passes only msg, 7.0-7.3 add subshell_id, 7.4 concurrent
         # (and 7.4 needs Python 3.11, so Python 3.10 always gets an older one).
+        if self.adoption is not None:
+            self.adoption.note_activity()
         await super().dispatch_shell(msg, *args, **kwargs)
         if self._checkpoint_due:
             self._let_iopub_send()
