@@ -424,7 +424,7 @@ def wait_adopted(k: BenchKernel, limit: float = 600.0) -> float:
     """Seconds until the kernel has backed its arrays by their chunk files (it does so between cells)."""
     started = time.perf_counter()
     while time.perf_counter() - started < limit:
-        if not k.evaluate(busy="get_ipython().kernel.adoption.busy")["busy"]:
+        if not k.evaluate(busy="getattr(get_ipython().kernel.adoption, 'busy', False)")["busy"]:
             break
         time.sleep(0.05)
     return time.perf_counter() - started
@@ -548,74 +548,96 @@ def durable_phase(gib: float, args: argparse.Namespace, tmp: Path, cold_method: 
 
 # --- changes inside large variables (issue 14) ----------------------------------------
 
-CHANGES_SETUP = """\
-import numpy as np
-import pandas as pd
-_rng = np.random.default_rng(0)
-big = _rng.random(1 << 27)
-frame = pd.DataFrame({c: _rng.random(1 << 25) for c in "abcd"})
-dicts = [{"id": i, "name": f"user{i}", "score": i * 0.5} for i in range(2_000_000)]
-strings = [f"line {i} of a long text" for i in range(1_000_000)]
-small = 0
-del _rng
-"""
-#: (what changes, the cell, the variable, target bytes written)
+#: (what changes, the variable's setup, the change, the variable, target bytes written): each in a kernel of its
+#: own, the variable alone in it (beside ``small``); then all four in one kernel, for the manifest's share.
 CHANGES = [
-    ("one element of a 1 GiB array", "big[len(big) // 2] = -1.0", "big", MIB),
-    ("one field of one dict among 2M dicts", "dicts[1_000_000]['score'] = -1.0", "dicts", 256 * 1024),
-    ("one string appended to 1M strings", "strings.append('one more line')", "strings", 256 * 1024),
-    ("one cell of a 1 GiB DataFrame", "frame.iloc[len(frame) // 2, 0] = -1.0", "frame", MIB),
-    ("a new small variable", "small = 1", "small", MIB),
+    (
+        "one element of a 1 GiB array",
+        "big = np.random.default_rng(0).random(1 << 27)",
+        "big[len(big) // 2] = -1.0",
+        "big",
+        MIB,
+    ),
+    (
+        "one field of one dict among 2M dicts",
+        "dicts = [{'id': i, 'name': f'user{i}', 'score': i * 0.5} for i in range(2_000_000)]",
+        "dicts[1_000_000]['score'] = -1.0",
+        "dicts",
+        256 * 1024,
+    ),
+    (
+        "one string appended to 1M strings",
+        "strings = [f'line {i} of a long text' for i in range(1_000_000)]",
+        "strings.append('one more line')",
+        "strings",
+        256 * 1024,
+    ),
+    (
+        "one cell of a 1 GiB DataFrame",
+        "frame = pd.DataFrame({c: np.random.default_rng(1).random(1 << 25) for c in 'abcd'})",
+        "frame.iloc[len(frame) // 2, 0] = -1.0",
+        "frame",
+        MIB,
+    ),
 ]
+TOGETHER = ("a new small variable, all four beside it", "small = 1", "small")
 
 
 def changes_phase(tmp: Path) -> dict[str, Any]:
     """Bytes written after one small change inside each kind of large variable, against its stored size."""
     from durable_kernel.checkpoints.location import open_store
 
-    env = kernel_env(tmp, True)
-    k = BenchKernel("durable-python3", env, tmp / "changes.log")
     out: dict[str, Any] = {"rows": []}
-    try:
-        k.run(CHANGES_SETUP)
-        out["first"] = k.wait_checkpoint()
-        wait_adopted(k)
-        nb = open_store(environ=env).notebook(SESSION)
-        for what, cell, name, target in CHANGES:
-            k.run(cell)
-            done = k.wait_checkpoint()
-            man = nb.read_manifest(nb.checkpoint_ids()[0])
-            size = next((v.get("size", 0) for v in man.variables if v["name"] == name), 0)
-            out["rows"].append(
-                {
-                    "what": what,
-                    "cell": cell,
-                    "written": done["bytes_written"],
-                    "hashed": done.get("bytes_hashed", 0),
-                    "wall": done["wall_seconds"],
-                    "variable": size,
-                    "target": target,
-                }
-            )
-            print(f"    {what}: {fmt_bytes(done['bytes_written'])} written (variable: {fmt_bytes(size)})", flush=True)
+    kernels = [([setup], [(what, cell, name, target)]) for what, setup, cell, name, target in CHANGES]
+    kernels.append(([setup for _, setup, _, _, _ in CHANGES], [(*TOGETHER, None)]))
+    for n, (setups, cells) in enumerate(kernels):
+        env = kernel_env(tmp / f"k{n}", True)
+        k = BenchKernel("durable-python3", env, tmp / f"changes-{n}.log")
+        try:
+            k.run("import numpy as np\nimport pandas as pd\nsmall = 0\n" + "\n".join(setups))
+            k.wait_checkpoint()
             wait_adopted(k)
-    finally:
-        k.shutdown()
+            nb = open_store(environ=env).notebook(SESSION)
+            for what, cell, name, target in cells:
+                k.run(cell)
+                done = k.wait_checkpoint()
+                man = nb.read_manifest(nb.checkpoint_ids()[0])
+                size = next((v.get("size", 0) for v in man.variables if v["name"] == name), 0)
+                raw = nb.manifest_path(nb.checkpoint_ids()[0]).stat().st_size
+                out["rows"].append(
+                    {
+                        "what": what,
+                        "cell": cell,
+                        "written": done["bytes_written"],
+                        "manifest": raw,
+                        "hashed": done.get("bytes_hashed", 0),
+                        "wall": done["wall_seconds"],
+                        "variable": size,
+                        "target": target,
+                    }
+                )
+                print(f"    {what}: {fmt_bytes(done['bytes_written'])} written (manifest {fmt_bytes(raw)})", flush=True)
+        finally:
+            k.shutdown()
+            shutil.rmtree(tmp / f"k{n}", ignore_errors=True)
     return out
 
 
 def changes_table(c: dict[str, Any]) -> str:
     lines = [
-        "| cell (1 GiB-scale variables in one kernel) | bytes written | buffers hashed | fork → committed "
-        "| the variable, stored | target |",
-        "|---|---|---|---|---|---|",
+        "| cell (each variable alone in its kernel; the last row: all four together) | bytes written "
+        "| of which the manifest | buffers hashed | fork → committed | the variable, stored | target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in c["rows"]:
-        ok = row["written"] <= row["target"]
+        verdict = (
+            "-"
+            if row["target"] is None
+            else (f"≤ {fmt_bytes(row['target'])}: **{'met' if row['written'] <= row['target'] else 'NOT met'}**")
+        )
         lines.append(
-            f"| `{row['cell']}` ({row['what']}) | **{fmt_bytes(row['written'])}** | {fmt_bytes(row['hashed'])} "
-            f"| {row['wall']:.2f} s | {fmt_bytes(row['variable'])} | ≤ {fmt_bytes(row['target'])}: "
-            f"**{'met' if ok else 'NOT met'}** |"
+            f"| `{row['cell']}` ({row['what']}) | **{fmt_bytes(row['written'])}** | {fmt_bytes(row['manifest'])} "
+            f"| {fmt_bytes(row['hashed'])} | {row['wall']:.2f} s | {fmt_bytes(row['variable'])} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -1134,7 +1156,7 @@ def changes_verdicts(summary: dict[float, dict[str, Any]], sizes: list[float], c
 
     out = []
     if c:
-        ok = all(row["written"] <= row["target"] for row in c["rows"])
+        ok = all(row["written"] <= row["target"] for row in c["rows"] if row["target"] is not None)
         out.append(f"- Issue 14 target 1 (bytes written ∝ change, table above): **{verdict(ok)}**")
     out.append(
         f"- Issue 14 target 2 (trivial cell's checkpoint ≤ 0.3 s {at}): {m['trivial_wall']:.3f} s fork → committed "
@@ -1291,6 +1313,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only-object-storage", action="store_true", help="run the object-storage section alone")
     ap.add_argument(
+        "--only-changes", action="store_true", help="run the section on changes inside 1 GiB-scale variables alone"
+    )
+    ap.add_argument(
         "--no-peers",
         action="store_true",
         help="skip benchmarks/peers.py (Kishu and ElasticKernel at 1 GiB, from their own virtualenvs)",
@@ -1315,6 +1340,16 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = Path(tempfile.mkdtemp(prefix="durable-bench-", dir=args.tmpdir))
     if args.only_object_storage:
         return object_storage_only(args, tmp_root)
+    if args.only_changes:
+        try:
+            report = "### Checkpoints that cost what changed (issue 14)\n\n" + changes_table(changes_phase(tmp_root))
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        print("\n" + report)
+        (RESULTS / "changes.md").write_text(
+            "Command: `python benchmarks/bench_checkpoints.py --only-changes`\n\n" + report + "\n"
+        )
+        return 0
     cold_method = drop_caches_method(tmp_root)
     results: dict[float, dict[str, Any]] = {}
     bucket: dict[str, Any] = {}

@@ -4,7 +4,7 @@ Two kinds of data, two ways to cut:
 
 * **Out-of-band buffers** (numpy arrays, pandas blocks) are cut at fixed
   offsets, every :data:`BUFFER_CHUNK_BYTES`.  An element written in place
-  changes one chunk; the offsets are page multiples, so a restored buffer can
+  changes one chunk; the offsets are page multiples (512 KiB, or more for buffers over 1 GiB), so a restored buffer can
   map each chunk file at its place (``mapping.py``) and its pages' dirty bits
   tell which chunks a later checkpoint must read again (``dirty.py``).
 * **Pickle streams** (a list of two million dicts) are cut where their
@@ -34,8 +34,11 @@ from typing import Any
 
 PAGE = mmap.PAGESIZE
 
-#: Out-of-band buffers larger than this are stored as fixed-size chunks of this size (a page multiple).
+#: Out-of-band buffers larger than this are stored as fixed-size chunks of at least this size (a page multiple).
 BUFFER_CHUNK_BYTES = 512 * 1024
+#: At most about this many chunks per buffer: chunks double in size past 1 GiB, so that the manifest, which
+#: lists every chunk (about 130 bytes each), stays small beside the data.
+MAX_CHUNKS = 2048
 #: Pickle streams larger than this are stored as content-defined chunks.
 STREAM_CHUNK_FROM = 1 << 20
 STREAM_MIN_BYTES = 16 * 1024
@@ -59,10 +62,19 @@ def buffer_cuts(nbytes: int, address: int | None = None) -> list[tuple[int, int]
     """
     if nbytes <= BUFFER_CHUNK_BYTES:
         return [(0, nbytes)]
+    size = chunk_bytes(nbytes)
     head = (-address) % PAGE if address is not None else 0
     cuts = [(0, head)] if head else []
-    cuts += [(start, min(start + BUFFER_CHUNK_BYTES, nbytes)) for start in range(head, nbytes, BUFFER_CHUNK_BYTES)]
+    cuts += [(start, min(start + size, nbytes)) for start in range(head, nbytes, size)]
     return cuts
+
+
+def chunk_bytes(nbytes: int) -> int:
+    """The chunk size of a buffer of ``nbytes``: 512 KiB, doubled until it makes at most :data:`MAX_CHUNKS`."""
+    size = BUFFER_CHUNK_BYTES
+    while nbytes > size * MAX_CHUNKS:
+        size *= 2
+    return size
 
 
 def page_offset(sizes: list[int]) -> int:

@@ -71,6 +71,20 @@ def _load_libc() -> Any:
 _libc = _load_libc()
 _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 _CAN_MAP = _libc is not None and os.path.exists("/proc/self/pagemap") and hasattr(mmap, "MAP_PRIVATE")
+#: Whether restored chunks are mapped from their files (else read into memory); see :func:`use_file_maps`.
+_map_restored = True
+
+
+def use_file_maps(enabled: bool) -> None:
+    """Map restored chunks from their files (True, the library's default) or read them into memory.
+
+    Each mapped chunk is a memory area of its own, and ``fork()`` copies every
+    area: thousands of them make each fork of a process holding gigabytes take
+    tens of milliseconds.  A kernel that forks after every cell reads instead,
+    unless it backs arrays by their files (``c.DurableKernel.map_arrays``).
+    """
+    global _map_restored
+    _map_restored = enabled
 
 
 def _map_budget() -> int:
@@ -131,7 +145,7 @@ def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, 
     total = sum(size for _, size, _, _ in pieces)
     region = mmap.mmap(-1, max(lead + total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = address_of(region)
-    mapped = may_map and _CAN_MAP and base is not None and len(_mapped) + len(pieces) <= _map_budget()
+    mapped = may_map and _map_restored and _CAN_MAP and base is not None and len(_mapped) + len(pieces) <= _map_budget()
     offset = lead
     made: list[int] = []
     for i, (fd, size, digest_hex, info) in enumerate(pieces):

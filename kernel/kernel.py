@@ -24,7 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, inventory, maintenance, printable
+from durable_kernel.checkpoints import (
+    CheckpointError,
+    NotebookStore,
+    Store,
+    inventory,
+    maintenance,
+    mapping,
+    printable,
+)
 from durable_kernel.checkpoints.liveness import writer_alive
 from durable_kernel.checkpoints.location import open_store
 from ipykernel.ipkernel import IPythonKernel
@@ -153,12 +161,16 @@ class DurableKernel(IPythonKernel):
         "saved in the foreground, skipping what does not fit.",
     )
     map_arrays = Bool(
-        True,
+        False,
         config=True,
-        help="After a checkpoint, back large arrays (numpy buffers over 512 KiB that malloc got from mmap) by "
-        "the chunk files it wrote: private copy-on-write maps holding the same bytes, compared byte for byte "
-        "first. The next checkpoint then reads only the chunks written since, and clean pages are page cache "
-        "the system can reclaim. Done between cells, never while a thread of yours is alive. Linux only.",
+        help="Back large arrays by their checkpoint's chunk files: restored arrays are their chunk files mapped "
+        "(private copy-on-write maps), and after a checkpoint an array computed here (numpy buffers over 1 MiB "
+        "that malloc got from mmap) is replaced, between cells and byte for byte checked, by maps of the chunks "
+        "it wrote. A checkpoint then reads only the chunks written since (a trivial cell's checkpoint of 4 GiB "
+        "takes a fraction of a second instead of hashing 4 GiB), and clean pages are page cache the system can "
+        "reclaim. The cost: each chunk is a memory area, which makes every fork (after each cell) slower, by "
+        "about 3 ms per GiB and more once the arrays are written; and a checkpoint file changed in place "
+        "changes the array (you are told). Off by default. Linux only.",
     )
     checkpoint_timeout = Float(
         300.0,
@@ -257,6 +269,7 @@ class DurableKernel(IPythonKernel):
             timeout=self.checkpoint_timeout or None,
             fork_margin=self.fork_memory_margin,
         )
+        mapping.use_file_maps(self.map_arrays)
         if self.map_arrays and self.background:
             self.adoption = Adoption(self._run_on_main_thread)
         if self.restore == "auto":

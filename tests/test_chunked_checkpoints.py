@@ -190,6 +190,10 @@ def test_glibc_header_check_refuses_heap_memory(nb):
 # --- real kernels ---------------------------------------------------------------------------------
 
 
+#: Arrays backed by their chunk files (off by default: see c.DurableKernel.map_arrays).
+MAPPED = ["--DurableKernel.map_arrays=True"]
+
+
 def outcome(kernel, field: str) -> int:
     return int(kernel.value(f"get_ipython().kernel.last_outcome.{field}"))
 
@@ -208,7 +212,7 @@ def wait_adopted(kernel, at_least: int) -> None:
 
 
 def test_a_cell_that_changes_nothing_hashes_no_chunk_of_a_large_array(start_kernel):
-    kernel = start_kernel(session="chunks.ipynb")
+    kernel = start_kernel(session="chunks.ipynb", extra_arguments=MAPPED)
     assert not kernel.execute("import numpy as np\nbig = np.random.default_rng(0).random(32 << 20)").error
     wait_saved(kernel)
     assert outcome(kernel, "bytes_hashed") >= 256 * MIB  # the first checkpoint reads everything
@@ -223,14 +227,14 @@ def test_a_cell_that_changes_nothing_hashes_no_chunk_of_a_large_array(start_kern
 
 
 def test_a_killed_kernel_brings_back_an_array_changed_after_it_was_backed_by_its_chunks(start_kernel):
-    kernel = start_kernel(session="chunks.ipynb")
+    kernel = start_kernel(session="chunks.ipynb", extra_arguments=MAPPED)
     assert not kernel.execute("import numpy as np\nbig = np.random.default_rng(0).random(8 << 20)").error
     wait_saved(kernel)
     wait_adopted(kernel, 120)
     assert not kernel.execute("big[5_000_000] = 42.0\nbig[:1000] *= 2").error
     wait_saved(kernel)
     kernel.kill()
-    again = start_kernel(session="chunks.ipynb")
+    again = start_kernel(session="chunks.ipynb", extra_arguments=MAPPED)
     holds(
         again,
         "big[5_000_000] == 42.0 and np.array_equal(big[1000:5_000_000], "
@@ -244,7 +248,7 @@ def test_a_killed_kernel_brings_back_an_array_changed_after_it_was_backed_by_its
 
 
 def test_no_array_is_backed_by_its_chunks_while_a_thread_of_the_users_runs(start_kernel):
-    kernel = start_kernel(session="chunks.ipynb")
+    kernel = start_kernel(session="chunks.ipynb", extra_arguments=MAPPED)
     cell = (
         "import threading, numpy as np\nstop = threading.Event()\n"
         "worker = threading.Thread(target=stop.wait)\nworker.start()\n"
@@ -261,7 +265,7 @@ def test_no_array_is_backed_by_its_chunks_while_a_thread_of_the_users_runs(start
 def test_a_chunk_file_written_in_place_under_a_backed_array_is_told_and_saved_as_memory_now_holds(
     start_kernel, jupyter_dirs
 ):
-    kernel = start_kernel(session="chunks.ipynb")
+    kernel = start_kernel(session="chunks.ipynb", extra_arguments=MAPPED)
     assert not kernel.execute("import numpy as np\nbig = np.random.default_rng(0).random(8 << 20)").error
     wait_saved(kernel)
     wait_adopted(kernel, 120)
@@ -280,5 +284,20 @@ def test_a_chunk_file_written_in_place_under_a_backed_array_is_told_and_saved_as
     checksum = kernel.value("float(big.sum())")
     wait_saved(kernel)
     kernel.kill()
-    again = start_kernel(session="chunks.ipynb")
+    again = start_kernel(session="chunks.ipynb", extra_arguments=MAPPED)
     assert again.value("float(big.sum())") == checksum  # what memory held, saved under its true digest
+
+
+def test_by_default_arrays_are_not_backed_by_their_chunk_files_and_each_checkpoint_reads_them(start_kernel):
+    kernel = start_kernel(session="chunks.ipynb")
+    assert not kernel.execute("import numpy as np\nbig = np.random.default_rng(0).random(8 << 20)").error
+    wait_saved(kernel)
+    holds(kernel, "get_ipython().kernel.adoption is None")
+    assert not kernel.execute("x = 1").error
+    wait_saved(kernel)
+    assert outcome(kernel, "bytes_hashed") >= 64 * MIB  # read again: nothing tells what changed
+    assert outcome(kernel, "bytes_written") < MIB  # but only the manifest is written
+    kernel.kill()
+    again = start_kernel(session="chunks.ipynb")
+    holds(again, "np.array_equal(big, np.random.default_rng(0).random(8 << 20))")
+    holds(again, "not any('/blobs/' in line for line in open('/proc/self/maps'))")  # read, not mapped

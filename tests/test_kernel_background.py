@@ -198,7 +198,8 @@ def test_checkpoint_child_killed_while_writing_leaves_the_previous_checkpoint_lo
 
 
 def test_restored_memory_mapped_array_is_writable_without_changing_its_blob(pool):
-    kernel = pool.start(session=SESSION)
+    mapped = ["--DurableKernel.map_arrays=True"]  # restored arrays are their chunk files, mapped
+    kernel = pool.start(session=SESSION, extra_arguments=mapped)
     run(kernel, "import numpy as np\narr = np.arange(1_000_000, dtype=np.float64)")
     wait_saved(kernel)
     kernel.kill()
@@ -208,9 +209,9 @@ def test_restored_memory_mapped_array_is_writable_without_changing_its_blob(pool
     blob = notebook.blobs_dir / buffer["digest"][:2] / buffer["digest"]
     original = hashlib.sha256(blob.read_bytes()).hexdigest()
 
-    kernel = pool.start(session=SESSION)
-    mapped = kernel.value(f"any({str(blob)!r} in line for line in open('/proc/self/maps'))")
-    assert mapped == "True", "the restored array is not memory-mapped from its chunk files"
+    kernel = pool.start(session=SESSION, extra_arguments=mapped)
+    is_mapped = kernel.value(f"any({str(blob)!r} in line for line in open('/proc/self/maps'))")
+    assert is_mapped == "True", "the restored array is not memory-mapped from its chunk files"
     run(kernel, "arr[:10] = -1.0\narr *= 2")
     assert kernel.value("arr[:12].tolist()") == repr([-2.0] * 10 + [20.0, 22.0])
     wait_saved(kernel)
