@@ -131,8 +131,12 @@ class NotebookStore(NotebookFolder):
         writer: dict[str, Any] | None = None,
         cells: list[dict[str, Any]] | None = None,
         release_buffers: bool = False,
+        report_adoptable: bool = False,
     ) -> CommitResult:
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
+
+        ``report_adoptable=True`` lists, in the result, the chunks this process may back by
+        their files (``mapping.Adopter``); it costs a list entry per chunk, so only on request.
 
         ``release_buffers=True`` is for a forked child that exits after the commit:
         once every blob is written, before the flush, it lets go of the memory of
@@ -155,7 +159,9 @@ class NotebookStore(NotebookFolder):
                 # Leftovers of crashed commits first: on a small disk they are
                 # what keeps this commit from fitting.
                 retention.remove(retention.sweep_plan(self, None))
-                result = self._commit_locked(snap, execution_count, cell, writer or {}, keep, cells, release_buffers)
+                result = self._commit_locked(
+                    snap, execution_count, cell, writer or {}, keep, cells, release_buffers, report_adoptable
+                )
         except CheckpointError:
             raise
         except OSError as exc:
@@ -172,6 +178,7 @@ class NotebookStore(NotebookFolder):
         keep: int,
         cells: list[dict[str, Any]] | None,
         release_buffers: bool = False,
+        report_adoptable: bool = False,
     ) -> CommitResult:
         gens = self.checkpoint_ids()
         kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
@@ -188,7 +195,7 @@ class NotebookStore(NotebookFolder):
         before = {v.get("name"): v for v in previous.get("variables", [])} if previous is not None else {}
         compare = [COMPARE_MAX_BYTES]  # what is left to compare in this commit
         clean = mapping.CleanChunks()
-        adoptable: list[Any] = []
+        adoptable: list[Any] | None = [] if report_adoptable else None
         try:
             for var in snap.variables:
                 entry = self._entry(var, writing, before, compare, clean, adoptable)
@@ -254,7 +261,7 @@ class NotebookStore(NotebookFolder):
             0.0,
             other,
             sorted(writing.repaired),
-            adoptable=adoptable,
+            adoptable=adoptable or [],
             bytes_hashed=writing.hashed,
             backing_changed=sorted(writing.backing_changed),
         )
@@ -266,7 +273,7 @@ class NotebookStore(NotebookFolder):
         before: dict[str, Any],
         compare: list[int],
         clean: mapping.CleanChunks,
-        adoptable: list[Any],
+        adoptable: list[Any] | None,
     ) -> dict[str, Any] | None:
         """One variable's manifest entry, its blobs written; None if it is carried forward but its data is damaged."""
         if var.stored is not None:
@@ -323,8 +330,8 @@ class NotebookStore(NotebookFolder):
             if any(len(c) > 1 for c in cuts):
                 entry["pieces"] = [len(c) for c in cuts]
             for buf, c, ds in zip(var.buffers, cuts, chunk_digests, strict=True):
-                report = mapping.adoptable(mapping.address_of(buf), c, ds)
-                if report is not None:
+                report = mapping.adoptable(mapping.address_of(buf), c, ds) if adoptable is not None else None
+                if report is not None and adoptable is not None:
                     adoptable.append(report)
         return entry
 

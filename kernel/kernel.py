@@ -721,6 +721,7 @@ class DurableKernel(IPythonKernel):
             skip={name: reason for name, (oid, reason) in self._skip_until_rebound.items() if id(ns.get(name)) == oid},
             cells=self.history.to_json(),
             missing=[u for u in self._unsaved_at_restore if u[0] not in ns],
+            adopt=self.adoption is not None,
         )
         parent = self._parent_message()
         if parent is not None:

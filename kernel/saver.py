@@ -57,6 +57,8 @@ class SaveRequest:
     #: (name, type, reason) of variables a restored checkpoint could not save, still missing:
     #: still "not saved", so a later restart still offers to make them again
     missing: list[tuple[str, str, str]] | None = None
+    #: list the chunks the kernel may back by their files (``c.DurableKernel.map_arrays``)
+    adopt: bool = False
 
     def run_in_child(self, progress: Callable[[str], None] | None = None) -> CheckpointOutcome:
         """:meth:`run` in a forked child, which exits after it: the kernel's pages it holds are let go
@@ -90,6 +92,7 @@ class SaveRequest:
                 writer=self.writer,
                 cells=self.cells,
                 release_buffers=forked_child,
+                report_adoptable=self.adopt,
             )
         except CheckpointError as exc:
             return CheckpointOutcome.failed(str(exc))

@@ -29,7 +29,7 @@ def nb(tmp_path):
 
 
 def commit(nb, values, count=1):
-    return nb.commit(snapshot(values), execution_count=count)
+    return nb.commit(snapshot(values), execution_count=count, report_adoptable=True)
 
 
 def random_array(nbytes: int, seed: int = 0) -> np.ndarray:
