@@ -73,20 +73,6 @@ _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 #: Not in Python's mmap module before 3.13 (its value on Linux).
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if os.uname().sysname == "Linux" else None)
 _CAN_MAP = _libc is not None and os.path.exists("/proc/self/pagemap") and hasattr(mmap, "MAP_PRIVATE")
-#: Whether restored chunks are mapped from their files (else read into memory); see :func:`use_file_maps`.
-_map_restored = True
-
-
-def use_file_maps(enabled: bool) -> None:
-    """Map restored chunks from their files (True, the library's default) or read them into memory.
-
-    Each mapped chunk is a memory area of its own, and ``fork()`` copies every
-    area: thousands of them make each fork of a process holding gigabytes take
-    tens of milliseconds.  A kernel that forks after every cell reads instead,
-    unless it backs arrays by their files (``c.DurableKernel.map_arrays``).
-    """
-    global _map_restored
-    _map_restored = enabled
 
 
 def _map_budget() -> int:
@@ -147,7 +133,7 @@ def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, 
     total = sum(size for _, size, _, _ in pieces)
     region = mmap.mmap(-1, max(lead + total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = address_of(region)
-    mapped = may_map and _map_restored and _CAN_MAP and base is not None and len(_mapped) + len(pieces) <= _map_budget()
+    mapped = may_map and _CAN_MAP and base is not None and len(_mapped) + len(pieces) <= _map_budget()
     if not mapped:
         _prefault(region)
     offset = lead
@@ -181,14 +167,14 @@ def _forget(addresses: list[int], base: int | None) -> None:
 
 
 def _prefault(region: Any) -> None:
-    """Back a region that is about to be filled with huge pages, all at once: page by page, the first
-    writes into a fresh region cost more than reading the files (measured: 2.3 s against 0.25 s for 512 MiB)."""
-    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
-        if advice is not None:
-            try:
-                region.madvise(advice)
-            except OSError:  # an older kernel (POPULATE_WRITE is Linux 5.14+): the reads fault pages in instead
-                pass
+    """Back a region that is about to be filled, all at once: page by page, the first writes into a fresh
+    region cost more than reading the files (measured: 2.3 s against 0.25 s for 512 MiB).  Not with huge
+    pages: finding gigabytes of them can stall on compaction."""
+    if _MADV_POPULATE_WRITE is not None:
+        try:
+            region.madvise(_MADV_POPULATE_WRITE)
+        except OSError:  # an older kernel (Linux 5.14+): the reads fault the pages in instead
+            pass
 
 
 def _read_into(region: Any, offset: int, fd: int, size: int) -> None:
@@ -290,11 +276,6 @@ def _file_vmas() -> dict[int, tuple[int, int]]:
     except OSError:
         return {}
     return found
-
-
-def tracked() -> int:
-    """How many chunk maps this process holds (for tests and status)."""
-    return len(_mapped)
 
 
 # --- adopting: a buffer computed in this process, backed by the chunks a checkpoint just wrote ----------

@@ -24,15 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from durable_kernel.checkpoints import (
-    CheckpointError,
-    NotebookStore,
-    Store,
-    inventory,
-    maintenance,
-    mapping,
-    printable,
-)
+from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, inventory, maintenance, printable
 from durable_kernel.checkpoints.liveness import writer_alive
 from durable_kernel.checkpoints.location import open_store
 from ipykernel.ipkernel import IPythonKernel
@@ -163,14 +155,13 @@ class DurableKernel(IPythonKernel):
     map_arrays = Bool(
         False,
         config=True,
-        help="Back large arrays by their checkpoint's chunk files: restored arrays are their chunk files mapped "
-        "(private copy-on-write maps), and after a checkpoint an array computed here (numpy buffers over 1 MiB "
-        "that malloc got from mmap) is replaced, between cells and byte for byte checked, by maps of the chunks "
-        "it wrote. A checkpoint then reads only the chunks written since (a trivial cell's checkpoint of 4 GiB "
-        "takes a fraction of a second instead of hashing 4 GiB), and clean pages are page cache the system can "
-        "reclaim. The cost: each chunk is a memory area, which makes every fork (after each cell) slower, by "
-        "about 3 ms per GiB and more once the arrays are written; and a checkpoint file changed in place "
-        "changes the array (you are told). Off by default. Linux only.",
+        help="After a checkpoint, back each large array computed here (numpy buffers over 1 MiB that malloc got "
+        "from mmap) by the chunk files it wrote: between cells, byte for byte checked, its memory becomes private "
+        "copy-on-write maps of those files, as restored arrays already are. A checkpoint then reads only the "
+        "chunks written since (a trivial cell's checkpoint of 4 GiB hashes megabytes instead of 4 GiB), and clean "
+        "pages are page cache the system can reclaim. The cost: each chunk is a memory area, which makes every "
+        "fork (after each cell) slower, by about 3 ms per GiB and much more once the arrays are written; and a "
+        "checkpoint file changed in place changes the array (you are told). Off by default. Linux only.",
     )
     checkpoint_timeout = Float(
         300.0,
@@ -269,7 +260,6 @@ class DurableKernel(IPythonKernel):
             timeout=self.checkpoint_timeout or None,
             fork_margin=self.fork_memory_margin,
         )
-        mapping.use_file_maps(self.map_arrays)
         if self.map_arrays and self.background:
             self.adoption = Adoption(self._run_on_main_thread)
         if self.restore == "auto":
@@ -776,8 +766,8 @@ class DurableKernel(IPythonKernel):
             self.notices.once(
                 f"backing {name}",
                 f"a checkpoint file holding part of {name} was changed on disk while {name} was backed by it "
-                f"(c.DurableKernel.map_arrays), so {name}'s values in memory changed with it; it is saved as it is "
-                f"now: check it, or make it again.",
+                f"(its memory mapped from that file), so {name}'s values in memory changed with it; it is saved "
+                f"as it is now: check it, or make it again.",
             )
         self.log.debug(
             "checkpoint %s: %s variables, %s written in %.3f s",
