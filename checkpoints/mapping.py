@@ -210,6 +210,8 @@ def release(buffers: list[Any]) -> None:
             _libc.madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", 4))
 
 
+#: One line of /proc/self/maps: start-end perms offset dev inode [name].
+_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+) *(.*)$", re.MULTILINE)
 _DIRTY = bytes(1 if (b & 0x20) == 0 and (b & 0xC0) != 0 else 0 for b in range(256))
 
 
@@ -262,26 +264,23 @@ class CleanChunks:
             self._pagemap = None
 
 
-def _file_vmas() -> dict[int, tuple[int, int]]:
-    """start -> (end, inode) of this process's file mappings."""
-    found = {}
+def _memory_areas() -> list[tuple[int, int, str, int, str]]:
+    """``(start, end, perms, inode, name)`` of each of this process's memory areas ([] if unreadable)."""
     try:
         with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 5 or fields[4] == "0":
-                    continue
-                start, end = fields[0].split("-")
-                found[int(start, 16)] = (int(end, 16), int(fields[4]))
+            text = f.read()
     except OSError:
-        return {}
-    return found
+        return []
+    return [(int(a, 16), int(b, 16), perms, int(inode), name) for a, b, perms, inode, name in _MAPS_LINE.findall(text)]
+
+
+def _file_vmas() -> dict[int, tuple[int, int]]:
+    """start -> (end, inode) of this process's file mappings."""
+    return {start: (end, inode) for start, end, _, inode, _ in _memory_areas() if inode}
 
 
 # --- adopting: a buffer computed in this process, backed by the chunks a checkpoint just wrote ----------
 
-#: One line of /proc/self/maps: start-end perms offset dev inode [name].
-_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+) *(.*)$", re.MULTILINE)
 #: glibc's chunk header flag for memory it got from mmap (and only ever gives back with munmap).
 _IS_MMAPPED = 0x2
 
@@ -354,15 +353,7 @@ class Adopter:
         return adopted, left
 
     def _read_vmas(self) -> None:
-        try:
-            with open("/proc/self/maps") as f:
-                text = f.read()
-        except OSError:
-            text = ""
-        self._vmas = [
-            (int(start, 16), int(end, 16), perms, int(inode), name)
-            for start, end, perms, inode, name in _MAPS_LINE.findall(text)
-        ]
+        self._vmas = _memory_areas()
         self._starts = [v[0] for v in self._vmas]
 
     def _forget_unmapped(self) -> None:
