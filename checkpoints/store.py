@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import chunking, equivalence, mapping, retention
+from . import chunking, equivalence, mapping, retention, tracking
 from . import manifest as manifest_format
 from .blobs import BlobReader, BlobWriter, digest, digests, stamps_named_by
 from .errors import CheckpointError, CorruptCheckpoint, SaveError, UnsafeStore
@@ -132,8 +132,13 @@ class NotebookStore(NotebookFolder):
         cells: list[dict[str, Any]] | None = None,
         release_buffers: bool = False,
         report_adoptable: bool = False,
+        unwritten: tracking.Unwritten | None = None,
     ) -> CommitResult:
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
+
+        ``unwritten`` (in a checkpoint child of a kernel that tracks written pages,
+        ``tracking.py``) names chunks whose pages nobody wrote since the last
+        checkpoint: they are not read again, and every chunk's digest is noted in it.
 
         ``report_adoptable=True`` lists, in the result, the chunks this process may back by
         their files (``mapping.Adopter``); it costs a list entry per chunk, so only on request.
@@ -160,7 +165,7 @@ class NotebookStore(NotebookFolder):
                 # what keeps this commit from fitting.
                 retention.remove(retention.sweep_plan(self, None))
                 result = self._commit_locked(
-                    snap, execution_count, cell, writer or {}, keep, cells, release_buffers, report_adoptable
+                    snap, execution_count, cell, writer or {}, keep, cells, release_buffers, report_adoptable, unwritten
                 )
         except CheckpointError:
             raise
@@ -179,6 +184,7 @@ class NotebookStore(NotebookFolder):
         cells: list[dict[str, Any]] | None,
         release_buffers: bool = False,
         report_adoptable: bool = False,
+        unwritten: tracking.Unwritten | None = None,
     ) -> CommitResult:
         gens = self.checkpoint_ids()
         kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
@@ -198,7 +204,7 @@ class NotebookStore(NotebookFolder):
         adoptable: list[Any] | None = [] if report_adoptable else None
         try:
             for var in snap.variables:
-                entry = self._entry(var, writing, before, compare, clean, adoptable)
+                entry = self._entry(var, writing, before, compare, clean, adoptable, unwritten)
                 if entry is None:
                     skipped.append({"name": var.name, "type": var.type, "reason": "its saved data is damaged"})
                 else:
@@ -274,6 +280,7 @@ class NotebookStore(NotebookFolder):
         compare: list[int],
         clean: mapping.CleanChunks,
         adoptable: list[Any] | None,
+        unwritten: tracking.Unwritten | None = None,
     ) -> dict[str, Any] | None:
         """One variable's manifest entry, its blobs written; None if it is carried forward but its data is damaged."""
         if var.stored is not None:
@@ -289,10 +296,11 @@ class NotebookStore(NotebookFolder):
             entry["span"] = list(var.span)
             entry["part"] = digest(var.part)
         # Large buffers are stored as chunks (chunking.py); a chunk whose pages are untouched
-        # since it was mapped from its blob (mapping.py) is not even read.
+        # since it was mapped from its blob (mapping.py) or since the last checkpoint
+        # (tracking.py) is not even read.
         cuts = [chunking.buffer_cuts(buf.nbytes, mapping.address_of(buf)) for buf in var.buffers]
         chunk_digests = [
-            _chunk_digests(buf, c, clean, writing, self.blob_path, var.name)
+            _chunk_digests(buf, c, clean, writing, self.blob_path, var.name, unwritten)
             for buf, c in zip(var.buffers, cuts, strict=True)
         ]
         buffer_digests = [d for ds in chunk_digests for d in ds]
@@ -527,13 +535,16 @@ def _chunk_digests(
     writing: BlobWriter,
     blob_path: Any,
     name: str,
+    unwritten: tracking.Unwritten | None = None,
 ) -> list[str]:
-    """The digest of each chunk of ``buffer``: read from its mapping when untouched, else hashed."""
+    """The digest of each chunk of ``buffer``: known when its pages are untouched, else hashed."""
     address = mapping.address_of(buffer) if len(cuts) > 1 else None
     known = {}
     if address is not None:
         for start, end in cuts:
             found = clean.digest_if_clean(address + start, end - start, blob_path)
+            if found is None and unwritten is not None:
+                found = unwritten.digest(address + start, end - start)
             if found is not None:
                 known[start] = found
     view = memoryview(buffer).cast("B")
@@ -547,7 +558,10 @@ def _chunk_digests(
                 # Untouched pages, yet other bytes: the file under them was written in place.
                 writing.backing_changed.add(name)
     known.update(hashed)
-    return [known[a] for a, _ in cuts]
+    result = [known[a] for a, _ in cuts]
+    if address is not None and unwritten is not None:
+        unwritten.note(address, view.nbytes, cuts, result)
+    return result
 
 
 def _with_python(entry: dict[str, Any], version: Any) -> dict[str, Any]:

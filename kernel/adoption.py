@@ -22,13 +22,12 @@ from typing import Any
 
 from durable_kernel.checkpoints.mapping import Adopter
 
+from .threads import KernelThreads
+
 log = logging.getLogger(__name__)
 
 #: Seconds of one step on the main thread (a cell sent meanwhile waits this long at most).
 STEP_SECONDS = 0.005
-#: Where the threads ipykernel, IPython and this package start come from.
-#: (``zmq.``: pyzmq's garbage collector thread for zero-copy messages, started at the first large one.)
-_KERNEL_MODULES = ("ipykernel.", "IPython.", "durable_kernel.", "jupyter_client.", "zmq.")
 #: Seconds between tries while a user's thread is alive.
 RETRY_SECONDS = 5.0
 
@@ -39,7 +38,7 @@ class Adoption:
     def __init__(self, schedule: Callable[[Callable[[], None], float], None]):
         #: ``schedule(fn, delay)``: run ``fn`` on the main thread's loop after ``delay`` seconds (thread-safe)
         self._schedule = schedule
-        self._own_threads = set(threading.enumerate())
+        self._threads = KernelThreads()
         self._lock = threading.Lock()
         self._pending: list[Any] = []
         self._blob_path: Callable[[str], Path] | None = None
@@ -80,7 +79,7 @@ class Adoption:
             with self._lock:
                 self._scheduled = False
             return
-        foreign = self._foreign_threads()
+        foreign = self._threads.foreign()
         if foreign:
             log.debug("not backing arrays by their checkpoint files while threads %s run", foreign)
             self._again(pending, RETRY_SECONDS)
@@ -103,18 +102,3 @@ class Adoption:
                 self._scheduled = False
                 return
         self._schedule(self.step, delay)
-
-    def _foreign_threads(self) -> list[str]:
-        return [t.name for t in threading.enumerate() if t.is_alive() and not self._kernels(t)]
-
-    def _kernels(self, thread: threading.Thread) -> bool:
-        """Is this one of the kernel's own threads (which never write the user's arrays)?"""
-        if type(thread).__name__ == "SubshellThread":
-            return False  # runs the user's cells
-        if thread in self._own_threads:
-            return True
-        if type(thread) is threading.Thread:
-            module = getattr(getattr(thread, "_target", None), "__module__", None) or ""
-        else:
-            module = type(thread).__module__
-        return module.startswith(_KERNEL_MODULES)

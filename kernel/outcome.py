@@ -47,6 +47,10 @@ class CheckpointOutcome:
     bytes_hashed: int = 0
     #: arrays backed by a checkpoint file that was changed in place (their memory changed with it)
     backing_changed: list[str] = field(default_factory=list)
+    #: the written-page scan this checkpoint's index of chunks answers to (0: none left; ``tracking.py``)
+    tracked_scan: int = 0
+    #: page-aligned ``[start, end)`` of the large buffers saved, for the kernel to track from now on
+    tracked_buffers: list[Any] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         """JSON of bounded size: a namespace of 100,000 unsaveable objects must not make a huge message."""

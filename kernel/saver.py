@@ -20,6 +20,7 @@ from typing import Any
 
 from durable_kernel.checkpoints import CheckpointError, NotebookStore, snapshot
 from durable_kernel.checkpoints.serialize import Skipped
+from durable_kernel.checkpoints.tracking import Unwritten, WrittenPages
 
 from . import humanize
 from .background import BackgroundWriter, fork_supported, memory_for_fork
@@ -59,6 +60,9 @@ class SaveRequest:
     missing: list[tuple[str, str, str]] | None = None
     #: list the chunks the kernel may back by their files (``c.DurableKernel.map_arrays``)
     adopt: bool = False
+    #: the kernel's written-page tracker, the scan taken just before the fork, and whether to trust it
+    #: (``c.DurableKernel.track_writes``; used by a forked child only)
+    tracking: tuple[WrittenPages, int, bool] | None = None
 
     def run_in_child(self, progress: Callable[[str], None] | None = None) -> CheckpointOutcome:
         """:meth:`run` in a forked child, which exits after it: the kernel's pages it holds are let go
@@ -83,6 +87,7 @@ class SaveRequest:
             memory_left=memory_left,
         )
         snap.skipped += [Skipped(name, tname, reason) for name, tname, reason in self.missing or []]
+        unwritten = Unwritten(*self.tracking) if forked_child and self.tracking is not None else None
         try:
             done = self.notebook.commit(
                 snap,
@@ -93,9 +98,14 @@ class SaveRequest:
                 cells=self.cells,
                 release_buffers=forked_child,
                 report_adoptable=self.adopt,
+                unwritten=unwritten,
             )
         except CheckpointError as exc:
             return CheckpointOutcome.failed(str(exc))
+        tracked_scan = 0
+        if unwritten is not None and self.tracking is not None and not done.superseded:
+            unwritten.save()
+            tracked_scan = self.tracking[1]
         return CheckpointOutcome(
             ok=True,
             superseded=done.superseded,
@@ -111,6 +121,8 @@ class SaveRequest:
             adoptable=done.adoptable,
             bytes_hashed=done.bytes_hashed,
             backing_changed=done.backing_changed,
+            tracked_scan=tracked_scan,
+            tracked_buffers=unwritten.buffers if tracked_scan and unwritten is not None else [],
         )
 
 

@@ -1,0 +1,453 @@
+"""Which pages of this process's memory were written since the last checkpoint, where soft-dirty bits are missing.
+
+Why: a checkpoint of a namespace holding 4 GiB of arrays should read what the
+user changed, not 4 GiB.  Soft-dirty page bits would say which pages were
+written, but many kernels (these VMs among them) are built without them.
+Since Linux 6.7 the same answer comes from userfaultfd's asynchronous
+write-protect mode, which is what CRIU uses in their place:
+
+* the large buffers a checkpoint saw are registered with a userfaultfd in
+  ``UFFD_FEATURE_WP_ASYNC`` mode and write-protected.  The first write to a
+  page is resolved by the kernel itself (no handler thread, nothing waits for
+  us) and leaves the page unprotected;
+* before each checkpoint's fork, the ``PAGEMAP_SCAN`` ioctl lists the pages
+  written since and protects them again, atomically, range by range
+  (:meth:`WrittenPages.scan`, in the kernel process);
+* the checkpoint child hashes only the chunks holding a page written since
+  the last checkpoint that committed; every other chunk keeps the digest that
+  checkpoint recorded for the same addresses (:class:`Unwritten`, from an
+  index each committed child leaves for the next in a memory file of the
+  kernel's, gone with it).
+
+Everything fails closed: a range whose registration was lost (freed,
+remapped, moved) is counted as written throughout, a page neither present nor
+swapped counts as written, and without the index of a checkpoint every scan
+since is known for, nothing is trusted.  A range mostly written between two
+checkpoints is let go for a while: each first write to a protected page costs
+a fault (about 1 us per 4 KiB page, and it splits huge pages), which buys
+nothing when the whole buffer is hashed anyway.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import errno
+import hashlib
+import logging
+import mmap
+import os
+import platform
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from .chunking import PAGE
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Unwritten", "WrittenPages"]
+
+_SYSCALL_USERFAULTFD = {"x86_64": 323, "aarch64": 282}.get(platform.machine())
+_UFFD_USER_MODE_ONLY = 1
+_UFFD_API = 0xAA
+_FEATURE_WP_UNPOPULATED = 1 << 13
+_FEATURE_WP_ASYNC = 1 << 15
+
+
+def _ioc(direction: int, kind: int, number: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (kind << 8) | number
+
+
+_UFFDIO_API = _ioc(3, 0xAA, 0x3F, 24)
+_UFFDIO_REGISTER = _ioc(3, 0xAA, 0x00, 32)
+_UFFDIO_UNREGISTER = _ioc(2, 0xAA, 0x01, 16)
+_UFFDIO_WRITEPROTECT = _ioc(3, 0xAA, 0x06, 24)
+_PAGEMAP_SCAN = _ioc(3, ord("f"), 16, 96)
+_REGISTER_MODE_WP = 1 << 1
+_WRITEPROTECT_MODE_WP = 1
+_SCAN_WP_MATCHING = 1
+_SCAN_CHECK_WPASYNC = 2
+_PAGE_IS_WRITTEN = 1 << 1
+_PAGE_IS_PRESENT = 1 << 3
+_PAGE_IS_SWAPPED = 1 << 4
+
+#: A range with more than this share of its pages written between two checkpoints is let go for a while.
+HOT_SHARE = 0.5
+#: Checkpoints a let-go range waits before it is tracked again (doubling each time it is found hot).
+BACKOFF_FIRST, BACKOFF_MAX = 2, 64
+#: Most ranges tracked at once (each is a memory area; the checkpoint reports one per large buffer).
+MAX_RANGES = 4096
+#: Scans remembered while no checkpoint commits (a child after more than that many hashes everything).
+MAX_SCANS = 256
+
+_INDEX_MAGIC = b"DKWRITTEN1\n"
+_INDEX_ENTRY = struct.Struct("<QQ32s")
+
+
+class _Region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "size",
+            "flags",
+            "start",
+            "end",
+            "walk_end",
+            "vec",
+            "vec_len",
+            "max_pages",
+            "category_inverted",
+            "category_mask",
+            "category_anyof_mask",
+            "return_mask",
+        )
+    ]
+
+
+@dataclass
+class _Range:
+    end: int
+    #: the scan that first protected it: its pages' digests are known from checkpoints taken at or after it
+    since: int
+
+
+@dataclass
+class _History:
+    """What a checkpoint child inherits: the ranges tracked and the pages written, scan by scan."""
+
+    epoch: int = 0
+    #: start -> range, as of the last scan
+    ranges: dict[int, _Range] = field(default_factory=dict)
+    #: scan -> merged [start, end) intervals written (or not known unwritten) since the scan before it
+    written: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+
+class WrittenPages:
+    """Tracks the pages of large buffers written between checkpoints (the kernel process's side).
+
+    :meth:`open` returns None where the kernel cannot (Linux before 6.7, no
+    userfaultfd, other architectures); checkpoints then hash every chunk.
+    """
+
+    def __init__(self, uffd: int, pagemap: int, index_fd: int):
+        self._uffd = uffd
+        self._pagemap = pagemap
+        #: a memory file where each committed checkpoint child leaves the digests of the chunks it saw
+        self.index_fd = index_fd
+        self._lock = threading.Lock()
+        self.history = _History()
+        self._candidates: list[tuple[int, int]] = []
+        #: (start, end) -> (first scan to try again at, current wait)
+        self._backoff: dict[tuple[int, int], tuple[int, int]] = {}
+        self._vec = (_Region * 512)()
+
+    @classmethod
+    def open(cls) -> WrittenPages | None:
+        """A tracker if this kernel has asynchronous write-protect and PAGEMAP_SCAN, and they pass a self-test."""
+        if _SYSCALL_USERFAULTFD is None or not hasattr(os, "fork"):
+            return None
+        libc = _libc()
+        uffd = libc.syscall(_SYSCALL_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY)
+        if uffd < 0:
+            log.info("written-page tracking is off: userfaultfd: %s", os.strerror(ctypes.get_errno()))
+            return None
+        fds = [uffd]
+        try:
+            api = struct.pack("QQQ", _UFFD_API, _FEATURE_WP_ASYNC | _FEATURE_WP_UNPOPULATED, 0)
+            _ioctl(uffd, _UFFDIO_API, ctypes.create_string_buffer(api, len(api)))
+            fds.append(os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(os.memfd_create("durable-kernel-written-pages", os.MFD_CLOEXEC))
+            tracker = cls(*fds)
+            if tracker._self_test():
+                return tracker
+            log.info("written-page tracking is off: its self-test failed")
+        except (OSError, AttributeError) as exc:
+            log.info("written-page tracking is off: %s", exc)
+        for fd in fds:
+            os.close(fd)
+        return None
+
+    def _self_test(self) -> bool:
+        """Protect four pages, write the second and the fourth: exactly those two must read written."""
+        test = mmap.mmap(-1, 4 * PAGE)
+        anchor = ctypes.c_char.from_buffer(test)
+        try:
+            start = ctypes.addressof(anchor)
+            for i in range(4):
+                test[i * PAGE] = 1
+            self._register(start, start + 4 * PAGE)
+            try:
+                test[PAGE] = 2
+                test[3 * PAGE] = 2
+                first = self._written(start, start + 4 * PAGE)
+                again = self._written(start, start + 4 * PAGE)
+            finally:
+                self._unregister(start, start + 4 * PAGE)
+            return first == [(start + PAGE, start + 2 * PAGE), (start + 3 * PAGE, start + 4 * PAGE)] and again == []
+        finally:
+            del anchor
+            test.close()
+
+    def offer(self, ranges: list[tuple[int, int]]) -> None:
+        """The large buffers (page-aligned ``[start, end)``) a checkpoint saw: tracked from the next scan on."""
+        with self._lock:
+            self._candidates = ranges[:MAX_RANGES]
+
+    def confirm(self, epoch: int) -> None:
+        """The checkpoint forked after scan ``epoch`` committed: what was written before it is no longer needed."""
+        with self._lock:
+            for old in [e for e in self.history.written if e <= epoch]:
+                del self.history.written[old]
+
+    def scan(self) -> int:
+        """Just before a checkpoint's fork (main thread): note and protect again what was written since the
+        last scan, take on offered ranges; returns this scan's number, which the child passes to :class:`Unwritten`."""
+        with self._lock:
+            history = self.history
+            epoch = history.epoch + 1
+            written: list[tuple[int, int]] = []
+            for start, rng in list(history.ranges.items()):
+                try:
+                    found = self._written(start, rng.end) + self._absent(start, rng.end)
+                except OSError:
+                    # Freed, remapped or moved since: whatever lives there now was never protected.
+                    del history.ranges[start]
+                    self._unregister(start, rng.end)
+                    written.append((start, rng.end))
+                    continue
+                written += found
+                if sum(b - a for a, b in found) > HOT_SHARE * (rng.end - start):
+                    del history.ranges[start]
+                    self._unregister(start, rng.end)
+                    self._wait(start, rng.end, epoch)
+            for start, end in self._candidates:
+                if len(history.ranges) >= MAX_RANGES:
+                    break
+                if not self._may_track(start, end, epoch):
+                    continue
+                try:
+                    self._register(start, end)
+                except OSError as exc:  # a file mapping (a restored array), or not ours to register
+                    log.debug("not tracking %#x-%#x: %s", start, end, exc)
+                    self._wait(start, end, epoch, BACKOFF_MAX)
+                    continue
+                history.ranges[start] = _Range(end, epoch)
+                written.append((start, end))
+            self._candidates = []
+            history.written[epoch] = _merged(written)
+            history.written.pop(epoch - MAX_SCANS, None)
+            history.epoch = epoch
+            return epoch
+
+    def _may_track(self, start: int, end: int, epoch: int) -> bool:
+        if end - start < PAGE or start in self.history.ranges:
+            return False
+        waiting = self._backoff.get((start, end))
+        if waiting is not None and epoch < waiting[0]:
+            return False
+        starts = sorted(self.history.ranges)
+        i = bisect.bisect_right(starts, start) - 1
+        if i >= 0 and self.history.ranges[starts[i]].end > start:
+            return False  # overlaps a tracked range
+        return not (i + 1 < len(starts) and starts[i + 1] < end)
+
+    def _wait(self, start: int, end: int, epoch: int, period: int | None = None) -> None:
+        previous = self._backoff.get((start, end), (0, BACKOFF_FIRST // 2))[1]
+        wait = period or min(previous * 2, BACKOFF_MAX)
+        self._backoff[(start, end)] = (epoch + wait, wait)
+        if len(self._backoff) > 4 * MAX_RANGES:
+            self._backoff = dict(list(self._backoff.items())[-MAX_RANGES:])
+
+    def close(self) -> None:
+        """Stop tracking (the memory keeps working as before)."""
+        with self._lock:
+            for start, rng in self.history.ranges.items():
+                self._unregister(start, rng.end)
+            self.history.ranges.clear()
+            for fd in (self._uffd, self._pagemap, self.index_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._uffd = self._pagemap = self.index_fd = -1
+
+    # --- the kernel's interfaces ---------------------------------------------------------
+
+    def _register(self, start: int, end: int) -> None:
+        reg = ctypes.create_string_buffer(struct.pack("QQQQ", start, end - start, _REGISTER_MODE_WP, 0), 32)
+        _ioctl(self._uffd, _UFFDIO_REGISTER, reg)
+        protect = ctypes.create_string_buffer(struct.pack("QQQ", start, end - start, _WRITEPROTECT_MODE_WP), 24)
+        try:
+            _ioctl(self._uffd, _UFFDIO_WRITEPROTECT, protect)
+        except OSError:
+            self._unregister(start, end)
+            raise
+
+    def _unregister(self, start: int, end: int) -> None:
+        rng = ctypes.create_string_buffer(struct.pack("QQ", start, end - start), 16)
+        try:
+            _ioctl(self._uffd, _UFFDIO_UNREGISTER, rng)
+        except OSError:
+            pass  # already gone with its memory
+
+    def _written(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Pages written since they were protected; protects them again (one atomic step per page)."""
+        return self._scan(start, end, _SCAN_WP_MATCHING, _PAGE_IS_WRITTEN, 0)
+
+    def _absent(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Pages neither present nor swapped (dropped: they read as zeros now)."""
+        both = _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED
+        return self._scan(start, end, 0, both, both)
+
+    def _scan(self, start: int, end: int, flags: int, mask: int, inverted: int) -> list[tuple[int, int]]:
+        found: list[tuple[int, int]] = []
+        at = start
+        while at < end:
+            arg = _ScanArg(
+                size=ctypes.sizeof(_ScanArg),
+                flags=flags | _SCAN_CHECK_WPASYNC,
+                start=at,
+                end=end,
+                vec=ctypes.addressof(self._vec),
+                vec_len=len(self._vec),
+                category_inverted=inverted,
+                category_mask=mask,
+                return_mask=mask,
+            )
+            count = _ioctl(self._pagemap, _PAGEMAP_SCAN, arg)
+            found += [(self._vec[i].start, self._vec[i].end) for i in range(count)]
+            if arg.walk_end <= at:
+                raise OSError(errno.EIO, "PAGEMAP_SCAN made no progress")
+            at = arg.walk_end
+        return found
+
+
+class Unwritten:
+    """In a checkpoint child: the digests of chunks none of whose pages were written since the last
+    checkpoint that committed, and the index this checkpoint leaves for the next one.
+
+    ``trust=False`` (another thread of the user's may be writing memory as the
+    checkpoint forks) hashes everything but still leaves the index.
+    """
+
+    def __init__(self, tracker: WrittenPages, epoch: int, trust: bool = True):
+        self._index_fd = tracker.index_fd
+        self._history = tracker.history
+        self._epoch = epoch
+        self._trust = trust
+        self._loaded = False
+        self._known: dict[tuple[int, int], str] = {}
+        self._dirty_starts: list[int] = []
+        self._dirty_ends: list[int] = []
+        self._trusted_starts: list[int] = []
+        self._trusted_ends: list[int] = []
+        self._seen: list[tuple[int, int, str]] = []
+        #: page-aligned ``[start, end)`` of each large buffer saved, for :meth:`WrittenPages.offer`
+        self.buffers: list[tuple[int, int]] = []
+
+    def digest(self, address: int, size: int) -> str | None:
+        """The digest recorded for the chunk ``[address, address + size)`` if none of its pages was written since."""
+        if not self._loaded:
+            self._load()
+        found = self._known.get((address, size))
+        if found is None:
+            return None
+        end = address + size
+        i = bisect.bisect_right(self._trusted_starts, address) - 1
+        if i < 0 or self._trusted_ends[i] < end:
+            return None
+        j = bisect.bisect_left(self._dirty_ends, address + 1)
+        if j < len(self._dirty_starts) and self._dirty_starts[j] < end:
+            return None
+        return found
+
+    def note(self, address: int, nbytes: int, cuts: list[tuple[int, int]], digests: list[str]) -> None:
+        """The chunks of one buffer (at ``address``) as this checkpoint saved them."""
+        start, end = -(-address // PAGE) * PAGE, (address + nbytes) // PAGE * PAGE
+        if end - start >= PAGE:
+            self.buffers.append((start, end))
+        for (a, b), digest_hex in zip(cuts, digests, strict=True):
+            self._seen.append((address + a, b - a, digest_hex))
+
+    def save(self) -> None:
+        """After the commit: leave the digests of the tracked chunks for the next checkpoint (atomically)."""
+        ranges = self._history.ranges
+        starts = sorted(ranges)
+        entries = []
+        for address, size, digest_hex in self._seen:
+            i = bisect.bisect_right(starts, address) - 1
+            if i >= 0 and ranges[starts[i]].end >= address + size:
+                entries.append(_INDEX_ENTRY.pack(address, size, bytes.fromhex(digest_hex)))
+        body = struct.pack("<QQ", self._epoch, len(entries)) + b"".join(entries)
+        # Checkpoint children run one at a time, but one may die while writing: the checksum
+        # makes a torn index read as none (the next checkpoint then hashes everything).
+        data = _INDEX_MAGIC + hashlib.blake2b(body, digest_size=16).digest() + body
+        try:
+            os.ftruncate(self._index_fd, 0)
+            os.pwrite(self._index_fd, data, 0)
+        except OSError:
+            log.warning("could not leave the index of written pages; the next checkpoint hashes everything")
+
+    def _load(self) -> None:
+        self._loaded = True
+        if not self._trust:
+            return
+        try:
+            data = os.pread(self._index_fd, os.fstat(self._index_fd).st_size, 0)
+        except OSError:
+            return
+        head = len(_INDEX_MAGIC) + 16 + 16
+        if not data.startswith(_INDEX_MAGIC) or len(data) < head:
+            return
+        checksum, body = data[len(_INDEX_MAGIC) : len(_INDEX_MAGIC) + 16], data[len(_INDEX_MAGIC) + 16 :]
+        if hashlib.blake2b(body, digest_size=16).digest() != checksum:
+            return
+        since, count = struct.unpack_from("<QQ", body)
+        if len(data) != head + count * _INDEX_ENTRY.size:
+            return
+        written = self._history.written
+        if since >= self._epoch or any(e not in written for e in range(since + 1, self._epoch + 1)):
+            return  # a scan between is forgotten: what it saw is unknown
+        dirty = _merged([iv for e in range(since + 1, self._epoch + 1) for iv in written[e]])
+        self._dirty_starts = [a for a, _ in dirty]
+        self._dirty_ends = [b for _, b in dirty]
+        trusted = sorted((s, r.end) for s, r in self._history.ranges.items() if r.since <= since)
+        self._trusted_starts = [a for a, _ in trusted]
+        self._trusted_ends = [b for _, b in trusted]
+        for address, size, raw in _INDEX_ENTRY.iter_unpack(data[head:]):
+            self._known[(address, size)] = raw.hex()
+
+
+def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.syscall.restype = ctypes.c_long
+        _LIBC.ioctl.restype = ctypes.c_int
+        _LIBC.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    return _LIBC
+
+
+def _ioctl(fd: int, request: int, arg: ctypes.Array | ctypes.Structure) -> int:
+    result = _libc().ioctl(fd, request, ctypes.addressof(arg))
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result

@@ -1,0 +1,236 @@
+"""Written-page tracking (userfaultfd asynchronous write-protect + PAGEMAP_SCAN): a checkpoint reads what was written.
+
+Library level, in this process: the digests tracking vouches for agree with
+hashing the memory, chunk by chunk, after scattered writes, dropped pages and
+memory freed and mapped again; a torn or outdated index is not trusted; an
+array rewritten whole is let go.  Kernel level (real kernels, kill -9): with
+the defaults, a trivial cell's checkpoint of a large array reads nothing, one
+element reads one chunk, and the values come back exactly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+import pytest
+from conftest import holds, wait_saved
+from durable_kernel.checkpoints import Store, chunking, mapping, snapshot
+from durable_kernel.checkpoints.blobs import digests
+from durable_kernel.checkpoints.tracking import Unwritten, WrittenPages
+
+KEY = b"pages-key-" * 7
+MIB = 1 << 20
+PAGE = mmap.PAGESIZE
+
+TRACKER = WrittenPages.open()
+pytestmark = pytest.mark.skipif(
+    TRACKER is None, reason="this Linux has no asynchronous userfaultfd write-protect with PAGEMAP_SCAN (6.7+)"
+)
+
+
+@pytest.fixture
+def nb(tmp_path):
+    return Store(tmp_path / "store", KEY).notebook("pages.ipynb")
+
+
+@pytest.fixture
+def tracker():
+    made = WrittenPages.open()
+    assert made is not None
+    yield made
+    made.close()
+
+
+def checkpoint(nb, tracker: WrittenPages, values: dict, count: int = 1, trust: bool = True):
+    """What a kernel and its checkpoint child do, in one process: scan, commit, leave the index, confirm."""
+    scan = tracker.scan()
+    unwritten = Unwritten(tracker, scan, trust)
+    result = nb.commit(snapshot(values), execution_count=count, unwritten=unwritten)
+    unwritten.save()
+    tracker.confirm(scan)
+    tracker.offer(unwritten.buffers)
+    return result
+
+
+def vouched(tracker: WrittenPages, buffer) -> list[tuple[str | None, str]]:
+    """(digest tracking vouches for or None, digest of the memory now) for each chunk of ``buffer``."""
+    view = memoryview(buffer).cast("B")
+    address = mapping.address_of(view)
+    cuts = chunking.buffer_cuts(view.nbytes, address)
+    unwritten = Unwritten(tracker, tracker.scan())
+    return list(
+        zip(
+            [unwritten.digest(address + a, b - a) for a, b in cuts],
+            digests([view[a:b] for a, b in cuts]),
+            strict=True,
+        )
+    )
+
+
+def tracked_array(nb, tracker, nbytes: int = 40 * MIB) -> np.ndarray:
+    arr = np.random.default_rng(1).random(nbytes // 8)
+    checkpoint(nb, tracker, {"arr": arr})  # sees it: tracked from the next scan
+    checkpoint(nb, tracker, {"arr": arr}, 2)  # protects it and records its chunks
+    return arr
+
+
+def test_tracking_and_hashing_agree_on_every_chunk_after_scattered_writes(nb, tracker):
+    arr = tracked_array(nb, tracker)
+    written = set()
+    for index in np.random.default_rng(3).integers(0, arr.size, 12):
+        arr[index] = -arr[index] - 1.0  # always a different value
+        written.add(int(index) * 8)
+    address = mapping.address_of(memoryview(arr).cast("B"))
+    cuts = chunking.buffer_cuts(arr.nbytes, address)
+    states = vouched(tracker, arr)
+    for (start, end), (given, hashed) in zip(cuts, states, strict=True):
+        if given is not None:
+            assert given == hashed  # a chunk vouched for holds exactly what was recorded
+        if any(start <= w < end for w in written):
+            assert given is None
+    assert sum(given is not None for given, _ in states) >= len(cuts) - len(written) - 2  # all but those and head/tail
+
+
+def test_a_page_given_back_to_the_system_counts_as_written(nb, tracker):
+    arr = tracked_array(nb, tracker)
+    address = mapping.address_of(memoryview(arr).cast("B"))
+    page = (address + 10 * MIB) // PAGE * PAGE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.madvise(page, PAGE, mmap.MADV_DONTNEED) == 0  # reads as zeros from now on
+    for (given, hashed), (start, end) in zip(vouched(tracker, arr), chunking.buffer_cuts(arr.nbytes, address)):
+        if address + start <= page < address + end:
+            assert given is None
+        elif given is not None:
+            assert given == hashed
+
+
+def test_memory_freed_and_mapped_again_at_the_same_place_is_not_trusted(nb, tracker):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = 16 * MIB
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    first = np.frombuffer((ctypes.c_char * size).from_address(address), dtype=np.uint8)
+    first[:] = 7
+    checkpoint(nb, tracker, {"buf": first})
+    checkpoint(nb, tracker, {"buf": first}, 2)
+    del first
+    assert libc.munmap(address, size) == 0
+    fixed = flags | 0x100000  # MAP_FIXED_NOREPLACE: the same addresses, or fail
+    assert libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE, fixed, -1, 0) == address
+    again = np.frombuffer((ctypes.c_char * size).from_address(address), dtype=np.uint8)
+    again[:] = 9  # written before any scan could see it: only the lost registration tells
+    try:
+        assert all(given is None for given, _ in vouched(tracker, again))
+    finally:
+        del again
+        libc.munmap(address, size)
+
+
+def test_an_array_rewritten_whole_is_let_go_and_tracked_again_later(nb, tracker):
+    arr = tracked_array(nb, tracker)
+    assert len(tracker.history.ranges) == 1
+    arr += 1.0
+    checkpoint(nb, tracker, {"arr": arr}, 3)
+    assert tracker.history.ranges == {}  # no faults on its next rewrites
+    for count in range(4, 8):
+        checkpoint(nb, tracker, {"arr": arr}, count)
+    assert len(tracker.history.ranges) == 1
+
+
+def test_a_torn_index_is_not_trusted(nb, tracker):
+    arr = tracked_array(nb, tracker)
+    size = os.fstat(tracker.index_fd).st_size
+    os.ftruncate(tracker.index_fd, size - 7)  # a child killed while writing it
+    assert all(given is None for given, _ in vouched(tracker, arr))
+
+
+def test_an_index_older_than_a_forgotten_scan_is_not_trusted(nb, tracker):
+    arr = tracked_array(nb, tracker)
+    tracker.scan()
+    tracker.confirm(tracker.history.epoch)  # another checkpoint's scan, dropped as if it had committed
+    assert all(given is None for given, _ in vouched(tracker, arr))
+
+
+def test_a_checkpoint_taken_while_a_users_thread_runs_hashes_every_chunk(nb, tracker):
+    arr = tracked_array(nb, tracker)
+    result = checkpoint(nb, tracker, {"arr": arr}, 3, trust=False)
+    assert result.bytes_hashed == arr.nbytes
+    assert checkpoint(nb, tracker, {"arr": arr}, 4).bytes_hashed < MIB  # its index serves the next
+
+
+def test_a_trusted_checkpoint_stores_what_memory_holds(nb, tracker):
+    arr = tracked_array(nb, tracker)
+    arr[123_456] = -5.0
+    arr[-1] = 3.0
+    result = checkpoint(nb, tracker, {"arr": arr}, 3)
+    assert result.bytes_hashed <= 3 * chunking.BUFFER_CHUNK_BYTES
+    assert np.array_equal(nb.load_latest().values["arr"], arr)
+
+
+# --- real kernels -----------------------------------------------------------------------------------
+
+
+def outcome(kernel, field: str) -> int:
+    return int(kernel.value(f"get_ipython().kernel.last_outcome.{field}"))
+
+
+def test_a_trivial_cells_checkpoint_reads_nothing_of_a_large_array_and_one_element_reads_one_chunk(start_kernel):
+    kernel = start_kernel(session="pages.ipynb")
+    assert not kernel.execute("import numpy as np\nbig = np.random.default_rng(0).random(32 << 20)").error
+    wait_saved(kernel)
+    assert outcome(kernel, "bytes_hashed") >= 256 * MIB  # the first checkpoint reads everything
+    assert not kernel.execute("x = 1").error  # from this one on, its pages are tracked
+    wait_saved(kernel)
+    assert not kernel.execute("x = 2").error
+    wait_saved(kernel)
+    assert outcome(kernel, "bytes_hashed") < MIB
+    assert not kernel.execute("big[20_000_000] = -1.0").error
+    wait_saved(kernel)
+    assert outcome(kernel, "bytes_hashed") <= 3 * chunking.BUFFER_CHUNK_BYTES  # the chunk, the head and the tail
+    assert outcome(kernel, "bytes_written") < MIB
+    kernel.kill()
+    again = start_kernel(session="pages.ipynb")
+    holds(
+        again,
+        "big[20_000_000] == -1.0 and np.array_equal(np.delete(big, 20_000_000), "
+        "np.delete(np.random.default_rng(0).random(32 << 20), 20_000_000))",
+    )
+
+
+def test_a_kernel_whose_users_thread_runs_hashes_every_chunk_and_its_values_come_back(start_kernel):
+    kernel = start_kernel(session="pages.ipynb")
+    cell = (
+        "import threading, numpy as np\nstop = threading.Event()\n"
+        "big = np.random.default_rng(0).random(8 << 20)\n"
+        "def scribble():\n    while not stop.wait(0.001):\n        big[5] += 1.0\n"
+        "worker = threading.Thread(target=scribble)\nworker.start()"
+    )
+    assert not kernel.execute(cell).error
+    for i in range(3):
+        assert not kernel.execute(f"x = {i}").error
+        wait_saved(kernel)
+        assert outcome(kernel, "bytes_hashed") >= 64 * MIB  # the thread may write as the checkpoint forks
+    assert not kernel.execute("stop.set()\nworker.join()\nbig[5] = 0.5").error
+    wait_saved(kernel)
+    kernel.kill()
+    again = start_kernel(session="pages.ipynb")
+    holds(again, "big[5] == 0.5 and big[6] == np.random.default_rng(0).random(8 << 20)[6]")
+
+
+def test_with_tracking_off_each_checkpoint_reads_every_chunk(start_kernel):
+    kernel = start_kernel(session="pages.ipynb", extra_arguments=["--DurableKernel.track_writes=False"])
+    assert not kernel.execute("import numpy as np\nbig = np.random.default_rng(0).random(8 << 20)").error
+    wait_saved(kernel)
+    holds(kernel, "get_ipython().kernel.written_pages is None")
+    for i in range(3):
+        assert not kernel.execute(f"x = {i}").error
+        wait_saved(kernel)
+    assert outcome(kernel, "bytes_hashed") >= 64 * MIB
+    assert outcome(kernel, "bytes_written") < MIB  # but only the manifest is written
