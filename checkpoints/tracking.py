@@ -25,7 +25,11 @@ swapped counts as written, and without the index of a checkpoint every scan
 since is known for, nothing is trusted.  A range mostly written between two
 checkpoints is let go for a while: each first write to a protected page costs
 a fault (about 1 us per 4 KiB page, and it splits huge pages), which buys
-nothing when the whole buffer is hashed anyway.
+nothing when the whole buffer is hashed anyway.  Its faults also split its huge
+pages, which makes every later fork copy 512 times more page-table entries
+(about 22 ms per GiB here), so once no checkpoint child shares its pages, a
+thread makes them huge again (:func:`collapse`, ``MADV_COLLAPSE``: about
+80 ms per GiB, off the main thread).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import os
 import platform
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .chunking import PAGE
@@ -80,6 +86,10 @@ BACKOFF_FIRST, BACKOFF_MAX = 2, 64
 MAX_RANGES = 4096
 #: Scans remembered while no checkpoint commits (a child after more than that many hashes everything).
 MAX_SCANS = 256
+
+_MADV_COLLAPSE = 25
+#: Bytes made huge again per call (a fork waits for the call in progress at most).
+_COLLAPSE_STEP = 64 << 20
 
 _INDEX_MAGIC = b"DKWRITTEN1\n"
 _INDEX_ENTRY = struct.Struct("<QQ32s")
@@ -145,6 +155,8 @@ class WrittenPages:
         #: (start, end) -> (first scan to try again at, current wait)
         self._backoff: dict[tuple[int, int], tuple[int, int]] = {}
         self._vec = (_Region * 512)()
+        #: ranges let go since :meth:`take_let_go`: their huge pages were split by tracking
+        self._let_go: list[tuple[int, int]] = []
 
     @classmethod
     def open(cls) -> WrittenPages | None:
@@ -225,6 +237,7 @@ class WrittenPages:
                     del history.ranges[start]
                     self._unregister(start, rng.end)
                     self._wait(start, rng.end, epoch)
+                    self._let_go.append((start, rng.end))
             for start, end in self._candidates:
                 if len(history.ranges) >= MAX_RANGES:
                     break
@@ -243,6 +256,12 @@ class WrittenPages:
             history.written.pop(epoch - MAX_SCANS, None)
             history.epoch = epoch
             return epoch
+
+    def take_let_go(self) -> list[tuple[int, int]]:
+        """The ranges let go (mostly rewritten) since the last call, for :func:`collapse`."""
+        with self._lock:
+            taken, self._let_go = self._let_go, []
+            return taken
 
     def _may_track(self, start: int, end: int, epoch: int) -> bool:
         if end - start < PAGE or start in self.history.ranges:
@@ -419,6 +438,32 @@ class Unwritten:
         self._trusted_ends = [b for _, b in trusted]
         for address, size, raw in _INDEX_ENTRY.iter_unpack(data[head:]):
             self._known[(address, size)] = raw.hex()
+
+
+def collapse(ranges: list[tuple[int, int]], quiet: Callable[[], bool], patience: float = 60.0) -> None:
+    """Make the pages of ``ranges`` huge again (``MADV_COLLAPSE``, Linux 6.1+), a step at a time, only
+    while ``quiet()`` (no checkpoint child shares them: collapsing a shared page copies it).  For a thread."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return
+    except OSError:
+        return
+    libc = _libc()
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    deadline = time.monotonic() + patience
+    huge = 2 << 20
+    for start, end in ranges:
+        at = -(-start // huge) * huge
+        while at + huge <= end:
+            while not quiet():
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            step = min(_COLLAPSE_STEP, (end - at) // huge * huge)
+            if libc.madvise(at, step, _MADV_COLLAPSE) != 0 and ctypes.get_errno() in (errno.EINVAL, errno.ENOMEM):
+                break  # not huge-page memory (or unmapped since): nothing to restore here
+            at += step
 
 
 def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -27,7 +27,7 @@ from typing import Any
 from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, inventory, maintenance, printable
 from durable_kernel.checkpoints.liveness import writer_alive
 from durable_kernel.checkpoints.location import open_store
-from durable_kernel.checkpoints.tracking import WrittenPages
+from durable_kernel.checkpoints.tracking import WrittenPages, collapse
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
@@ -783,6 +783,14 @@ class DurableKernel(IPythonKernel):
         if self.written_pages is not None and outcome.tracked_scan:
             self.written_pages.confirm(outcome.tracked_scan)
             self.written_pages.offer([(a, b) for a, b in outcome.tracked_buffers])
+            let_go = self.written_pages.take_let_go()
+            if let_go:
+                saver = self._saver
+
+                def quiet() -> bool:
+                    return not saver.running
+
+                threading.Thread(target=collapse, args=(let_go, quiet), name="durable-huge-pages", daemon=True).start()
         for name in outcome.repaired:
             self.notices.once(
                 f"repaired {name}", f"the saved copy of {name} was damaged on disk; it has been saved again."

@@ -19,7 +19,7 @@ import pytest
 from conftest import holds, wait_saved
 from durable_kernel.checkpoints import Store, chunking, mapping, snapshot
 from durable_kernel.checkpoints.blobs import digests
-from durable_kernel.checkpoints.tracking import Unwritten, WrittenPages
+from durable_kernel.checkpoints.tracking import Unwritten, WrittenPages, collapse
 
 KEY = b"pages-key-" * 7
 MIB = 1 << 20
@@ -101,7 +101,9 @@ def test_a_page_given_back_to_the_system_counts_as_written(nb, tracker):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     assert libc.madvise(page, PAGE, mmap.MADV_DONTNEED) == 0  # reads as zeros from now on
-    for (given, hashed), (start, end) in zip(vouched(tracker, arr), chunking.buffer_cuts(arr.nbytes, address)):
+    for (given, hashed), (start, end) in zip(
+        vouched(tracker, arr), chunking.buffer_cuts(arr.nbytes, address), strict=True
+    ):
         if address + start <= page < address + end:
             assert given is None
         elif given is not None:
@@ -142,6 +144,34 @@ def test_an_array_rewritten_whole_is_let_go_and_tracked_again_later(nb, tracker)
     for count in range(4, 8):
         checkpoint(nb, tracker, {"arr": arr}, count)
     assert len(tracker.history.ranges) == 1
+
+
+def huge_bytes_around(address: int) -> int:
+    """AnonHugePages of the memory area holding ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(
+    "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(), reason="huge pages are off here"
+)
+def test_the_huge_pages_of_an_array_let_go_are_made_again(nb, tracker):
+    arr = tracked_array(nb, tracker, 64 * MIB)
+    address = mapping.address_of(memoryview(arr).cast("B"))
+    arr += 1.0  # each first write splits a huge page
+    checkpoint(nb, tracker, {"arr": arr}, 3)
+    let_go = tracker.take_let_go()
+    assert huge_bytes_around(address + 32 * MIB) < 8 * MIB
+    collapse(let_go, lambda: True)
+    assert huge_bytes_around(address + 32 * MIB) >= 48 * MIB
 
 
 def test_a_torn_index_is_not_trusted(nb, tracker):
