@@ -58,7 +58,10 @@ def buffer_cuts(nbytes: int, address: int | None = None) -> list[tuple[int, int]
     boundaries of memory: a first piece shorter than a page (the "head", up to
     the first page boundary) comes before them.  A restored buffer is placed at
     the same offset in its page, so its chunks are cut the same way again, and
-    each chunk can be backed by its blob file (``mapping.py``).
+    each chunk can be backed by its blob file (``mapping.py``).  Likewise a
+    last piece shorter than a page (the "tail", after the last page boundary)
+    comes after them, so that every other chunk is whole pages: a chunk whose
+    pages nobody wrote is then known unchanged (``tracking.py``), never read.
     """
     if nbytes <= BUFFER_CHUNK_BYTES:
         return [(0, nbytes)]
@@ -66,6 +69,10 @@ def buffer_cuts(nbytes: int, address: int | None = None) -> list[tuple[int, int]
     head = (-address) % PAGE if address is not None else 0
     cuts = [(0, head)] if head else []
     cuts += [(start, min(start + size, nbytes)) for start in range(head, nbytes, size)]
+    tail = (address + nbytes) % PAGE if address is not None else 0
+    start, end = cuts[-1]
+    if tail and end - start > tail:
+        cuts[-1:] = [(start, end - tail), (end - tail, end)]
     return cuts
 
 

@@ -10,19 +10,27 @@ write-protect mode, which is what CRIU uses in their place:
   ``UFFD_FEATURE_WP_ASYNC`` mode and write-protected.  The first write to a
   page is resolved by the kernel itself (no handler thread, nothing waits for
   us) and leaves the page unprotected;
-* before each checkpoint's fork, the ``PAGEMAP_SCAN`` ioctl lists the pages
-  written since and protects them again, atomically, range by range
-  (:meth:`WrittenPages.scan`, in the kernel process);
-* the checkpoint child hashes only the chunks holding a page written since
-  the last checkpoint that committed; every other chunk keeps the digest that
-  checkpoint recorded for the same addresses (:class:`Unwritten`, from an
-  index each committed child leaves for the next in a memory file of the
-  kernel's, gone with it).
+* right after each checkpoint's fork, the ``PAGEMAP_SCAN`` ioctl lists the
+  pages written since the previous scan and protects them again, atomically,
+  range by range (:meth:`WrittenPages.scan`, in the kernel process), and sends
+  the list to the child through a pipe;
+* the checkpoint child hashes only the chunks holding a page written since the
+  fork of the last checkpoint that committed; every other chunk keeps the
+  digest that checkpoint recorded for the same addresses (:class:`Unwritten`,
+  from an index each committed child leaves for the next in a memory file of
+  the kernel's, gone with it).
+
+Why after the fork: a scan sees writes up to itself, so a scan after fork
+``i`` counts writes made just before and just after it; the child of fork
+``j`` counts as written everything the scans after forks ``i`` to ``j`` saw,
+which covers every write between the two forks whatever threads made them
+(a scan before the fork would miss a write another thread makes between the
+scan and the fork).
 
 Everything fails closed: a range whose registration was lost (freed,
 remapped, moved) is counted as written throughout, a page neither present nor
 swapped counts as written, and without the index of a checkpoint every scan
-since is known for, nothing is trusted.  A range mostly written between two
+since is known for (or no list from the kernel), nothing is trusted.  A range mostly written between two
 checkpoints is let go for a while: each first write to a protected page costs
 a fault (about 1 us per 4 KiB page, and it splits huge pages), which buys
 nothing when the whole buffer is hashed anyway.  Its faults also split its huge
@@ -35,6 +43,7 @@ thread makes them huge again (:func:`collapse`, ``MADV_COLLAPSE``: about
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -122,7 +131,7 @@ class _ScanArg(ctypes.Structure):
 @dataclass
 class _Range:
     end: int
-    #: the scan that first protected it: its pages' digests are known from checkpoints taken at or after it
+    #: the scan that first protected it: its pages' digests are known from checkpoints forked after it
     since: int
 
 
@@ -133,7 +142,8 @@ class _History:
     epoch: int = 0
     #: start -> range, as of the last scan
     ranges: dict[int, _Range] = field(default_factory=dict)
-    #: scan -> merged [start, end) intervals written (or not known unwritten) since the scan before it
+    #: scan -> merged [start, end) intervals written (or not known unwritten) since the scan before it;
+    #: scan ``i`` is the one right after checkpoint ``i``'s fork
     written: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
@@ -211,14 +221,32 @@ class WrittenPages:
             self._candidates = ranges[:MAX_RANGES]
 
     def confirm(self, epoch: int) -> None:
-        """The checkpoint forked after scan ``epoch`` committed: what was written before it is no longer needed."""
+        """Checkpoint ``epoch`` committed (and left its index): older scans are no longer needed."""
         with self._lock:
-            for old in [e for e in self.history.written if e <= epoch]:
+            for old in [e for e in self.history.written if e < epoch]:
                 del self.history.written[old]
 
-    def scan(self) -> int:
-        """Just before a checkpoint's fork (main thread): note and protect again what was written since the
-        last scan, take on offered ranges; returns this scan's number, which the child passes to :class:`Unwritten`."""
+    @property
+    def next_scan(self) -> int:
+        """The number of the next scan: the checkpoint about to fork passes it to :class:`Unwritten`."""
+        return self.history.epoch + 1
+
+    def scan(self, send_to: int | None = None) -> int:
+        """Right after a checkpoint's fork (main thread): note and protect again what was written since the
+        last scan, take on offered ranges; returns this scan's number.  With ``send_to`` (a pipe's write
+        end, closed here), what this scan saw goes to the child, whose :class:`Unwritten` reads it."""
+        try:
+            epoch = self._note_written()
+        except BaseException:
+            if send_to is not None:
+                os.close(send_to)  # the child then trusts nothing
+            raise
+        if send_to is not None:
+            history = self.history
+            _send(send_to, epoch, history.written[epoch], sorted((a, r.end) for a, r in history.ranges.items()))
+        return epoch
+
+    def _note_written(self) -> int:
         with self._lock:
             history = self.history
             epoch = history.epoch + 1
@@ -345,18 +373,21 @@ class WrittenPages:
 
 
 class Unwritten:
-    """In a checkpoint child: the digests of chunks none of whose pages were written since the last
-    checkpoint that committed, and the index this checkpoint leaves for the next one.
+    """In a checkpoint child: the digests of chunks none of whose pages was written since the fork of the
+    last checkpoint that committed, and the index this checkpoint leaves for the next one.
 
-    ``trust=False`` (another thread of the user's may be writing memory as the
-    checkpoint forks) hashes everything but still leaves the index.
+    ``epoch`` is the scan the kernel takes right after this child's fork
+    (:attr:`WrittenPages.next_scan` before it), ``received`` the read end of
+    the pipe that scan is sent through.
     """
 
-    def __init__(self, tracker: WrittenPages, epoch: int, trust: bool = True):
+    def __init__(self, tracker: WrittenPages, epoch: int, received: int):
         self._index_fd = tracker.index_fd
-        self._history = tracker.history
+        # As of the fork (a child's copy never changes; in one process, the scan must not show through).
+        self._ranges = dict(tracker.history.ranges)
+        self._written = dict(tracker.history.written)
         self._epoch = epoch
-        self._trust = trust
+        self._received = received
         self._loaded = False
         self._known: dict[tuple[int, int], str] = {}
         self._dirty_starts: list[int] = []
@@ -393,7 +424,7 @@ class Unwritten:
 
     def save(self) -> None:
         """After the commit: leave the digests of the tracked chunks for the next checkpoint (atomically)."""
-        ranges = self._history.ranges
+        ranges = self._ranges
         starts = sorted(ranges)
         entries = []
         for address, size, digest_hex in self._seen:
@@ -412,8 +443,9 @@ class Unwritten:
 
     def _load(self) -> None:
         self._loaded = True
-        if not self._trust:
-            return
+        after_fork = _receive(self._received, self._epoch)
+        if after_fork is None:
+            return  # the kernel sent no scan (it died, or tracking failed): nothing is known unwritten
         try:
             data = os.pread(self._index_fd, os.fstat(self._index_fd).st_size, 0)
         except OSError:
@@ -427,13 +459,16 @@ class Unwritten:
         since, count = struct.unpack_from("<QQ", body)
         if len(data) != head + count * _INDEX_ENTRY.size:
             return
-        written = self._history.written
-        if since >= self._epoch or any(e not in written for e in range(since + 1, self._epoch + 1)):
+        written = {**self._written, self._epoch: after_fork[0]}
+        if since >= self._epoch or any(e not in written for e in range(since, self._epoch + 1)):
             return  # a scan between is forgotten: what it saw is unknown
-        dirty = _merged([iv for e in range(since + 1, self._epoch + 1) for iv in written[e]])
+        # The scan after fork ``since`` counts too: it saw writes made after that fork.
+        dirty = _merged([iv for e in range(since, self._epoch + 1) for iv in written[e]])
         self._dirty_starts = [a for a, _ in dirty]
         self._dirty_ends = [b for _, b in dirty]
-        trusted = sorted((s, r.end) for s, r in self._history.ranges.items() if r.since <= since)
+        # Ranges protected before fork ``since`` and still tracked at the scan after this fork.
+        still = after_fork[1]
+        trusted = sorted((a, r.end) for a, r in self._ranges.items() if r.since < since and (a, r.end) in still)
         self._trusted_starts = [a for a, _ in trusted]
         self._trusted_ends = [b for _, b in trusted]
         for address, size, raw in _INDEX_ENTRY.iter_unpack(data[head:]):
@@ -464,6 +499,55 @@ def collapse(ranges: list[tuple[int, int]], quiet: Callable[[], bool], patience:
             if libc.madvise(at, step, _MADV_COLLAPSE) != 0 and ctypes.get_errno() in (errno.EINVAL, errno.ENOMEM):
                 break  # not huge-page memory (or unmapped since): nothing to restore here
             at += step
+
+
+#: Most intervals sent to a child at once: a pipe holds 64 KiB, and the kernel must never wait on it.
+_MAX_SENT = 1500
+_SENT_HEAD = struct.Struct("<QQQ")
+
+
+def _send(fd: int, epoch: int, written: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> None:
+    """Write a scan's result to a checkpoint child's pipe (never blocking), then close it."""
+    huge = 2 << 20
+    while len(written) + len(ranges) > _MAX_SENT:
+        # Coarser is still true: a wider interval only makes the child hash more.
+        written = _merged([(a // huge * huge, -(-b // huge) * huge) for a, b in written])
+        if len(written) + len(ranges) > _MAX_SENT:
+            written, ranges = [(0, 1 << 64)], []
+        huge *= 16
+    body = _SENT_HEAD.pack(epoch, len(written), len(ranges))
+    body += b"".join(struct.pack("<QQ", a, min(b, (1 << 64) - 1)) for a, b in written + ranges)
+    try:
+        os.set_blocking(fd, False)
+        os.write(fd, body)
+    except OSError:
+        log.debug("could not send a scan to its checkpoint child", exc_info=True)
+    finally:
+        os.close(fd)
+
+
+def _receive(fd: int, epoch: int) -> tuple[list[tuple[int, int]], set[tuple[int, int]]] | None:
+    """What :func:`_send` wrote for scan ``epoch`` (written intervals, ranges tracked), None if not all of it."""
+    chunks = []
+    try:
+        while True:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    data = b"".join(chunks)
+    if len(data) < _SENT_HEAD.size:
+        return None
+    sent, n_written, n_ranges = _SENT_HEAD.unpack_from(data)
+    if sent != epoch or len(data) != _SENT_HEAD.size + 16 * (n_written + n_ranges):
+        return None
+    pairs = [struct.unpack_from("<QQ", data, _SENT_HEAD.size + 16 * i) for i in range(n_written + n_ranges)]
+    return pairs[:n_written], set(pairs[n_written:])
 
 
 def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:

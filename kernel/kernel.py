@@ -38,7 +38,6 @@ from .outcome import CheckpointOutcome
 from .recompute import CellHistory, record_cell
 from .restore import restore, wait_for_previous_kernel
 from .saver import Saver, SaveRequest
-from .threads import KernelThreads
 
 _IPYTHON_NAMES = frozenset({"In", "Out", "_", "__", "___", "_ih", "_oh", "_dh", "get_ipython", "exit", "quit"})
 _IPYTHON_PATTERN = re.compile(r"^_i?\d+$|^_i{1,3}$")
@@ -226,7 +225,6 @@ class DurableKernel(IPythonKernel):
         self.adoption: Adoption | None = None
         #: which pages of large arrays were written since the last checkpoint (``track_writes``)
         self.written_pages: WrittenPages | None = None
-        self._threads = KernelThreads()
         #: why checkpoints are off for this kernel ("" while they work)
         self.off_reason = ""
         self._key_warnings: list[str] = []
@@ -730,22 +728,31 @@ class DurableKernel(IPythonKernel):
             missing=[u for u in self._unsaved_at_restore if u[0] not in ns],
             adopt=self.adoption is not None,
         )
-        if self.written_pages is not None:
-            # Just before the fork (Saver.save): what was written since the last scan is
-            # noted and protected again.  A user's thread could write between the two, so
-            # with one alive the child trusts nothing and hashes every chunk.
-            request.tracking = (self.written_pages, self.written_pages.scan(), not self._threads.foreign())
         parent = self._parent_message()
         if parent is not None:
             self._request_parents[self._checkpoint_seq] = parent
             for old in [seq for seq in self._request_parents if seq < self._checkpoint_seq - 8]:
                 del self._request_parents[old]
+        send_scan = None
         try:
             hold = self.notebook.hold_saving()
-            self._saver.save(request, keep_fds=[hold] if hold is not None else [])
+            keep = [hold] if hold is not None else []
+            if self.written_pages is not None:
+                received, send_scan = os.pipe()
+                request.tracking = (self.written_pages, self.written_pages.next_scan, received, send_scan)
+                keep.append(received)
+            self._saver.save(request, keep_fds=keep)
         except Exception as exc:
             self.log.exception("checkpoint failed")
             self._note_failure(f"{type(exc).__name__}: {exc}")
+        finally:
+            if send_scan is not None and self.written_pages is not None:
+                # Right after the fork: what was written since the last scan (up to now) goes to the child.
+                try:
+                    self.written_pages.scan(send_scan)
+                except Exception:
+                    self.log.exception("written-page tracking failed; checkpoints hash every chunk from now on")
+                    self.written_pages = None
 
     def _run_on_main_thread(self, fn: Callable[[], None], delay: float) -> None:
         """Run ``fn`` on the kernel's main loop, between cells, after ``delay`` seconds (from any thread)."""

@@ -60,9 +60,10 @@ class SaveRequest:
     missing: list[tuple[str, str, str]] | None = None
     #: list the chunks the kernel may back by their files (``c.DurableKernel.map_arrays``)
     adopt: bool = False
-    #: the kernel's written-page tracker, the scan taken just before the fork, and whether to trust it
-    #: (``c.DurableKernel.track_writes``; used by a forked child only)
-    tracking: tuple[WrittenPages, int, bool] | None = None
+    #: the kernel's written-page tracker, the number of the scan it takes right after the fork, and the
+    #: read and write ends of the pipe it sends that scan through (``c.DurableKernel.track_writes``;
+    #: used by a forked child only)
+    tracking: tuple[WrittenPages, int, int, int] | None = None
 
     def run_in_child(self, progress: Callable[[str], None] | None = None) -> CheckpointOutcome:
         """:meth:`run` in a forked child, which exits after it: the kernel's pages it holds are let go
@@ -87,7 +88,11 @@ class SaveRequest:
             memory_left=memory_left,
         )
         snap.skipped += [Skipped(name, tname, reason) for name, tname, reason in self.missing or []]
-        unwritten = Unwritten(*self.tracking) if forked_child and self.tracking is not None else None
+        unwritten = None
+        if forked_child and self.tracking is not None:
+            tracker, scan, received, sent_from = self.tracking
+            os.close(sent_from)  # the kernel's end: the pipe ends when the kernel closes its copy
+            unwritten = Unwritten(tracker, scan, received)
         try:
             done = self.notebook.commit(
                 snap,

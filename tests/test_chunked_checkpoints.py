@@ -143,7 +143,7 @@ def test_an_adopted_array_keeps_its_values_and_its_writes(nb):
     copy = arr.copy()
     first = commit(nb, {"arr": arr})
     adopted, left = mapping.Adopter(nb.blob_path).adopt(first.adoptable, 60.0)
-    assert adopted == 63 and left == []  # 64 chunks less the head piece and the short last one
+    assert adopted == 64 and left == []  # every chunk but the head and tail pieces (shorter than a page)
     assert np.array_equal(arr, copy)
     arr[1_000_000] = 42.0
     copy[1_000_000] = 42.0
