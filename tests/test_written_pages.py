@@ -173,6 +173,17 @@ def test_an_array_rewritten_whole_is_let_go_and_tracked_again_later(nb, tracker)
     assert len(tracker.history.ranges) == 1
 
 
+def test_an_array_of_untouched_zeros_is_tracked_only_once_it_is_filled(nb, tracker):
+    arr = np.zeros(64 * MIB // 8)  # calloc: no page is there yet (protecting them would fill page tables)
+    for count in (1, 2, 3):
+        checkpoint(nb, tracker, {"arr": arr}, count)
+    assert tracker.history.ranges == {}
+    arr[:] = 1.0
+    for count in range(4, 9):
+        checkpoint(nb, tracker, {"arr": arr}, count)
+    assert len(tracker.history.ranges) == 1
+
+
 def huge_bytes_around(address: int) -> int:
     """AnonHugePages of the memory area holding ``address``."""
     inside = False
