@@ -202,19 +202,21 @@ class NotebookStore(NotebookFolder):
         compare = [COMPARE_MAX_BYTES]  # what is left to compare in this commit
         clean = mapping.CleanChunks()
         adoptable: list[Any] | None = [] if report_adoptable else None
+        # In a child that exits after this, each variable's memory is let go as soon as nothing
+        # left to save reads it: the kernel's writes to it are then no longer copied for the child.
+        let_go = _last_readers(snap.variables) if release_buffers else {}
         try:
-            for var in snap.variables:
+            for i, var in enumerate(snap.variables):
                 entry = self._entry(var, writing, before, compare, clean, adoptable, unwritten)
                 if entry is None:
                     skipped.append({"name": var.name, "type": var.type, "reason": "its saved data is damaged"})
                 else:
                     entries.append(entry)
+                mapping.release(let_go.pop(i, []))
         finally:
             clean.close()
         entries, broken = _whole_groups(entries)
         skipped += broken
-        if release_buffers:
-            mapping.release([buf for var in snap.variables for buf in var.buffers])
         writing.make_durable()
 
         generation = (gens[0] + 1) if gens else 1
@@ -562,6 +564,30 @@ def _chunk_digests(
     if address is not None and unwritten is not None:
         unwritten.note(address, view.nbytes, cuts, result)
     return result
+
+
+def _last_readers(variables: list[Variable]) -> dict[int, list[Any]]:
+    """Which buffers may be let go after each variable (by index) is saved: a buffer whose pages
+    another variable's buffer shares (a view, an array inside another) waits for the last of them."""
+    spans = []
+    for i, var in enumerate(variables):
+        for buf in var.buffers:
+            address = mapping.address_of(buf)
+            if address is not None:
+                spans.append((address, address + memoryview(buf).nbytes, i, buf))
+    spans.sort(key=lambda span: span[0])
+    after: dict[int, list[Any]] = {}
+    group: list[Any] = []
+    group_end, last = -1, -1
+    for start, end, i, buf in spans:
+        if group and start >= group_end + mapping.PAGE:  # no page in common with the group before
+            after.setdefault(last, []).extend(group)
+            group, last = [], -1
+        group.append(buf)
+        group_end, last = max(group_end, end), max(last, i)
+    if group:
+        after.setdefault(last, []).extend(group)
+    return after
 
 
 def _with_python(entry: dict[str, Any], version: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ hashes one chunk, and the state comes back exactly.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 import numpy as np
@@ -133,6 +134,40 @@ def test_page_tracking_and_hashing_agree_on_every_chunk(nb, how):
             assert hashed in stored  # a clean whole-page chunk is only ever hashed if not mapped
     mapped_chunks = sum(1 for t, _ in states if t is not None)
     assert mapped_chunks >= len(cuts) - len(written) - 2  # all but the written chunks and the head/tail
+
+
+def commit_in_child(nb, values: dict) -> None:
+    """Commit as a checkpoint child does: in a forked process that lets go of the memory it saved."""
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            nb.commit(snapshot(values), execution_count=1, release_buffers=True)
+            status = 0
+        finally:
+            os._exit(status)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_a_child_lets_go_of_memory_only_after_the_last_variable_whose_buffer_shares_it(nb):
+    arr = random_array(40 * MIB, seed=7)
+
+    def over(start: int, nbytes: int) -> np.ndarray:
+        """An array over part of ``arr``'s memory that shares no Python object with it (saved apart)."""
+        return np.frombuffer((ctypes.c_char * nbytes).from_address(arr.ctypes.data + start), dtype=np.float64)
+
+    values = {
+        "a_whole": arr,
+        "b_other": random_array(8 * MIB, seed=8),
+        "c_head": over(8000, 16 * MIB),
+        "d_other": random_array(8 * MIB, seed=9),
+        "e_tail": over(24 * MIB, 16 * MIB),
+    }
+    expected = {name: value.copy() for name, value in values.items()}
+    commit_in_child(nb, values)
+    restored = nb.load_latest().values
+    for name, value in expected.items():
+        assert np.array_equal(restored[name], value), name
 
 
 # --- arrays backed by their chunk files -----------------------------------------------------------
