@@ -90,8 +90,11 @@ _PAGE_IS_SWAPPED = 1 << 4
 HOT_SHARE = 0.5
 #: Checkpoints a let-go range waits before it is tracked again (doubling each time it is found hot).
 BACKOFF_FIRST, BACKOFF_MAX = 2, 64
-#: Most ranges tracked at once (each is a memory area; the checkpoint reports one per large buffer).
-MAX_RANGES = 4096
+#: Most ranges tracked at once, the largest buffers first: each costs two ioctls per scan (the
+#: kernel's main thread, after every cell) and splits a memory area that every fork copies.
+MAX_RANGES = 256
+#: Smaller buffers are hashed again by each checkpoint (1 MiB: a third of a millisecond).
+MIN_RANGE_BYTES = 4 << 20
 #: Scans remembered while no checkpoint commits (a child after more than that many hashes everything).
 MAX_SCANS = 256
 
@@ -218,8 +221,9 @@ class WrittenPages:
 
     def offer(self, ranges: list[tuple[int, int]]) -> None:
         """The large buffers (page-aligned ``[start, end)``) a checkpoint saw: tracked from the next scan on."""
+        largest = sorted((r for r in ranges if r[1] - r[0] >= MIN_RANGE_BYTES), key=lambda r: r[0] - r[1])
         with self._lock:
-            self._candidates = ranges[:MAX_RANGES]
+            self._candidates = largest[:MAX_RANGES]
 
     def confirm(self, epoch: int) -> None:
         """Checkpoint ``epoch`` committed (and left its index): older scans are no longer needed."""
@@ -412,7 +416,7 @@ class Unwritten:
         self._trusted_starts: list[int] = []
         self._trusted_ends: list[int] = []
         self._seen: list[tuple[int, int, str]] = []
-        #: page-aligned ``[start, end)`` of each large buffer saved, for :meth:`WrittenPages.offer`
+        #: page-aligned ``[start, end)`` of each buffer saved that is worth tracking (:meth:`WrittenPages.offer`)
         self.buffers: list[tuple[int, int]] = []
 
     def digest(self, address: int, size: int) -> str | None:
@@ -434,10 +438,14 @@ class Unwritten:
     def note(self, address: int, nbytes: int, cuts: list[tuple[int, int]], digests: list[str]) -> None:
         """The chunks of one buffer (at ``address``) as this checkpoint saved them."""
         start, end = -(-address // PAGE) * PAGE, (address + nbytes) // PAGE * PAGE
-        if end - start >= PAGE:
+        if end - start >= MIN_RANGE_BYTES:
             self.buffers.append((start, end))
         for (a, b), digest_hex in zip(cuts, digests, strict=True):
             self._seen.append((address + a, b - a, digest_hex))
+
+    def largest_buffers(self) -> list[tuple[int, int]]:
+        """The buffers worth tracking that this checkpoint saved, largest first, as many as are tracked."""
+        return sorted(self.buffers, key=lambda r: r[0] - r[1])[:MAX_RANGES]
 
     def save(self) -> None:
         """After the commit: leave the digests of the tracked chunks for the next checkpoint (atomically)."""

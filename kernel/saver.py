@@ -127,7 +127,7 @@ class SaveRequest:
             bytes_hashed=done.bytes_hashed,
             backing_changed=done.backing_changed,
             tracked_scan=tracked_scan,
-            tracked_buffers=unwritten.buffers if tracked_scan and unwritten is not None else [],
+            tracked_buffers=unwritten.largest_buffers() if tracked_scan and unwritten is not None else [],
         )
 
 
