@@ -154,15 +154,15 @@ class BlobWriter:
         the commit calls before its manifest."""
         if digest_hex in self._stamps:  # the same buffer twice in this commit
             return self._stamps[digest_hex]
-        path = self.nb.blob_path(digest_hex)
         size = memoryview(data).nbytes
         try:
-            info: os.stat_result | None = path.lstat()
+            info: os.stat_result | None = os.lstat(self.nb.blob_file(digest_hex))
         except FileNotFoundError:
             info = None
         if info is not None and self._trusted(digest_hex, info, size, name):
             found = stamp(info)
         else:
+            path = self.nb.blob_path(digest_hex)
             if info is not None and stat.S_ISDIR(info.st_mode):
                 self.nb.set_aside_locked(digest_hex, info)  # a rename cannot replace a directory
             make_private_dirs(path.parent)

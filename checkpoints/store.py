@@ -204,17 +204,23 @@ class NotebookStore(NotebookFolder):
         adoptable: list[Any] | None = [] if report_adoptable else None
         # In a child that exits after this, each variable's memory is let go as soon as nothing
         # left to save reads it: the kernel's writes to it are then no longer copied for the child.
-        let_go = _last_readers(snap.variables) if release_buffers else {}
+        # Those holding the most buffer bytes first: the sooner the child lets go of them, the less the
+        # kernel's writes meanwhile are copied for it.  The manifest lists them in their own order.
+        order = sorted(range(len(snap.variables)), key=lambda i: -sum(b.nbytes for b in snap.variables[i].buffers))
+        let_go = _last_readers([snap.variables[i] for i in order]) if release_buffers else {}
+        per_variable: dict[int, dict[str, Any] | None] = {}
         try:
-            for i, var in enumerate(snap.variables):
-                entry = self._entry(var, writing, before, compare, clean, adoptable, unwritten)
-                if entry is None:
-                    skipped.append({"name": var.name, "type": var.type, "reason": "its saved data is damaged"})
-                else:
-                    entries.append(entry)
-                mapping.release(let_go.pop(i, []))
+            for step, i in enumerate(order):
+                per_variable[i] = self._entry(snap.variables[i], writing, before, compare, clean, adoptable, unwritten)
+                mapping.release(let_go.pop(step, []))
         finally:
             clean.close()
+        for i, var in enumerate(snap.variables):
+            entry = per_variable[i]
+            if entry is None:
+                skipped.append({"name": var.name, "type": var.type, "reason": "its saved data is damaged"})
+            else:
+                entries.append(entry)
         entries, broken = _whole_groups(entries)
         skipped += broken
         writing.make_durable()
@@ -326,9 +332,14 @@ class NotebookStore(NotebookFolder):
             if len(payload) <= INLINE_MAX_BYTES:
                 entry["inline"] = base64.b64encode(payload).decode("ascii")
             elif len(payload) > chunking.STREAM_CHUNK_FROM:
-                stream = chunking.stream_cuts(payload)
                 view = memoryview(payload)
-                entry["stream"] = writing.put_chunks(view, stream, digests([view[a:b] for a, b in stream]), var.name)
+                # The same bytes as stored (the whole pickle's digest says so): its stored cuts and
+                # chunk digests hold, so neither the cuts nor the chunks are computed again.
+                known = _stored_stream(before.get(var.name), entry["digest"], len(payload))
+                stream, names = known if known is not None else (chunking.stream_cuts(payload), None)
+                if names is None:
+                    names = digests([view[a:b] for a, b in stream])
+                entry["stream"] = writing.put_chunks(view, stream, names, var.name)
             else:
                 entry["stamp"] = writing.put(entry["digest"], payload, var.name)
         if var.buffers:
@@ -564,6 +575,22 @@ def _chunk_digests(
     if address is not None and unwritten is not None:
         unwritten.note(address, view.nbytes, cuts, result)
     return result
+
+
+def _stored_stream(
+    stored: dict[str, Any] | None, digest_hex: str, size: int
+) -> tuple[list[tuple[int, int]], list[str]] | None:
+    """The cuts and chunk digests of a stored chunked pickle, if it is exactly these bytes."""
+    if not stored or stored.get("digest") != digest_hex or not isinstance(stored.get("stream"), list):
+        return None
+    cuts, names, at = [], [], 0
+    for chunk in stored["stream"]:
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("size"), int) or not chunk.get("digest"):
+            return None
+        cuts.append((at, at + chunk["size"]))
+        names.append(chunk["digest"])
+        at += chunk["size"]
+    return (cuts, names) if at == size else None
 
 
 def _last_readers(variables: list[Variable]) -> dict[int, list[Any]]:

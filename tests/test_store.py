@@ -52,7 +52,7 @@ def test_numpy_array_round_trips_through_its_512_kib_chunks(store):
     nb = store.notebook("a.ipynb")
     arr = np.arange(1_000_000, dtype=np.float64)
     result = commit(nb, {"arr": arr})
-    assert result.blobs_written in (16, 17)  # 8 MB in 512 KiB chunks, maybe a head up to its first page boundary
+    assert result.blobs_written in (16, 17, 18)  # 8 MB in 512 KiB chunks, maybe a head and a tail piece
     restored = nb.load_latest().values["arr"]
     np.testing.assert_array_equal(restored, arr)
 
