@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import mapping
 from .chunking import PAGE
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ MIN_RANGE_BYTES = 4 << 20
 MAX_SCANS = 256
 
 _MADV_COLLAPSE = 25
+_MS_ASYNC = 1
 #: Bytes made huge again per call (a fork waits for the call in progress at most).
 _COLLAPSE_STEP = 64 << 20
 
@@ -253,45 +255,67 @@ class WrittenPages:
 
     def _note_written(self) -> int:
         with self._lock:
-            history = self.history
-            epoch = history.epoch + 1
-            written: list[tuple[int, int]] = []
-            for start, rng in list(history.ranges.items()):
-                try:
-                    found = self._written(start, rng.end) + self._absent(start, rng.end)
-                except OSError:
-                    # Freed, remapped or moved since: whatever lives there now was never protected.
-                    del history.ranges[start]
-                    self._unregister(start, rng.end)
-                    written.append((start, rng.end))
-                    continue
-                written += found
-                if sum(b - a for a, b in found) > HOT_SHARE * (rng.end - start):
-                    del history.ranges[start]
-                    self._unregister(start, rng.end)
-                    self._wait(start, rng.end, epoch)
-                    self._let_go.append((start, rng.end))
-            for start, end in self._candidates:
-                if len(history.ranges) >= MAX_RANGES:
-                    break
-                if not self._may_track(start, end, epoch):
-                    continue
-                if not self._mostly_there(start, end):
-                    self._wait(start, end, epoch)
-                    continue
-                try:
-                    self._register(start, end)
-                except OSError as exc:  # a file mapping (a restored array), or not ours to register
-                    log.debug("not tracking %#x-%#x: %s", start, end, exc)
-                    self._wait(start, end, epoch, BACKOFF_MAX)
-                    continue
-                history.ranges[start] = _Range(end, epoch)
-                written.append((start, end))
-            self._candidates = []
-            history.written[epoch] = _merged(written)
-            history.written.pop(epoch - MAX_SCANS, None)
-            history.epoch = epoch
-            return epoch
+            epoch = self.history.epoch + 1
+            try:
+                return self._note_written_locked(epoch)
+            except BaseException:
+                # Interrupted midway (an interrupt as a cell ends): the ranges already scanned were
+                # protected again, so what they showed must not be forgotten. Everything counts as written.
+                self.history.written[epoch] = [(0, 1 << 64)]
+                self.history.epoch = epoch
+                raise
+
+    def _note_written_locked(self, epoch: int) -> int:
+        """The scan proper (under the lock); see :meth:`scan`."""
+        history = self.history
+        written: list[tuple[int, int]] = []
+        for start, rng in list(history.ranges.items()):
+            try:
+                # An address with no memory at all shows nothing written and no error: unmapped
+                # (even if mapped again since, unregistered, or only in a child) counts as lost.
+                _still_mapped(start, rng.end)
+                found = self._written(start, rng.end) + self._absent(start, rng.end)
+            except OSError:
+                # Freed, remapped or moved since: whatever lives there now was never protected.
+                del history.ranges[start]
+                self._unregister(start, rng.end)
+                written.append((start, rng.end))
+                continue
+            written += found
+            if sum(b - a for a, b in found) > HOT_SHARE * (rng.end - start):
+                del history.ranges[start]
+                self._unregister(start, rng.end)
+                self._wait(start, rng.end, epoch)
+                self._let_go.append((start, rng.end))
+        areas: list[tuple[int, int, str, int, str]] | None = None
+        for start, end in self._candidates:
+            if len(history.ranges) >= MAX_RANGES:
+                break
+            if not self._may_track(start, end, epoch):
+                continue
+            if areas is None:
+                areas = mapping._memory_areas()
+            if not _private_anonymous(areas, start, end):
+                # Shared memory (another process writes it), a file mapping (the file may change
+                # under it) or a device: writes that bypass this process's page tables are not seen.
+                self._wait(start, end, epoch, BACKOFF_MAX)
+                continue
+            if not self._mostly_there(start, end):
+                self._wait(start, end, epoch)
+                continue
+            try:
+                self._register(start, end)
+            except OSError as exc:  # a file mapping (a restored array), or not ours to register
+                log.debug("not tracking %#x-%#x: %s", start, end, exc)
+                self._wait(start, end, epoch, BACKOFF_MAX)
+                continue
+            history.ranges[start] = _Range(end, epoch)
+            written.append((start, end))
+        self._candidates = []
+        history.written[epoch] = _merged(written)
+        history.written.pop(epoch - MAX_SCANS, None)
+        history.epoch = epoch
+        return epoch
 
     def take_let_go(self) -> list[tuple[int, int]]:
         """The ranges let go (mostly rewritten) since the last call, for :func:`collapse`."""
@@ -416,8 +440,16 @@ class Unwritten:
         self._trusted_starts: list[int] = []
         self._trusted_ends: list[int] = []
         self._seen: list[tuple[int, int, str]] = []
+        self._distrusted = False
         #: page-aligned ``[start, end)`` of each buffer saved that is worth tracking (:meth:`WrittenPages.offer`)
         self.buffers: list[tuple[int, int]] = []
+
+    def distrust(self) -> None:
+        """Tracking was caught vouching for a changed chunk: vouch for nothing more, and leave no index
+        (the next checkpoint then hashes everything and starts a new one)."""
+        self._loaded, self._known, self._distrusted = True, {}, True
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._index_fd, 0)
 
     def digest(self, address: int, size: int) -> str | None:
         """The digest recorded for the chunk ``[address, address + size)`` if none of its pages was written since."""
@@ -449,12 +481,14 @@ class Unwritten:
 
     def save(self) -> None:
         """After the commit: leave the digests of the tracked chunks for the next checkpoint (atomically)."""
+        if self._distrusted:
+            return
         ranges = self._ranges
         starts = sorted(ranges)
         entries = []
         for address, size, digest_hex in self._seen:
             i = bisect.bisect_right(starts, address) - 1
-            if i >= 0 and ranges[starts[i]].end >= address + size:
+            if i >= 0 and ranges[starts[i]].end >= address + size and len(digest_hex) == 64:
                 entries.append(_INDEX_ENTRY.pack(address, size, bytes.fromhex(digest_hex)))
         body = struct.pack("<QQ", self._epoch, len(entries)) + b"".join(entries)
         # Checkpoint children run one at a time, but one may die while writing: the checksum
@@ -500,6 +534,29 @@ class Unwritten:
             self._known[(address, size)] = raw.hex()
 
 
+def _still_mapped(start: int, end: int) -> None:
+    """Raise OSError unless every page of ``[start, end)`` is mapped (``msync`` says ENOMEM where one is not;
+    on anonymous memory it writes nothing)."""
+    if _libc().msync(start, end - start, _MS_ASYNC) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _private_anonymous(areas: list[tuple[int, int, str, int, str]], start: int, end: int) -> bool:
+    """True if ``[start, end)`` is covered, without a gap, by private anonymous memory areas (only this
+    process's own writes can change it, and those go through its page tables)."""
+    at = start
+    for first, last, perms, inode, name in areas:
+        if last <= at or first >= end:
+            continue
+        if first > at or perms != "rw-p" or inode != 0 or name not in ("", "[heap]"):
+            return False
+        at = last
+        if at >= end:
+            return True
+    return False
+
+
 def collapse(ranges: list[tuple[int, int]], quiet: Callable[[], bool], patience: float = 60.0) -> None:
     """Make the pages of ``ranges`` huge again (``MADV_COLLAPSE``, Linux 6.1+), a step at a time, only
     while ``quiet()`` (no checkpoint child shares them: collapsing a shared page copies it).  For a thread."""
@@ -510,7 +567,6 @@ def collapse(ranges: list[tuple[int, int]], quiet: Callable[[], bool], patience:
     except OSError:
         return
     libc = _libc()
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     deadline = time.monotonic() + patience
     huge = 2 << 20
     for start, end in ranges:
@@ -533,18 +589,18 @@ _SENT_HEAD = struct.Struct("<QQQ")
 
 def _send(fd: int, epoch: int, written: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> None:
     """Write a scan's result to a checkpoint child's pipe (never blocking), then close it."""
-    huge = 2 << 20
-    while len(written) + len(ranges) > _MAX_SENT:
+    if len(written) + len(ranges) > _MAX_SENT:
         # Coarser is still true: a wider interval only makes the child hash more.
+        huge = 2 << 20
         written = _merged([(a // huge * huge, -(-b // huge) * huge) for a, b in written])
         if len(written) + len(ranges) > _MAX_SENT:
-            written, ranges = [(0, 1 << 64)], []
-        huge *= 16
+            written, ranges = [(0, 1 << 64)], []  # trusts nothing
     body = _SENT_HEAD.pack(epoch, len(written), len(ranges))
     body += b"".join(struct.pack("<QQ", a, min(b, (1 << 64) - 1)) for a, b in written + ranges)
     try:
         os.set_blocking(fd, False)
-        os.write(fd, body)
+        if os.write(fd, body) != len(body):
+            log.debug("a scan did not fit in its checkpoint child's pipe; it will hash everything")
     except OSError:
         log.debug("could not send a scan to its checkpoint child", exc_info=True)
     finally:
@@ -552,27 +608,36 @@ def _send(fd: int, epoch: int, written: list[tuple[int, int]], ranges: list[tupl
 
 
 def _receive(fd: int, epoch: int) -> tuple[list[tuple[int, int]], set[tuple[int, int]]] | None:
-    """What :func:`_send` wrote for scan ``epoch`` (written intervals, ranges tracked), None if not all of it."""
-    chunks = []
+    """What :func:`_send` wrote for scan ``epoch`` (written intervals, ranges tracked), None if not all of it.
+    Reads exactly that many bytes: a process forked meanwhile by a user's thread may hold the pipe open."""
     try:
-        while True:
-            data = os.read(fd, 1 << 16)
-            if not data:
-                break
-            chunks.append(data)
-    except OSError:
-        return None
+        head = _read_exactly(fd, _SENT_HEAD.size)
+        if head is None:
+            return None
+        sent, n_written, n_ranges = _SENT_HEAD.unpack(head)
+        if sent != epoch or n_written + n_ranges > _MAX_SENT:
+            return None
+        body = _read_exactly(fd, 16 * (n_written + n_ranges))
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
-    data = b"".join(chunks)
-    if len(data) < _SENT_HEAD.size:
+    if body is None:
         return None
-    sent, n_written, n_ranges = _SENT_HEAD.unpack_from(data)
-    if sent != epoch or len(data) != _SENT_HEAD.size + 16 * (n_written + n_ranges):
-        return None
-    pairs = [struct.unpack_from("<QQ", data, _SENT_HEAD.size + 16 * i) for i in range(n_written + n_ranges)]
+    pairs = [struct.unpack_from("<QQ", body, 16 * i) for i in range(n_written + n_ranges)]
     return pairs[:n_written], set(pairs[n_written:])
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    data = b""
+    try:
+        while len(data) < size:
+            more = os.read(fd, size - len(data))
+            if not more:
+                return None
+            data += more
+    except OSError:
+        return None
+    return data
 
 
 def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -596,6 +661,8 @@ def _libc() -> ctypes.CDLL:
         _LIBC.syscall.restype = ctypes.c_long
         _LIBC.ioctl.restype = ctypes.c_int
         _LIBC.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+        _LIBC.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return _LIBC
 
 

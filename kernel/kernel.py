@@ -746,13 +746,15 @@ class DurableKernel(IPythonKernel):
             self.log.exception("checkpoint failed")
             self._note_failure(f"{type(exc).__name__}: {exc}")
         finally:
-            if send_scan is not None and self.written_pages is not None:
+            tracker = self.written_pages
+            if send_scan is not None and tracker is not None:
                 # Right after the fork: what was written since the last scan (up to now) goes to the child.
                 try:
-                    self.written_pages.scan(send_scan)
+                    tracker.scan(send_scan)
                 except Exception:
                     self.log.exception("written-page tracking failed; checkpoints hash every chunk from now on")
                     self.written_pages = None
+                    tracker.close()
 
     def _run_on_main_thread(self, fn: Callable[[], None], delay: float) -> None:
         """Run ``fn`` on the kernel's main loop, between cells, after ``delay`` seconds (from any thread)."""
@@ -787,10 +789,11 @@ class DurableKernel(IPythonKernel):
             self.uploads.request(self.notebook)
         if self.adoption is not None and self.notebook is not None:
             self.adoption.offer(outcome.adoptable, self.notebook.blob_path)
-        if self.written_pages is not None and outcome.tracked_scan:
-            self.written_pages.confirm(outcome.tracked_scan)
-            self.written_pages.offer([(a, b) for a, b in outcome.tracked_buffers])
-            let_go = self.written_pages.take_let_go()
+        tracker = self.written_pages
+        if tracker is not None and outcome.tracked_scan:
+            tracker.confirm(outcome.tracked_scan)
+            tracker.offer([(a, b) for a, b in outcome.tracked_buffers])
+            let_go = tracker.take_let_go()
             if let_go:
                 saver = self._saver
 

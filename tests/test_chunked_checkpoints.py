@@ -170,6 +170,15 @@ def test_a_child_lets_go_of_memory_only_after_the_last_variable_whose_buffer_sha
         assert np.array_equal(restored[name], value), name
 
 
+def test_a_child_lets_go_of_no_memory_before_the_end_while_a_read_only_buffer_may_share_it(nb):
+    arr = random_array(16 * MIB, seed=10)
+    # Read-only, over arr's memory, with no ndarray base: saved apart, and where it lies is not known.
+    view = np.frombuffer(memoryview(arr).cast("B")[: 8 * MIB].toreadonly(), dtype=np.float64)
+    expected = view.copy()
+    commit_in_child(nb, {"a_first": arr, "b_view": view})
+    assert np.array_equal(nb.load_latest().values["b_view"], expected)
+
+
 # --- arrays backed by their chunk files -----------------------------------------------------------
 
 
