@@ -203,10 +203,9 @@ class NotebookStore(NotebookFolder):
         compare = [COMPARE_MAX_BYTES]  # what is left to compare in this commit
         clean = mapping.CleanChunks()
         adoptable: list[Any] | None = [] if report_adoptable else None
-        # In a child that exits after this, each variable's memory is let go as soon as nothing
-        # left to save reads it: the kernel's writes to it are then no longer copied for the child.
-        # Those holding the most buffer bytes first: the sooner the child lets go of them, the less the
-        # kernel's writes meanwhile are copied for it.  The manifest lists them in their own order.
+        # In a child that exits after this, each variable's memory is let go as soon as nothing left to
+        # save reads it (the kernel's writes to it are then no longer copied for the child), and those
+        # holding the most buffer bytes are saved first.  The manifest lists them in their own order.
         order = sorted(range(len(snap.variables)), key=lambda i: -sum(b.nbytes for b in snap.variables[i].buffers))
         let_go = _last_readers([snap.variables[i] for i in order]) if release_buffers else {}
         per_variable: dict[int, dict[str, Any] | None] = {}
@@ -573,8 +572,8 @@ def _chunk_digests(
         if digest(view[a:b]) != known[a]:
             log.error("written-page tracking vouched for a chunk of %s that changed; hashing everything", name)
             unwritten.distrust()
-            for a, _ in vouched:
-                del known[a]
+            for start, _ in vouched:
+                del known[start]
     todo = [(a, b) for a, b in cuts if a not in known]
     writing.hashed += sum(b - a for a, b in todo)
     hashed = dict(zip((a for a, _ in todo), digests([view[a:b] for a, b in todo]), strict=True))

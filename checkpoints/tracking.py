@@ -317,11 +317,13 @@ class WrittenPages:
         history.epoch = epoch
         return epoch
 
-    def take_let_go(self) -> list[tuple[int, int]]:
-        """The ranges let go (mostly rewritten) since the last call, for :func:`collapse`."""
+    def restore_huge_pages(self, quiet: Callable[[], bool]) -> None:
+        """Make the huge pages of the ranges let go since the last call again, in a thread, while
+        ``quiet()`` (no checkpoint child alive); see :func:`collapse`."""
         with self._lock:
-            taken, self._let_go = self._let_go, []
-            return taken
+            let_go, self._let_go = self._let_go, []
+        if let_go:
+            threading.Thread(target=collapse, args=(let_go, quiet), name="durable-huge-pages", daemon=True).start()
 
     def _mostly_there(self, start: int, end: int) -> bool:
         """True if most pages of ``[start, end)`` are in memory (or swap).  Protecting never-touched

@@ -27,7 +27,7 @@ from typing import Any
 from durable_kernel.checkpoints import CheckpointError, NotebookStore, Store, inventory, maintenance, printable
 from durable_kernel.checkpoints.liveness import writer_alive
 from durable_kernel.checkpoints.location import open_store
-from durable_kernel.checkpoints.tracking import WrittenPages, collapse
+from durable_kernel.checkpoints.tracking import WrittenPages
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
@@ -793,14 +793,8 @@ class DurableKernel(IPythonKernel):
         if tracker is not None and outcome.tracked_scan:
             tracker.confirm(outcome.tracked_scan)
             tracker.offer([(a, b) for a, b in outcome.tracked_buffers])
-            let_go = tracker.take_let_go()
-            if let_go:
-                saver = self._saver
-
-                def quiet() -> bool:
-                    return not saver.running
-
-                threading.Thread(target=collapse, args=(let_go, quiet), name="durable-huge-pages", daemon=True).start()
+            saver = self._saver
+            tracker.restore_huge_pages(lambda: not saver.running)
         for name in outcome.repaired:
             self.notices.once(
                 f"repaired {name}", f"the saved copy of {name} was damaged on disk; it has been saved again."
