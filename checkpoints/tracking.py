@@ -169,15 +169,15 @@ class WrittenPages:
         #: (start, end) -> (first scan to try again at, current wait)
         self._backoff: dict[tuple[int, int], tuple[int, int]] = {}
         self._vec = (_Region * 512)()
-        #: ranges let go since :meth:`take_let_go`: their huge pages were split by tracking
+        #: ranges let go since :meth:`restore_huge_pages`: their huge pages were split by tracking
         self._let_go: list[tuple[int, int]] = []
 
     @classmethod
     def open(cls) -> WrittenPages | None:
         """A tracker if this kernel has asynchronous write-protect and PAGEMAP_SCAN, and they pass a self-test."""
-        if _SYSCALL_USERFAULTFD is None or not hasattr(os, "fork"):
+        libc = mapping._libc
+        if _SYSCALL_USERFAULTFD is None or libc is None or not hasattr(os, "fork"):
             return None
-        libc = _libc()
         uffd = libc.syscall(_SYSCALL_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY)
         if uffd < 0:
             log.info("written-page tracking is off: userfaultfd: %s", os.strerror(ctypes.get_errno()))
@@ -539,7 +539,7 @@ class Unwritten:
 def _still_mapped(start: int, end: int) -> None:
     """Raise OSError unless every page of ``[start, end)`` is mapped (``msync`` says ENOMEM where one is not;
     on anonymous memory it writes nothing)."""
-    if _libc().msync(start, end - start, _MS_ASYNC) != 0:
+    if mapping._libc.msync(start, end - start, _MS_ASYNC) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
@@ -568,7 +568,7 @@ def collapse(ranges: list[tuple[int, int]], quiet: Callable[[], bool], patience:
                 return
     except OSError:
         return
-    libc = _libc()
+    libc = mapping._libc
     deadline = time.monotonic() + patience
     huge = 2 << 20
     for start, end in ranges:
@@ -653,23 +653,8 @@ def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.syscall.restype = ctypes.c_long
-        _LIBC.ioctl.restype = ctypes.c_int
-        _LIBC.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-        _LIBC.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _LIBC
-
-
 def _ioctl(fd: int, request: int, arg: ctypes.Array | ctypes.Structure) -> int:
-    result = _libc().ioctl(fd, request, ctypes.addressof(arg))
+    result = mapping._libc.ioctl(fd, request, ctypes.addressof(arg))
     if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
