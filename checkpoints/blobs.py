@@ -133,6 +133,8 @@ class BlobWriter:
         self.checked: set[str] = set()
         #: names whose stored copy was damaged and has been written again
         self.repaired: set[str] = set()
+        #: digests of chunks put without a name whose stored copy was damaged and has been written again
+        self.repaired_chunks: set[str] = set()
         self._stamps: dict[str, list[int]] = {}
         #: blob files written without their own fsync (chunks): made durable together by :meth:`make_durable`
         self._unsynced: list[Path] = []
@@ -152,28 +154,40 @@ class BlobWriter:
 
         ``durable=False`` leaves the file's flush to :meth:`make_durable`, which
         the commit calls before its manifest."""
-        if digest_hex in self._stamps:  # the same buffer twice in this commit
-            return self._stamps[digest_hex]
         size = memoryview(data).nbytes
+        found = self.reuse(digest_hex, size, name)
+        if found is not None:
+            return found
         try:
             info: os.stat_result | None = os.lstat(self.nb.blob_file(digest_hex))
         except FileNotFoundError:
             info = None
-        if info is not None and self._trusted(digest_hex, info, size, name):
-            found = stamp(info)
-        else:
-            path = self.nb.blob_path(digest_hex)
-            if info is not None and stat.S_ISDIR(info.st_mode):
-                self.nb.set_aside_locked(digest_hex, info)  # a rename cannot replace a directory
-            make_private_dirs(path.parent)
-            self.touched.add(path.parent)
-            # a rename replaces a bad file
-            self.written += self.nb.files.put(self.nb.blob_key(digest_hex), [data], durable=durable)
-            self.blobs += 1
-            if not durable:
-                self._unsynced.append(path)
-            found = stamp(path.lstat())
+        path = self.nb.blob_path(digest_hex)
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            self.nb.set_aside_locked(digest_hex, info)  # a rename cannot replace a directory
+        make_private_dirs(path.parent)
+        self.touched.add(path.parent)
+        # a rename replaces a bad file
+        self.written += self.nb.files.put(self.nb.blob_key(digest_hex), [data], durable=durable)
+        self.blobs += 1
+        if not durable:
+            self._unsynced.append(path)
+        found = stamp(path.lstat())
         self._stamps[digest_hex] = found
+        return found
+
+    def reuse(self, digest_hex: str, size: int, name: str) -> list[int] | None:
+        """The stamp of blob ``digest_hex`` if it is stored intact already (its file is read only when in
+        doubt), else None: then :meth:`put` writes it."""
+        if digest_hex in self._stamps:  # the same buffer twice in this commit
+            return self._stamps[digest_hex]
+        try:
+            info = os.lstat(self.nb.blob_file(digest_hex))
+        except FileNotFoundError:
+            return None
+        if not self._trusted(digest_hex, info, size, name):
+            return None
+        self._stamps[digest_hex] = found = stamp(info)
         return found
 
     def make_durable(self) -> None:
@@ -200,7 +214,10 @@ class BlobWriter:
             return False
         if self._intact(digest_hex, info, self.known.get(digest_hex)):
             return True
-        self.repaired.add(name)
+        if name:
+            self.repaired.add(name)
+        else:  # a chunk saved by address (buffers_first.py): named once a variable's buffer holds it
+            self.repaired_chunks.add(digest_hex)
         return False
 
     def _intact(self, digest_hex: str, info: os.stat_result, recorded: Any) -> bool:

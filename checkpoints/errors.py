@@ -15,6 +15,11 @@ class SaveError(CheckpointError):
     """A checkpoint could not be written; the previous one is untouched."""
 
 
+class ReleasedTooEarly(SaveError):
+    """A checkpoint child let go of memory it then had to read (``buffers_first.py``): nothing was
+    saved from it; the kernel takes the checkpoint again without letting go early."""
+
+
 class CorruptCheckpoint(CheckpointError):
     """A checkpoint is damaged: truncated, missing a blob, or failing its digest."""
 

@@ -127,6 +127,39 @@ def address_of(buffer: Any) -> int | None:
     return address
 
 
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+def where(buffer: Any) -> int | None:
+    """The start address of any contiguous buffer's memory, read-only too (None if it has none)."""
+    address = address_of(buffer)
+    if address is not None:
+        return address
+    view = _PyBuffer()
+    try:
+        if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(buffer), ctypes.byref(view), 0) != 0:
+            return None
+    except (TypeError, ValueError, BufferError):
+        return None
+    try:
+        return view.buf
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+
+
 def assemble(pieces: list[tuple[int, int, str, os.stat_result]], lead: int = 0, may_map: bool = True) -> Any:
     """One writable buffer made of chunk files: ``pieces`` are ``(fd, size, digest, its fstat)`` in order.
 
@@ -215,6 +248,17 @@ def release(buffers: list[Any]) -> None:
             _libc.madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", 4))
 
 
+def let_go(start: int, size: int) -> bool:
+    """Give up the pages ``[start, start + size)`` (whole pages) of this process for good: they are
+    replaced by an inaccessible reservation, so no later allocation lands there and any read faults
+    (SIGSEGV) instead of seeing zeros.  For a forked checkpoint child only (``buffers_first.py``).
+    False if it could not be done (the pages are then still there)."""
+    if not _CAN_MAP or start % PAGE or size % PAGE or size <= 0:
+        return False
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | getattr(mmap, "MAP_NORESERVE", 0x4000)
+    return bool(_libc.mmap(start, size, 0, flags, -1, 0) == start)  # PROT_NONE
+
+
 #: One line of /proc/self/maps: start-end perms offset dev inode [name].
 _MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+) *(.*)$", re.MULTILINE)
 _DIRTY = bytes(1 if (b & 0x20) == 0 and (b & 0xC0) != 0 else 0 for b in range(256))
@@ -277,6 +321,21 @@ def _memory_areas() -> list[tuple[int, int, str, int, str]]:
     except OSError:
         return []
     return [(int(a, 16), int(b, 16), perms, int(inode), name) for a, b, perms, inode, name in _MAPS_LINE.findall(text)]
+
+
+def private_anonymous(areas: list[tuple[int, int, str, int, str]], start: int, end: int) -> bool:
+    """True if ``[start, end)`` is covered, without a gap, by private anonymous memory areas (only this
+    process's own writes can change it, and those go through its page tables)."""
+    at = start
+    for first, last, perms, inode, name in areas:
+        if last <= at or first >= end:
+            continue
+        if first > at or perms != "rw-p" or inode != 0 or name not in ("", "[heap]"):
+            return False
+        at = last
+        if at >= end:
+            return True
+    return False
 
 
 def _file_vmas() -> dict[int, tuple[int, int]]:

@@ -22,14 +22,15 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import chunking, equivalence, mapping, retention, tracking
+from . import buffers_first, chunking, equivalence, mapping, retention, tracking
 from . import manifest as manifest_format
 from .blobs import BlobReader, BlobWriter, digest, digests, stamps_named_by
-from .errors import CheckpointError, CorruptCheckpoint, SaveError, UnsafeStore
+from .errors import CheckpointError, CorruptCheckpoint, ReleasedTooEarly, SaveError, UnsafeStore
 from .files import disk_usage
 from .folder import NotebookFolder
 from .manifest import Manifest, folder_name
@@ -124,7 +125,7 @@ class NotebookStore(NotebookFolder):
 
     def commit(
         self,
-        snap: Snapshot,
+        snap: Snapshot | Callable[[], Snapshot],
         *,
         execution_count: int,
         cell: str = "",
@@ -136,6 +137,9 @@ class NotebookStore(NotebookFolder):
         unwritten: tracking.Unwritten | None = None,
     ) -> CommitResult:
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
+
+        ``snap`` may be a function that takes the snapshot: it is then called under
+        the notebook's lock, after the large buffers were saved first (below).
 
         ``unwritten`` (in a checkpoint child of a kernel that tracks written pages,
         ``tracking.py``) names chunks whose pages nobody wrote since the last
@@ -149,6 +153,10 @@ class NotebookStore(NotebookFolder):
         the snapshot's buffers (``mapping.release``), so that what the parent
         writes meanwhile is no longer copied for it.  Never in a process that
         goes on using those buffers: their pages read as zeros afterwards.
+        With ``unwritten`` too and ``snap`` a function, the large buffers the last
+        checkpoint saw are saved and let go of before it is called
+        (``buffers_first.py``); :class:`ReleasedTooEarly` then means that this
+        commit had to read memory it had let go of: take it again without.
 
         Raises :class:`SaveError` (with the previous checkpoint untouched) on any
         failure, such as a full disk, and :class:`UnsafeStore` (nothing written)
@@ -177,7 +185,7 @@ class NotebookStore(NotebookFolder):
 
     def _commit_locked(
         self,
-        snap: Snapshot,
+        snap: Snapshot | Callable[[], Snapshot],
         execution_count: int,
         cell: str,
         writer: dict[str, Any],
@@ -197,6 +205,12 @@ class NotebookStore(NotebookFolder):
             if data is not None:
                 known.update(stamps_named_by(data))
         writing = BlobWriter(self, known)
+        first = None
+        if callable(snap):
+            if release_buffers and unwritten is not None:
+                first = buffers_first.save_buffers_first(writing, unwritten)
+                writing.hashed += first.hashed
+            snap = snap()
         entries = []
         skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
         before = {v.get("name"): v for v in previous.get("variables", [])} if previous is not None else {}
@@ -211,7 +225,9 @@ class NotebookStore(NotebookFolder):
         per_variable: dict[int, dict[str, Any] | None] = {}
         try:
             for step, i in enumerate(order):
-                per_variable[i] = self._entry(snap.variables[i], writing, before, compare, clean, adoptable, unwritten)
+                per_variable[i] = self._entry(
+                    snap.variables[i], writing, before, compare, clean, adoptable, unwritten, first
+                )
                 mapping.release(let_go.pop(step, []))
         finally:
             clean.close()
@@ -289,6 +305,7 @@ class NotebookStore(NotebookFolder):
         clean: mapping.CleanChunks,
         adoptable: list[Any] | None,
         unwritten: tracking.Unwritten | None = None,
+        first: buffers_first.BuffersFirst | None = None,
     ) -> dict[str, Any] | None:
         """One variable's manifest entry, its blobs written; None if it is carried forward but its data is damaged."""
         if var.stored is not None:
@@ -308,10 +325,12 @@ class NotebookStore(NotebookFolder):
         # (tracking.py) is not even read.
         cuts = [chunking.buffer_cuts(buf.nbytes, mapping.address_of(buf)) for buf in var.buffers]
         chunk_digests = [
-            _chunk_digests(buf, c, clean, writing, self.blob_path, var.name, unwritten)
+            _chunk_digests(buf, c, clean, writing, self.blob_path, var.name, unwritten, first)
             for buf, c in zip(var.buffers, cuts, strict=True)
         ]
         buffer_digests = [d for ds in chunk_digests for d in ds]
+        if writing.repaired_chunks.intersection(buffer_digests):
+            writing.repaired.add(var.name)
         if var.kind == "member":
             entry["target"] = var.target
         else:
@@ -549,13 +568,23 @@ def _chunk_digests(
     blob_path: Any,
     name: str,
     unwritten: tracking.Unwritten | None = None,
+    first: buffers_first.BuffersFirst | None = None,
 ) -> list[str]:
-    """The digest of each chunk of ``buffer``: known when its pages are untouched, else hashed."""
+    """The digest of each chunk of ``buffer``: known when its pages are untouched or it was saved first,
+    else hashed."""
     address = mapping.address_of(buffer) if len(cuts) > 1 else None
+    at = mapping.where(buffer) if first is not None else None
     known = {}
+    if at is not None and first is not None:
+        for start, end in cuts:
+            found = first.digest(at + start, end - start)
+            if found is not None:
+                known[start] = found
     vouched = []
     if address is not None:
         for start, end in cuts:
+            if start in known:
+                continue
             found = clean.digest_if_clean(address + start, end - start, blob_path)
             if found is None and unwritten is not None:
                 found = unwritten.digest(address + start, end - start)
@@ -568,6 +597,8 @@ def _chunk_digests(
         # Defence in depth: one chunk that written-page tracking vouches for is hashed anyway.  A
         # mismatch means tracking cannot be believed here: nothing it vouched for is used.
         a, b = random.choice(vouched)
+        if first is not None and address is not None:
+            first.check_readable(address + a, b - a, name)
         writing.hashed += b - a
         if digest(view[a:b]) != known[a]:
             log.error("written-page tracking vouched for a chunk of %s that changed; hashing everything", name)
@@ -575,6 +606,11 @@ def _chunk_digests(
             for start, _ in vouched:
                 del known[start]
     todo = [(a, b) for a, b in cuts if a not in known]
+    if first is not None and first.released:
+        for a, b in todo:
+            if at is None:
+                raise ReleasedTooEarly(f"the memory of {name} may have been let go before it was saved")
+            first.check_readable(at + a, b - a, name)
     writing.hashed += sum(b - a for a, b in todo)
     hashed = dict(zip((a for a, _ in todo), digests([view[a:b] for a, b in todo]), strict=True))
     if address is not None:

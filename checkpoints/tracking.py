@@ -295,7 +295,7 @@ class WrittenPages:
                 continue
             if areas is None:
                 areas = mapping._memory_areas()
-            if not _private_anonymous(areas, start, end):
+            if not mapping.private_anonymous(areas, start, end):
                 # Shared memory (another process writes it), a file mapping (the file may change
                 # under it) or a device: writes that bypass this process's page tables are not seen.
                 self._wait(start, end, epoch, BACKOFF_MAX)
@@ -469,6 +469,13 @@ class Unwritten:
             return None
         return found
 
+    def layout(self) -> list[tuple[int, int, str | None]]:
+        """``(address, size, digest)`` of each chunk of the large buffers the last committed checkpoint
+        saved, by address, with the digest only where none of its pages was written since."""
+        if not self._loaded:
+            self._load()
+        return [(address, size, self.digest(address, size)) for address, size in sorted(self._known)]
+
     def note(self, address: int, nbytes: int, cuts: list[tuple[int, int]], digests: list[str]) -> None:
         """The chunks of one buffer (at ``address``) as this checkpoint saved them."""
         start, end = -(-address // PAGE) * PAGE, (address + nbytes) // PAGE * PAGE
@@ -485,12 +492,14 @@ class Unwritten:
         """After the commit: leave the digests of the tracked chunks for the next checkpoint (atomically)."""
         if self._distrusted:
             return
-        ranges = self._ranges
-        starts = sorted(ranges)
+        # Every chunk of every large buffer, tracked or not: the next child saves them first, by
+        # address (buffers_first.py).  Only those in ranges tracked throughout are ever vouched for.
+        large = sorted(self.buffers)
+        starts = [a for a, _ in large]
         entries = []
         for address, size, digest_hex in self._seen:
             i = bisect.bisect_right(starts, address) - 1
-            if i >= 0 and ranges[starts[i]].end >= address + size and len(digest_hex) == 64:
+            if i >= 0 and large[i][1] >= address + size and len(digest_hex) == 64:
                 entries.append(_INDEX_ENTRY.pack(address, size, bytes.fromhex(digest_hex)))
         body = struct.pack("<QQ", self._epoch, len(entries)) + b"".join(entries)
         # Checkpoint children run one at a time, but one may die while writing: the checksum
@@ -542,21 +551,6 @@ def _still_mapped(start: int, end: int) -> None:
     if mapping._libc.msync(start, end - start, _MS_ASYNC) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-
-
-def _private_anonymous(areas: list[tuple[int, int, str, int, str]], start: int, end: int) -> bool:
-    """True if ``[start, end)`` is covered, without a gap, by private anonymous memory areas (only this
-    process's own writes can change it, and those go through its page tables)."""
-    at = start
-    for first, last, perms, inode, name in areas:
-        if last <= at or first >= end:
-            continue
-        if first > at or perms != "rw-p" or inode != 0 or name not in ("", "[heap]"):
-            return False
-        at = last
-        if at >= end:
-            return True
-    return False
 
 
 def collapse(ranges: list[tuple[int, int]], quiet: Callable[[], bool], patience: float = 60.0) -> None:

@@ -376,5 +376,6 @@ class BackgroundWriter:
                 f"the checkpoint process crashed ({name}){where}",
                 stuck_on=on,
                 stuck_reason=f"saving it crashed the checkpoint process ({name})",
+                crashed=True,
             )
         return CheckpointOutcome.failed(f"the checkpoint process was killed ({name})")

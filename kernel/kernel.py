@@ -225,6 +225,11 @@ class DurableKernel(IPythonKernel):
         self.adoption: Adoption | None = None
         #: which pages of large arrays were written since the last checkpoint (``track_writes``)
         self.written_pages: WrittenPages | None = None
+        #: checkpoint children save the large buffers first and let go of them before pickling
+        #: (``checkpoints/buffers_first.py``); off for good once that made one fail
+        self.buffers_first = True
+        #: a checkpoint failed for a reason that taking it again fixes
+        self._take_again = False
         #: why checkpoints are off for this kernel ("" while they work)
         self.off_reason = ""
         self._key_warnings: list[str] = []
@@ -687,11 +692,29 @@ class DurableKernel(IPythonKernel):
             return CheckpointOutcome.failed("checkpoints are off for this kernel")
         # Let the previous cell's checkpoint land first, under its own label (a newer
         # request would supersede it); if this cell changed nothing since, it is refreshed.
-        self._saver.wait(timeout)
+        self._wait_for_saves(timeout)
         self._checkpoint(self._cell_number(), cell)
-        if not self._saver.wait(timeout):
+        if not self._wait_for_saves(timeout):
             return CheckpointOutcome.failed("timed out waiting for the checkpoint to be written")
         return self.last_outcome or CheckpointOutcome.failed("no checkpoint was taken")
+
+    def _checkpoint_again(self) -> bool:
+        """Take the checkpoint that failed for a reason taking it again fixes, if one did; True if started."""
+        if not self._take_again or self._saver is None or self.notebook is None:
+            return False
+        self._take_again = False
+        self._checkpoint(self._cell_number())
+        return True
+
+    def _wait_for_saves(self, timeout: float | None) -> bool:
+        """Wait until every checkpoint in flight is committed, one taken again included. False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if self._saver is None or not self._saver.wait(left):
+                return self._saver is None
+            if not self._checkpoint_again():
+                return True
 
     def _cell_number(self) -> int:
         """In [n] of the cell running now, else of the last cell run.
@@ -740,6 +763,7 @@ class DurableKernel(IPythonKernel):
             if self.written_pages is not None:
                 received, send_scan = os.pipe()
                 request.tracking = (self.written_pages, self.written_pages.next_scan, received, send_scan)
+                request.buffers_first = self.buffers_first
                 keep.append(received)
             self._saver.save(request, keep_fds=keep)
         except Exception as exc:
@@ -766,6 +790,15 @@ class DurableKernel(IPythonKernel):
         if outcome.superseded:
             return  # this kernel already committed a newer state
         assert self._saver is not None
+        if not outcome.ok and self.buffers_first and (outcome.released_too_early or outcome.crashed):
+            # Something read memory the child had let go of early (an in-band pickle of memory no saved
+            # array owns): nothing was saved from it and the previous checkpoint stands.  Take this one
+            # again, and every later one, without letting go early.
+            self.log.warning("a checkpoint let go of memory too early (%s); taking it again without", outcome.error)
+            self.buffers_first = False
+            self._take_again = True  # before the child leaves the list: whoever waits for it sees this
+            self._run_on_main_thread(self._checkpoint_again, 0)
+            return
         self._saver.note_outcome(outcome)
         self.last_outcome = outcome
         ns = self.shell.user_ns
@@ -860,7 +893,7 @@ class DurableKernel(IPythonKernel):
 
     def wait_for_checkpoint(self, timeout: float | None = None) -> bool:
         """Block until every checkpoint in flight is committed."""
-        return True if self._saver is None else self._saver.wait(timeout)
+        return self._wait_for_saves(timeout)
 
     def wait_for_upload(self, timeout: float = 60.0) -> bool:
         """Block until the newest checkpoint is committed and uploaded to the bucket (True at once
@@ -884,7 +917,7 @@ class DurableKernel(IPythonKernel):
             # a moment before the main thread forks that cell's checkpoint.
             while self._checkpoint_due and time.monotonic() < deadline:
                 time.sleep(0.002)
-        if self._saver is not None and not self._saver.wait(max(deadline - time.monotonic(), 0.0)):
+        if self._saver is not None and not self._wait_for_saves(max(deadline - time.monotonic(), 0.0)):
             self.log.info("exiting with a checkpoint still being written; it finishes on its own")
         if self.uploads is not None:
             self.uploads.close()

@@ -39,6 +39,10 @@ class CheckpointOutcome:
     stuck_reason: str = ""
     #: the checkpoint process was killed for lack of memory
     out_of_memory: bool = False
+    #: the checkpoint process crashed (SIGSEGV, SIGBUS, ...)
+    crashed: bool = False
+    #: the checkpoint process had let go of memory it then had to read (``checkpoints/buffers_first.py``)
+    released_too_early: bool = False
     #: which of the kernel's checkpoint requests this is (0: unknown)
     seq: int = 0
     #: chunks the kernel may back by the files just written (``checkpoints.mapping.Adopter``)

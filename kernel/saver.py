@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from durable_kernel.checkpoints import CheckpointError, NotebookStore, snapshot
+from durable_kernel.checkpoints import CheckpointError, NotebookStore, Snapshot, snapshot
+from durable_kernel.checkpoints.errors import ReleasedTooEarly
 from durable_kernel.checkpoints.serialize import Skipped
 from durable_kernel.checkpoints.tracking import Unwritten, WrittenPages
 
@@ -64,6 +65,9 @@ class SaveRequest:
     #: read and write ends of the pipe it sends that scan through (``c.DurableKernel.track_writes``;
     #: used by a forked child only)
     tracking: tuple[WrittenPages, int, int, int] | None = None
+    #: with ``tracking``: save the large buffers first and let go of their memory before pickling
+    #: (``checkpoints/buffers_first.py``)
+    buffers_first: bool = False
 
     def run_in_child(self, progress: Callable[[str], None] | None = None) -> CheckpointOutcome:
         """:meth:`run` in a forked child, which exits after it: the kernel's pages it holds are let go
@@ -78,16 +82,22 @@ class SaveRequest:
         forked_child: bool = False,
     ) -> CheckpointOutcome:
         """Pickle and commit; a :class:`CheckpointError` becomes a failed outcome."""
-        snap = snapshot(
-            self.namespace,
-            self.names,
-            self.max_variable_bytes,
-            skip=self.skip,
-            progress=progress,
-            stop_on=stop_on,
-            memory_left=memory_left,
-        )
-        snap.skipped += [Skipped(name, tname, reason) for name, tname, reason in self.missing or []]
+        taken: list[Snapshot] = []
+
+        def take() -> Snapshot:
+            snap = snapshot(
+                self.namespace,
+                self.names,
+                self.max_variable_bytes,
+                skip=self.skip,
+                progress=progress,
+                stop_on=stop_on,
+                memory_left=memory_left,
+            )
+            snap.skipped += [Skipped(name, tname, reason) for name, tname, reason in self.missing or []]
+            taken.append(snap)
+            return snap
+
         unwritten = None
         if forked_child and self.tracking is not None:
             tracker, scan, received, sent_from = self.tracking
@@ -95,7 +105,7 @@ class SaveRequest:
             unwritten = Unwritten(tracker, scan, received)
         try:
             done = self.notebook.commit(
-                snap,
+                take if unwritten is not None and self.buffers_first else take(),
                 execution_count=self.execution_count,
                 cell=self.cell,
                 keep=self.keep,
@@ -105,8 +115,11 @@ class SaveRequest:
                 report_adoptable=self.adopt,
                 unwritten=unwritten,
             )
+        except ReleasedTooEarly as exc:
+            return CheckpointOutcome.failed(str(exc), released_too_early=True)
         except CheckpointError as exc:
             return CheckpointOutcome.failed(str(exc))
+        snap = taken[-1] if taken else Snapshot([], [])  # none taken: a newer state was already committed
         tracked_scan = 0
         if unwritten is not None and self.tracking is not None and not done.superseded:
             unwritten.save()
