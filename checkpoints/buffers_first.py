@@ -84,6 +84,13 @@ class BuffersFirst:
         if i >= 0 and self._ends[i] > address:
             raise ReleasedTooEarly(f"the memory of {name} was let go before it was saved")
 
+    def _give_up_run(self, run: list[tuple[int, int]]) -> None:
+        """Give up adjacent chunks (listed from the last one backwards) in one call; empties ``run``."""
+        if run:
+            start = run[-1][0]
+            self._given_up(start, run[0][0] + run[0][1] - start)
+            run.clear()
+
     def _given_up(self, start: int, size: int) -> None:
         if mapping.let_go(start, size):
             i = bisect.bisect_left(self._starts, start)
@@ -122,14 +129,17 @@ def save_buffers_first(writing: BlobWriter, unwritten: Unwritten) -> BuffersFirs
     spool = _Spool(writing, done)
     try:
         for buffer in buffers:
+            run: list[tuple[int, int]] = []  # vouched chunks side by side: given up in one call
             for address, size, known in reversed(buffer):
                 if known is None:
+                    done._give_up_run(run)
                     spool.add(address, size)
                     continue
                 # Reads the memory only if the stored file is missing or damaged.
                 writing.put(known, _memory(address, size), "", durable=False)
                 done.digests[(address, size)] = known
-                done._given_up(address, size)
+                run.append((address, size))
+            done._give_up_run(run)
         spool.store()
     finally:
         spool.close()
