@@ -1,4 +1,4 @@
-"""In a checkpoint child: the kernel's large buffers saved first, straight from memory, and let go of chunk by chunk.
+"""In a checkpoint child: the kernel's large buffers let go of first, before the commit reads a manifest or pickles.
 
 Why: while a forked child holds the kernel's pages, every page the kernel
 writes is copied for one of them.  A child that pickles every variable before
@@ -6,30 +6,34 @@ it saves any buffer holds all of them for as long as pickling the small
 objects takes (0.2 s for 200k dicts): long enough for the user's next cell to
 rewrite a 2 GiB array, and the fork then costs 2 GiB more memory.
 
-So before anything is pickled, the child saves the chunks the last committed
+So, first thing, the child goes through the chunks the last committed
 checkpoint recorded for the kernel's large buffers (the index of
-``tracking.Unwritten``), by their addresses, largest buffer first:
+``tracking.Unwritten``), by their addresses, largest buffer first
+(:func:`give_up_first`):
 
-* a chunk written-page tracking vouches for is only checked to be stored
-  (one per buffer is hashed anyway, as in the commit);
-* any other chunk is hashed and written as a blob, from the end of its buffer
+* a chunk written-page tracking vouches for needs nothing from memory: its
+  blob is stored already (one chunk per buffer is hashed anyway, as in the
+  commit);
+* any other chunk is copied to a spool file, from the end of its buffer
   backwards (a cell rewriting an array usually goes from its start: the two
-  meet halfway);
+  meet early);
 * then its pages are given up (``mapping.let_go``): the kernel's writes to
-  them are no longer copied, and what the child saved is already in the
-  page cache, which the system can write out and reclaim.
+  them are no longer copied.  What the child keeps is in the page cache, which
+  the system can write out and reclaim.
 
-The commit then takes each chunk's digest from here (:meth:`BuffersFirst.digest`).
-A chunk's digest is that of its bytes as of the fork, whichever object owns
-it now, so a buffer cut as before is saved exactly.
+Then, under the notebook's lock (:meth:`BuffersFirst.store`), a vouched chunk
+whose blob turns out missing or damaged fails the commit, and each spooled
+chunk is hashed and stored.  The commit takes each chunk's digest from here
+(:meth:`BuffersFirst.digest`): that of its bytes as of the fork, whichever
+object owns it now, so a buffer cut as before is saved exactly.
 
 Given-up pages are replaced by an inaccessible reservation, never by zeros:
 nothing is ever saved from them.  If something other than a buffer's own
 out-of-band pickle reads them (an in-band pickle of memory no saved array
-owns), the child dies of SIGSEGV; if the commit must read them (a buffer
-now cut differently), it raises :class:`ReleasedTooEarly`.  Either way the
-previous checkpoint stands, and the kernel takes this one again without
-letting go early.
+owns), the child dies of SIGSEGV; if the commit must read them (a buffer now
+cut differently, a stored chunk damaged), it raises :class:`ReleasedTooEarly`.
+Either way the previous checkpoint stands, and the kernel takes this one again
+without letting go early.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BuffersFirst", "save_buffers_first"]
+__all__ = ["BuffersFirst", "give_up_first"]
 
 Chunk = tuple[int, int, "str | None"]
 
@@ -63,16 +67,22 @@ _FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
 class BuffersFirst:
-    """What :func:`save_buffers_first` saved: each chunk's digest by address, and the memory given up."""
+    """What :func:`give_up_first` let go of: each chunk's digest by address (once :meth:`store` ran), the
+    memory given up, and the spool holding the chunks tracking did not vouch for."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
         self.digests: dict[tuple[int, int], str] = {}
         #: bytes of memory read and hashed
         self.hashed = 0
         #: bytes of memory given up
         self.released = 0
+        self._folder = folder
         self._starts: list[int] = []
         self._ends: list[int] = []
+        self._vouched: list[tuple[int, int, str]] = []
+        self._spool: int | None = None
+        self._spooled: list[tuple[int, int, int]] = []
+        self._spool_end = 0
 
     def digest(self, address: int, size: int) -> str | None:
         """The digest of the chunk ``[address, address + size)`` as of the fork, if it was saved here."""
@@ -83,6 +93,53 @@ class BuffersFirst:
         i = bisect.bisect_right(self._starts, address + size - 1) - 1
         if i >= 0 and self._ends[i] > address:
             raise ReleasedTooEarly(f"the memory of {name} was let go before it was saved")
+
+    def store(self, writing: BlobWriter) -> None:
+        """Under the notebook's lock: check that every vouched chunk is stored, and store the spooled ones.
+
+        The spool goes from the page cache to blob files a chunk at a time, each
+        chunk's part of it punched out after: it adds no more page cache than
+        the chunks in flight, and it is gone before anything flushes it.
+        """
+        for address, size, known in self._vouched:
+            if writing.reuse(known, size, "") is None:
+                raise ReleasedTooEarly("a stored chunk of an array is missing or damaged, and its memory was let go")
+            self.digests[(address, size)] = known
+        if self._spool is None or not self._spooled:
+            return
+        buffer = bytearray(max(size for _, size, _ in self._spooled))
+        for address, size, offset in self._spooled:
+            view = memoryview(buffer)[:size]
+            if os.preadv(self._spool, [view], offset) != size:
+                raise OSError(errno.EIO, "the spool file came back short")
+            found = digest(view)
+            writing.put(found, view, "", durable=False)
+            self.digests[(address, size)] = found
+            self.hashed += size
+            _punch(self._spool, offset, size)
+
+    def close(self) -> None:
+        """Drop the spool (unflushed: it was never linked into a folder)."""
+        if self._spool is not None:
+            os.close(self._spool)
+            self._spool = None
+
+    def _spool_chunk(self, address: int, size: int) -> bool:
+        """Copy a chunk to the spool and give up its pages; False (memory kept) if there is no spool.
+
+        One file takes chunks at the speed of memory (2.2 GB/s here, faster than
+        the kernel rewrites an array whose pages a child shares); hashing them
+        too, or a blob file each, goes at half that or less.
+        """
+        if self._spool is None:
+            self._spool = _spool_file(self._folder)
+            if self._spool is None:
+                return False
+        _write_all(self._spool, _memory(address, size), self._spool_end)
+        self._spooled.append((address, size, self._spool_end))
+        self._spool_end += size
+        self._given_up(address, size)
+        return True
 
     def _give_up_run(self, run: list[tuple[int, int]]) -> None:
         """Give up adjacent chunks (listed from the last one backwards) in one call; empties ``run``."""
@@ -99,14 +156,16 @@ class BuffersFirst:
             self.released += size
 
 
-def save_buffers_first(writing: BlobWriter, unwritten: Unwritten) -> BuffersFirst:
-    """Save every chunk of the large buffers the last checkpoint recorded, and give up its pages.
+def give_up_first(unwritten: Unwritten, folder: Path) -> BuffersFirst:
+    """Let go of the memory of every chunk of the large buffers the last checkpoint recorded, keeping
+    what is needed to store them (see the module's docstring); then call :meth:`BuffersFirst.store`.
 
-    Only for a forked child that exits after its commit, before it pickles
-    anything (see the module's docstring).  Chunks of memory that is no longer
-    plain private memory of this process are left alone.
+    Only for a forked child that exits after its commit, before it reads a
+    manifest or pickles anything.  ``folder`` is where the spool file goes
+    (the blobs' folder).  Memory that is no longer plain private memory of
+    this process is left alone.
     """
-    done = BuffersFirst()
+    done = BuffersFirst(folder)
     buffers = _buffers(unwritten.layout())
     if not buffers:
         return done
@@ -125,80 +184,19 @@ def save_buffers_first(writing: BlobWriter, unwritten: Unwritten) -> BuffersFirs
             unwritten.distrust()
             buffers = [[(a, s, None) for a, s, _ in b] for b in buffers]
             break
-    # Largest buffer first, and in each the chunks from its end backwards (see the module's docstring).
-    spool = _Spool(writing, done)
-    try:
-        for buffer in buffers:
-            run: list[tuple[int, int]] = []  # vouched chunks side by side: given up in one call
-            for address, size, known in reversed(buffer):
-                if known is None:
-                    done._give_up_run(run)
-                    spool.add(address, size)
-                    continue
-                # Reads the memory only if the stored file is missing or damaged.
-                writing.put(known, _memory(address, size), "", durable=False)
-                done.digests[(address, size)] = known
+    # Largest buffer first, and in each the chunks from its end backwards.
+    for buffer in buffers:
+        run: list[tuple[int, int]] = []  # vouched chunks side by side: given up in one call
+        for address, size, known in reversed(buffer):
+            if known is None:
+                done._give_up_run(run)
+                done._spool_chunk(address, size)
+            else:
+                done._vouched.append((address, size, known))
                 run.append((address, size))
-            done._give_up_run(run)
-        spool.store()
-    finally:
-        spool.close()
-    log.debug("saved %d chunks first, %d bytes given up", len(done.digests), done.released)
+        done._give_up_run(run)
+    log.debug("%d bytes of large buffers let go first, %d spooled", done.released, done._spool_end)
     return done
-
-
-class _Spool:
-    """Chunks that tracking does not vouch for: hashed, and written where the store lacks them, each
-    one's pages given up as soon as its bytes are in the page cache.
-
-    They are first copied to a spool file (an unlinked file beside the blobs),
-    giving up each chunk's pages as it goes: one file takes them at the speed
-    of memory (2.2 GB/s here, faster than the kernel rewrites an array whose
-    pages a child shares), while hashing too, or a blob file each, goes at half
-    that or less.  Then (:meth:`store`) each chunk is read back, hashed and
-    stored, and its part of the spool is punched out: the spool adds no more
-    page cache than the chunks in flight, and it is gone before anything
-    flushes it.  Where no spool file can be made, each chunk is stored from
-    memory at once.
-    """
-
-    def __init__(self, writing: BlobWriter, done: BuffersFirst):
-        self._writing, self._done = writing, done
-        self._fd = _spool_file(writing.nb.blobs_dir)
-        self._chunks: list[tuple[int, int, int]] = []
-        self._at = 0
-
-    def add(self, address: int, size: int) -> None:
-        if self._fd is None:
-            self._put(address, size, _memory(address, size))
-            self._done._given_up(address, size)
-            return
-        _write_all(self._fd, _memory(address, size), self._at)
-        self._done._given_up(address, size)
-        self._chunks.append((address, size, self._at))
-        self._at += size
-
-    def store(self) -> None:
-        if self._fd is None or not self._chunks:
-            return
-        buffer = bytearray(max(size for _, size, _ in self._chunks))
-        for address, size, offset in self._chunks:
-            view = memoryview(buffer)[:size]
-            if os.preadv(self._fd, [view], offset) != size:
-                raise OSError(errno.EIO, "the spool file came back short")
-            self._put(address, size, view)
-            _punch(self._fd, offset, size)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _put(self, address: int, size: int, view: memoryview) -> None:
-        found = digest(view)
-        self._writing.put(found, view, "", durable=False)
-        self._done.digests[(address, size)] = found
-        self._done.hashed += size
 
 
 def _spool_file(folder: Path) -> int | None:

@@ -139,7 +139,7 @@ class NotebookStore(NotebookFolder):
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
 
         ``snap`` may be a function that takes the snapshot: it is then called under
-        the notebook's lock, after the large buffers were saved first (below).
+        the notebook's lock, after the large buffers were let go of first (below).
 
         ``unwritten`` (in a checkpoint child of a kernel that tracks written pages,
         ``tracking.py``) names chunks whose pages nobody wrote since the last
@@ -153,10 +153,10 @@ class NotebookStore(NotebookFolder):
         the snapshot's buffers (``mapping.release``), so that what the parent
         writes meanwhile is no longer copied for it.  Never in a process that
         goes on using those buffers: their pages read as zeros afterwards.
-        With ``unwritten`` too and ``snap`` a function, the large buffers the last
-        checkpoint saw are saved and let go of before it is called
-        (``buffers_first.py``); :class:`ReleasedTooEarly` then means that this
-        commit had to read memory it had let go of: take it again without.
+        With ``unwritten`` too and ``snap`` a function, the memory of the large
+        buffers the last checkpoint saw is let go of first, before the lock is
+        taken (``buffers_first.py``); :class:`ReleasedTooEarly` then means that
+        this commit had to read memory it had let go of: take it again without.
 
         Raises :class:`SaveError` (with the previous checkpoint untouched) on any
         failure, such as a full disk, and :class:`UnsafeStore` (nothing written)
@@ -165,6 +165,10 @@ class NotebookStore(NotebookFolder):
         (``writer["seq"]``), nothing is written.
         """
         started = time.perf_counter()
+        first = None
+        if callable(snap) and release_buffers and unwritten is not None:
+            # Before the lock and the manifests: every millisecond here, the kernel's writes are copied.
+            first = buffers_first.give_up_first(unwritten, self.blobs_dir)
         try:
             with self.locked():
                 # Under the lock, so the folders checked are the ones written:
@@ -174,12 +178,24 @@ class NotebookStore(NotebookFolder):
                 # what keeps this commit from fitting.
                 retention.remove(retention.sweep_plan(self, None))
                 result = self._commit_locked(
-                    snap, execution_count, cell, writer or {}, keep, cells, release_buffers, report_adoptable, unwritten
+                    snap,
+                    execution_count,
+                    cell,
+                    writer or {},
+                    keep,
+                    cells,
+                    release_buffers,
+                    report_adoptable,
+                    unwritten,
+                    first,
                 )
         except CheckpointError:
             raise
         except OSError as exc:
             raise SaveError(f"could not write the checkpoint: {exc.strerror or exc}") from exc
+        finally:
+            if first is not None:
+                first.close()
         result.seconds = time.perf_counter() - started
         return result
 
@@ -194,6 +210,7 @@ class NotebookStore(NotebookFolder):
         release_buffers: bool = False,
         report_adoptable: bool = False,
         unwritten: tracking.Unwritten | None = None,
+        first: buffers_first.BuffersFirst | None = None,
     ) -> CommitResult:
         gens = self.checkpoint_ids()
         kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
@@ -205,11 +222,10 @@ class NotebookStore(NotebookFolder):
             if data is not None:
                 known.update(stamps_named_by(data))
         writing = BlobWriter(self, known)
-        first = None
+        if first is not None:
+            first.store(writing)
+            writing.hashed += first.hashed
         if callable(snap):
-            if release_buffers and unwritten is not None:
-                first = buffers_first.save_buffers_first(writing, unwritten)
-                writing.hashed += first.hashed
             snap = snap()
         entries = []
         skipped = [{"name": s.name, "type": s.type, "reason": s.reason} for s in snap.skipped]
