@@ -11,8 +11,8 @@ checkpoint recorded for the kernel's large buffers (the index of
 ``tracking.Unwritten``), by their addresses, largest buffer first
 (:func:`give_up_first`):
 
-* a chunk written-page tracking vouches for needs nothing from memory: its
-  blob is stored already (one chunk per buffer is hashed anyway, as in the
+* a chunk written-page tracking vouches for, whose blob file is there, needs
+  nothing from memory (one chunk per buffer is hashed anyway, as in the
   commit);
 * any other chunk is copied to a spool file, from the end of its buffer
   backwards (a cell rewriting an array usually goes from its start: the two
@@ -22,8 +22,8 @@ checkpoint recorded for the kernel's large buffers (the index of
   the system can write out and reclaim.
 
 Then, under the notebook's lock (:meth:`BuffersFirst.store`), a vouched chunk
-whose blob turns out missing or damaged fails the commit, and each spooled
-chunk is hashed and stored.  The commit takes each chunk's digest from here
+whose blob file turns out damaged fails the commit, and each spooled chunk is
+hashed and stored.  The commit takes each chunk's digest from here
 (:meth:`BuffersFirst.digest`): that of its bytes as of the fork, whichever
 object owns it now, so a buffer cut as before is saved exactly.
 
@@ -55,6 +55,7 @@ from .files import TMP_PREFIX
 
 if TYPE_CHECKING:
     from .blobs import BlobWriter
+    from .folder import NotebookFolder
     from .tracking import Unwritten
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class BuffersFirst:
     memory given up, and the spool holding the chunks tracking did not vouch for."""
 
     def __init__(self, folder: Path) -> None:
+        #: where the spool file goes (the blobs' folder)
         self.digests: dict[tuple[int, int], str] = {}
         #: bytes of memory read and hashed
         self.hashed = 0
@@ -103,7 +105,7 @@ class BuffersFirst:
         """
         for address, size, known in self._vouched:
             if writing.reuse(known, size, "") is None:
-                raise ReleasedTooEarly("a stored chunk of an array is missing or damaged, and its memory was let go")
+                raise ReleasedTooEarly("a stored chunk of an array is damaged, and its memory was let go")
             self.digests[(address, size)] = known
         if self._spool is None or not self._spooled:
             return
@@ -156,16 +158,15 @@ class BuffersFirst:
             self.released += size
 
 
-def give_up_first(unwritten: Unwritten, folder: Path) -> BuffersFirst:
+def give_up_first(unwritten: Unwritten, nb: NotebookFolder) -> BuffersFirst:
     """Let go of the memory of every chunk of the large buffers the last checkpoint recorded, keeping
     what is needed to store them (see the module's docstring); then call :meth:`BuffersFirst.store`.
 
     Only for a forked child that exits after its commit, before it reads a
-    manifest or pickles anything.  ``folder`` is where the spool file goes
-    (the blobs' folder).  Memory that is no longer plain private memory of
-    this process is left alone.
+    manifest or pickles anything, for the notebook folder ``nb``.  Memory that
+    is no longer plain private memory of this process is left alone.
     """
-    done = BuffersFirst(folder)
+    done = BuffersFirst(nb.blobs_dir)
     buffers = _buffers(unwritten.layout())
     if not buffers:
         return done
@@ -188,7 +189,7 @@ def give_up_first(unwritten: Unwritten, folder: Path) -> BuffersFirst:
     for buffer in buffers:
         run: list[tuple[int, int]] = []  # vouched chunks side by side: given up in one call
         for address, size, known in reversed(buffer):
-            if known is None:
+            if known is None or not _stored(nb, known, size):
                 done._give_up_run(run)
                 done._spool_chunk(address, size)
             else:
@@ -200,11 +201,15 @@ def give_up_first(unwritten: Unwritten, folder: Path) -> BuffersFirst:
 
 
 def _spool_file(folder: Path) -> int | None:
-    """An unlinked file on the store's file system (None if it cannot be made: then no spool)."""
-    try:
-        return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except (OSError, AttributeError):
-        pass
+    """An unlinked file on the store's file system, in the blobs' folder or the nearest one above it
+    that exists (a new notebook's has none yet); None if none can be made (then no spool)."""
+    for place in (folder, *folder.parents[:2]):
+        try:
+            return os.open(place, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except AttributeError:
+            break  # no O_TMPFILE here
+        except OSError:
+            continue
     path = folder / f"{TMP_PREFIX}spool-{os.getpid()}"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -225,6 +230,15 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
     while view.nbytes:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _stored(nb: NotebookFolder, digest_hex: str, size: int) -> bool:
+    """Is there a file of the right size for blob ``digest_hex`` (its stamp is checked under the lock)?
+    A vouched chunk stored in another folder (the notebook was renamed, or its state moved) is not."""
+    try:
+        return os.lstat(nb.blob_file(digest_hex)).st_size == size
+    except OSError:
+        return False
 
 
 def _buffers(layout: list[Chunk]) -> list[list[Chunk]]:

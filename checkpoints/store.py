@@ -168,7 +168,7 @@ class NotebookStore(NotebookFolder):
         first = None
         if callable(snap) and release_buffers and unwritten is not None:
             # Before the lock and the manifests: every millisecond here, the kernel's writes are copied.
-            first = buffers_first.give_up_first(unwritten, self.blobs_dir)
+            first = buffers_first.give_up_first(unwritten, self)
         try:
             with self.locked():
                 # Under the lock, so the folders checked are the ones written:

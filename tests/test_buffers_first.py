@@ -131,6 +131,15 @@ def test_buffers_saved_first_hold_the_memory_as_of_the_fork_while_the_kernel_rew
     assert not np.array_equal(restored, arr)
 
 
+def test_a_vouched_chunk_stored_in_another_folder_is_saved_from_memory_before_it_is_given_up(tmp_path, nb, tracker):
+    arr = tracked(nb, tracker)
+    renamed = Store(tmp_path / "store", KEY).notebook("renamed.ipynb")  # its chunks are in nb's folder only
+    report = checkpoint(renamed, tracker, {"arr": arr}, 4)
+    assert report["status"] == 0 and not report["error"]
+    assert report["given_up"] >= arr.nbytes - 2 * PAGE
+    assert np.array_equal(renamed.load_latest().values["arr"], arr)
+
+
 def test_without_buffers_first_the_child_keeps_the_memory_until_it_is_saved(nb, tracker):
     arr = tracked(nb, tracker)
     report = checkpoint(nb, tracker, {"arr": arr}, 4, first=False)
