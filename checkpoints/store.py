@@ -135,8 +135,12 @@ class NotebookStore(NotebookFolder):
         release_buffers: bool = False,
         report_adoptable: bool = False,
         unwritten: tracking.Unwritten | None = None,
+        committed: Callable[[CommitResult], None] | None = None,
     ) -> CommitResult:
         """Write ``snap`` as the newest generation, then prune to ``keep`` generations.
+
+        ``committed(result)`` is called at the commit point, before pruning: a checkpoint
+        child tells the kernel then (a failure to prune is then only logged).
 
         ``snap`` may be a function that takes the snapshot: it is then called under
         the notebook's lock, after the large buffers were let go of first (below).
@@ -188,6 +192,8 @@ class NotebookStore(NotebookFolder):
                     report_adoptable,
                     unwritten,
                     first,
+                    committed,
+                    started,
                 )
         except CheckpointError:
             raise
@@ -211,6 +217,8 @@ class NotebookStore(NotebookFolder):
         report_adoptable: bool = False,
         unwritten: tracking.Unwritten | None = None,
         first: buffers_first.BuffersFirst | None = None,
+        committed: Callable[[CommitResult], None] | None = None,
+        started: float = 0.0,
     ) -> CommitResult:
         gens = self.checkpoint_ids()
         kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
@@ -295,12 +303,11 @@ class NotebookStore(NotebookFolder):
         self.files.publish(self.manifest_key(generation), raw)  # the commit point
         written = writing.written + len(raw)
         kept[generation] = data
-        retention.prune(self, self.store.key, keep, kept)
         other = previous.get("writer") if previous is not None else None
         if not isinstance(other, dict) or not other or other.get("id") == writer.get("id"):
             other = None
         self.damaged_digests -= writing.checked
-        return CommitResult(
+        result = CommitResult(
             Manifest(data),
             written,
             writing.blobs,
@@ -311,6 +318,16 @@ class NotebookStore(NotebookFolder):
             bytes_hashed=writing.hashed,
             backing_changed=sorted(writing.backing_changed),
         )
+        if committed is None:
+            retention.prune(self, self.store.key, keep, kept)
+            return result
+        result.seconds = time.perf_counter() - started
+        committed(result)
+        try:  # committed: what is left is tidying, which the next commit does again if this one fails
+            retention.prune(self, self.store.key, keep, kept)
+        except (OSError, CheckpointError):
+            log.warning("pruning after checkpoint %s failed", generation, exc_info=True)
+        return result
 
     def _entry(
         self,

@@ -52,7 +52,9 @@ _TURN_AT = 8
 _NAME_AT = 16
 
 #: What a child runs: ``job(progress)`` pickles and commits, calling ``progress(name)`` per variable.
-Job = Callable[[Callable[[str], None]], CheckpointOutcome]
+#: ``job(progress, tell)``: ``progress(name)`` as it starts on each variable, ``tell(outcome)`` once
+#: committed (before tidying up); what it returns is sent if it told nothing.
+Job = Callable[[Callable[[str], None], Callable[[CheckpointOutcome], None]], CheckpointOutcome]
 
 
 def memory_for_fork(margin: int) -> tuple[bool, int, int]:
@@ -280,16 +282,26 @@ class BackgroundWriter:
             if timeout:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 signal.setitimer(signal.ITIMER_REAL, timeout)
+            told = []
+
+            def tell(outcome: CheckpointOutcome) -> None:
+                # The kernel learns of the commit now; the result pipe's end tells it nothing more comes.
+                told.append(outcome)
+                data = outcome.to_json()
+                with contextlib.suppress(OSError):  # the kernel may be gone: the commit is what counts
+                    while data:
+                        data = data[os.write(write_fd, data) :]
+                with contextlib.suppress(OSError):
+                    os.close(write_fd)
+
             try:
-                outcome = job(report)
+                outcome = job(report, tell)
                 status = 0
             except BaseException as exc:  # report everything; the kernel decides what to show
                 log.exception("background checkpoint failed")
                 outcome = CheckpointOutcome.failed(str(exc) or type(exc).__name__)
-            data = outcome.to_json()
-            with contextlib.suppress(OSError):  # the kernel may be gone: the commit is what counts
-                while data:
-                    data = data[os.write(write_fd, data) :]
+            if not told:
+                tell(outcome)
         finally:
             os._exit(status)
 
@@ -322,15 +334,15 @@ class BackgroundWriter:
                 time.sleep(0.1)
 
     def _finish(self, child: _Child) -> None:
-        try:
-            _, status = os.waitpid(child.pid, 0)
-        except ChildProcessError:  # reaped elsewhere (a user's own os.wait): how it ended is unknown
-            status = 0
         outcome = None
         if not child.superseded:
+            # A child tells its outcome at the commit point, then tidies up (prunes) before it exits.
             outcome = CheckpointOutcome.from_json(b"".join(child.chunks))
-            if outcome is None:
-                outcome = self._explain_death(child, status)
+            if outcome is not None:
+                outcome.wall_seconds = time.monotonic() - child.started
+        status = self._reap(child)
+        if outcome is None and not child.superseded:
+            outcome = self._explain_death(child, status)
             outcome.wall_seconds = time.monotonic() - child.started
         if outcome is not None:
             try:
@@ -345,6 +357,13 @@ class BackgroundWriter:
             os.close(child.baton_fd)
             child.progress.close()
             self._lock.notify_all()
+
+    @staticmethod
+    def _reap(child: _Child) -> int:
+        try:
+            return os.waitpid(child.pid, 0)[1]
+        except ChildProcessError:  # reaped elsewhere (a user's own os.wait): how it ended is unknown
+            return 0
 
     def _explain_death(self, child: _Child, status: int) -> CheckpointOutcome:
         """The outcome of a child that wrote none: how it died, and what it was saving then."""

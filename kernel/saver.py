@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from durable_kernel.checkpoints import CheckpointError, NotebookStore, Snapshot, snapshot
+from durable_kernel.checkpoints import CheckpointError, CommitResult, NotebookStore, Snapshot, snapshot
 from durable_kernel.checkpoints.errors import ReleasedTooEarly
 from durable_kernel.checkpoints.serialize import Skipped
 from durable_kernel.checkpoints.tracking import Unwritten, WrittenPages
@@ -69,10 +69,13 @@ class SaveRequest:
     #: (``checkpoints/buffers_first.py``)
     buffers_first: bool = False
 
-    def run_in_child(self, progress: Callable[[str], None] | None = None) -> CheckpointOutcome:
+    def run_in_child(
+        self, progress: Callable[[str], None], tell: Callable[[CheckpointOutcome], None]
+    ) -> CheckpointOutcome:
         """:meth:`run` in a forked child, which exits after it: the kernel's pages it holds are let go
-        as soon as the blobs are written, before the flush (see ``NotebookStore.commit``)."""
-        return self.run(progress, forked_child=True)
+        as early as can be (``NotebookStore.commit``), and ``tell`` gets the outcome at the commit
+        point, before the child prunes old checkpoints."""
+        return self.run(progress, forked_child=True, tell=tell)
 
     def run(
         self,
@@ -80,8 +83,10 @@ class SaveRequest:
         memory_left: Callable[[], int | None] | None = None,
         stop_on: tuple[type[BaseException], ...] = (),
         forked_child: bool = False,
+        tell: Callable[[CheckpointOutcome], None] | None = None,
     ) -> CheckpointOutcome:
-        """Pickle and commit; a :class:`CheckpointError` becomes a failed outcome."""
+        """Pickle and commit; a :class:`CheckpointError` becomes a failed outcome.  ``tell`` (if given)
+        gets the outcome as soon as it is committed."""
         taken: list[Snapshot] = []
 
         def take() -> Snapshot:
@@ -103,6 +108,13 @@ class SaveRequest:
             tracker, scan, received, sent_from = self.tracking
             os.close(sent_from)  # the kernel's end: the pipe ends when the kernel closes its copy
             unwritten = Unwritten(tracker, scan, received)
+        told: list[CheckpointOutcome] = []
+
+        def committed(done: CommitResult) -> None:
+            told.append(self._outcome(done, taken, unwritten))
+            if tell is not None:
+                tell(told[0])
+
         try:
             done = self.notebook.commit(
                 take if unwritten is not None and self.buffers_first else take(),
@@ -114,11 +126,16 @@ class SaveRequest:
                 release_buffers=forked_child,
                 report_adoptable=self.adopt,
                 unwritten=unwritten,
+                committed=committed,
             )
         except ReleasedTooEarly as exc:
             return CheckpointOutcome.failed(str(exc), released_too_early=True)
         except CheckpointError as exc:
             return CheckpointOutcome.failed(str(exc))
+        return told[0] if told else self._outcome(done, taken, unwritten)
+
+    def _outcome(self, done: CommitResult, taken: list[Snapshot], unwritten: Unwritten | None) -> CheckpointOutcome:
+        """What a commit came to; a child leaves its index of chunks for the next one first."""
         snap = taken[-1] if taken else Snapshot([], [])  # none taken: a newer state was already committed
         tracked_scan = 0
         if unwritten is not None and self.tracking is not None and not done.superseded:
