@@ -1172,10 +1172,14 @@ def changes_verdicts(summary: dict[float, dict[str, Any]], sizes: list[float], c
         f"- Issue 14 target 2 (checkpoint after `arr[i] = 1.0` ≤ 0.5 s {at}): {m['elem_wall']:.3f} s "
         f"→ **{verdict(m['elem_wall'] <= 0.5)}**"
     )
-    worst = max(summary[s]["mem_mut_ratio"] for s in sizes)
+    # Judged at 1 GiB and up, as the issue's "done when" says: in a smaller namespace the child's own memory
+    # (pickling 200k small dicts touches their pages, about 90 MiB) is most of the share.
+    judged = [s for s in sizes if s >= 1] or sizes
+    worst = max(summary[s]["mem_mut_ratio"] for s in judged)
+    each = ", ".join(f"{s:g}: {100 * summary[s]['mem_mut_ratio']:.1f}%" for s in sizes)
     out.append(
         f"- Issue 14 target 3 (extra memory ≤ 25% of the namespace while a large array is written during the "
-        f"checkpoint, every size): worst {100 * worst:.1f}% → **{verdict(worst <= 0.25)}**"
+        f"checkpoint, at 1 and 4 GiB): worst {100 * worst:.1f}% → **{verdict(worst <= 0.25)}** [{each}]"
     )
     fresh = max(summary[s]["fresh_added"] for s in sizes)
     out.append(

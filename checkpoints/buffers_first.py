@@ -85,6 +85,7 @@ class BuffersFirst:
         self._spool: int | None = None
         self._spooled: list[tuple[int, int, int]] = []
         self._spool_end = 0
+        self._spool_failed = False
 
     def digest(self, address: int, size: int) -> str | None:
         """The digest of the chunk ``[address, address + size)`` as of the fork, if it was saved here."""
@@ -133,11 +134,19 @@ class BuffersFirst:
         the kernel rewrites an array whose pages a child shares); hashing them
         too, or a blob file each, goes at half that or less.
         """
+        if self._spool_failed:
+            return False
         if self._spool is None:
             self._spool = _spool_file(self._folder)
             if self._spool is None:
+                self._spool_failed = True
                 return False
-        _write_all(self._spool, _memory(address, size), self._spool_end)
+        try:
+            _write_all(self._spool, _memory(address, size), self._spool_end)
+        except OSError:  # a full disk, say: what is spooled stays, the rest stays in memory
+            log.info("the spool file could not take more; the other chunks are saved from memory", exc_info=True)
+            self._spool_failed = True
+            return False
         self._spooled.append((address, size, self._spool_end))
         self._spool_end += size
         self._given_up(address, size)

@@ -170,10 +170,10 @@ class NotebookStore(NotebookFolder):
         """
         started = time.perf_counter()
         first = None
-        if callable(snap) and release_buffers and unwritten is not None:
-            # Before the lock and the manifests: every millisecond here, the kernel's writes are copied.
-            first = buffers_first.give_up_first(unwritten, self)
         try:
+            if callable(snap) and release_buffers and unwritten is not None:
+                # Before the lock and the manifests: every millisecond here, the kernel's writes are copied.
+                first = buffers_first.give_up_first(unwritten, self)
             with self.locked():
                 # Under the lock, so the folders checked are the ones written:
                 # never write a checkpoint others could change before it loads.

@@ -55,7 +55,9 @@ def given_up(start: int, end: int) -> int:
     return total
 
 
-def checkpoint(nb, tracker: WrittenPages, values: dict, count: int, first: bool = True, during=None) -> dict:
+def checkpoint(
+    nb, tracker: WrittenPages, values: dict, count: int, first: bool = True, during=None, file_limit: int = 0
+) -> dict:
     """A kernel's checkpoint: fork, scan right after it, ``during()`` runs in the parent while the child
     commits (saving buffers first if ``first``).  Returns what the child reports: ``status``,
     ``error`` (the exception's type), ``given_up`` (bytes of the first value's buffer)."""
@@ -71,6 +73,9 @@ def checkpoint(nb, tracker: WrittenPages, values: dict, count: int, first: bool 
         status = 1
         try:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if file_limit:  # writes past it fail with EFBIG, as on a full disk
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.RLIM_INFINITY))
             os.close(send)
             os.read(go_r, 1)  # the parent is writing by now
             unwritten = Unwritten(tracker, scan, received)
@@ -138,6 +143,20 @@ def test_a_vouched_chunk_stored_in_another_folder_is_saved_from_memory_before_it
     assert report["status"] == 0 and not report["error"]
     assert report["given_up"] >= arr.nbytes - 2 * PAGE
     assert np.array_equal(renamed.load_latest().values["arr"], arr)
+
+
+def test_chunks_a_full_spool_cannot_take_are_saved_from_memory(nb, tracker):
+    arr = tracked(nb, tracker)
+    at_fork = arr + 1.0
+    arr += 1.0  # every chunk written: all go to the spool, which takes 2 MiB of them
+
+    def rewrite() -> None:
+        arr[:] += 1.0
+
+    report = checkpoint(nb, tracker, {"arr": arr}, 4, during=rewrite, file_limit=2 * MIB)
+    assert report["status"] == 0 and not report["error"]
+    assert 0 < report["given_up"] <= 2 * MIB + 2 * PAGE
+    assert np.array_equal(nb.load_latest().values["arr"], at_fork)
 
 
 def test_without_buffers_first_the_child_keeps_the_memory_until_it_is_saved(nb, tracker):
