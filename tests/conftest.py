@@ -188,3 +188,14 @@ def parse_checkpoint_list(text: str) -> list[dict[str, str] | str]:
 def checkpoint_rows(kernel: KernelProcess) -> list[dict[str, str]]:
     """The rows of ``%checkpoint list``, newest first (see :func:`checkpoint_list`)."""
     return [row for row in checkpoint_list(kernel) if isinstance(row, dict)]
+
+
+@pytest.fixture
+def tracker():
+    """A written-page tracker of this process (tests that use it skip where the system has none)."""
+    from durable_kernel.checkpoints.tracking import WrittenPages
+
+    made = WrittenPages.open()
+    assert made is not None
+    yield made
+    made.close()

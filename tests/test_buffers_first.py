@@ -38,14 +38,6 @@ def nb(tmp_path):
     return Store(tmp_path / "store", KEY).notebook("first.ipynb")
 
 
-@pytest.fixture
-def tracker():
-    made = WrittenPages.open()
-    assert made is not None
-    yield made
-    made.close()
-
-
 def given_up(start: int, end: int) -> int:
     """Bytes of ``[start, end)`` that this process holds as inaccessible reservations."""
     total = 0

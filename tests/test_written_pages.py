@@ -39,14 +39,6 @@ def nb(tmp_path):
     return Store(tmp_path / "store", KEY).notebook("pages.ipynb")
 
 
-@pytest.fixture
-def tracker():
-    made = WrittenPages.open()
-    assert made is not None
-    yield made
-    made.close()
-
-
 def checkpoint(nb, tracker: WrittenPages, values: dict, count: int = 1, after_fork=None) -> int:
     """What a kernel and its checkpoint child do: fork, scan right after it (``after_fork`` runs first, as
     another thread could), the child commits and leaves its index, the kernel confirms.  Returns the
