@@ -85,8 +85,11 @@ class SeaweedS3:
             self.storage = self._spawn([
                 "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}", "-filer",
                 f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
-                "-master.volumeSizeLimitMB=256", "-volume.max=0",
+                "-master.volumeSizeLimitMB=256", "-volume.max=1000",
             ])  # fmt: skip
+            # -volume.max=0 (automatic) allows as many volumes as the free disk holds at their size
+            # limit, and every bucket takes 7: on a disk with 25 GB free, the 15th bucket of a session
+            # could not be written to (500 Internal Server Error).  Volumes are sparse files.
         self.gateway = self._spawn(
             ["s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={p['s3']}", f"-filer=127.0.0.1:{p['filer']}",
              "-port.iceberg=0", "-port.lance=0"]
