@@ -51,9 +51,8 @@ _OOM_AT = slice(0, 8)
 _TURN_AT = 8
 _NAME_AT = 16
 
-#: What a child runs: ``job(progress)`` pickles and commits, calling ``progress(name)`` per variable.
-#: ``job(progress, tell)``: ``progress(name)`` as it starts on each variable, ``tell(outcome)`` once
-#: committed (before tidying up); what it returns is sent if it told nothing.
+#: What a child runs: ``job(progress, tell)`` pickles and commits, calling ``progress(name)`` per variable
+#: and ``tell(outcome)`` once committed (before it tidies up); what it returns is sent if it told nothing.
 Job = Callable[[Callable[[str], None], Callable[[CheckpointOutcome], None]], CheckpointOutcome]
 
 

@@ -177,6 +177,14 @@ def test_an_in_band_read_of_memory_given_up_kills_the_child_and_saves_nothing(nb
     assert set(nb.load_latest().values) == {"arr"}
 
 
+def test_where_a_read_only_buffer_lies_is_known():
+    arr = np.arange(1 << 20, dtype=np.float64)
+    arr.flags.writeable = False  # mapping.address_of cannot see it; the commit still checks it was not given up
+    view = memoryview(arr)
+    assert mapping.address_of(view) is None
+    assert mapping.where(view) == arr.__array_interface__["data"][0]
+
+
 PEEK = """
 import numpy as np
 class Peek:
