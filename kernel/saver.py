@@ -131,7 +131,7 @@ class SaveRequest:
                 release_buffers=forked_child,
                 report_adoptable=self.adopt,
                 unwritten=unwritten,
-                committed=committed,
+                committed=committed if tell is not None else None,
             )
         except ReleasedTooEarly as exc:
             return CheckpointOutcome.failed(str(exc), released_too_early=True)
