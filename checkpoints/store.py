@@ -29,7 +29,7 @@ from typing import Any
 
 from . import buffers_first, chunking, equivalence, mapping, retention, tracking
 from . import manifest as manifest_format
-from .blobs import BlobReader, BlobWriter, digest, digests, stamps_named_by
+from .blobs import BlobReader, BlobWriter, KnownStamps, digest, digests
 from .errors import CheckpointError, CorruptCheckpoint, ReleasedTooEarly, SaveError, UnsafeStore
 from .files import disk_usage
 from .folder import NotebookFolder
@@ -221,15 +221,24 @@ class NotebookStore(NotebookFolder):
         started: float = 0.0,
     ) -> CommitResult:
         gens = self.checkpoint_ids()
-        kept = {gen: retention.signed(self, self.store.key, gen) for gen in gens}
-        previous = next((data for data in kept.values() if data is not None), None)
+        # Only the newest checkpoint that verifies is read before the commit point; the older ones
+        # when a blob only they name is reused, else for pruning, after it.
+        kept: dict[int, dict[str, Any] | None] = {}
+        previous = None
+        for gen in gens:
+            kept[gen] = previous = retention.signed(self, self.store.key, gen)
+            if previous is not None:
+                break
+
+        def read_older() -> list[dict[str, Any]]:
+            for gen in gens:
+                if gen not in kept:
+                    kept[gen] = retention.signed(self, self.store.key, gen)
+            return [data for gen, data in sorted(kept.items()) if data is not None]
+
         if previous is not None and _newer_from_same_writer(previous.get("writer"), writer):
             return CommitResult(Manifest(previous), 0, 0, 0.0, superseded=True)
-        known: dict[str, list[int]] = {}
-        for data in reversed(kept.values()):
-            if data is not None:
-                known.update(stamps_named_by(data))
-        writing = BlobWriter(self, known)
+        writing = BlobWriter(self, KnownStamps(previous, read_older))
         if first is not None:
             first.store(writing)
             writing.hashed += first.hashed
@@ -319,11 +328,13 @@ class NotebookStore(NotebookFolder):
             backing_changed=sorted(writing.backing_changed),
         )
         if committed is None:
+            read_older()
             retention.prune(self, self.store.key, keep, kept)
             return result
         result.seconds = time.perf_counter() - started
         committed(result)
         try:  # committed: what is left is tidying, which the next commit does again if this one fails
+            read_older()
             retention.prune(self, self.store.key, keep, kept)
         except (OSError, CheckpointError):
             log.warning("pruning after checkpoint %s failed", generation, exc_info=True)

@@ -461,6 +461,36 @@ def test_reused_blobs_whose_files_are_unchanged_are_not_read_again(store, monkey
     assert read == []
 
 
+def test_blobs_only_an_older_checkpoint_names_are_reused_unread_when_a_value_comes_back(store, monkeypatch):
+    from durable_kernel.checkpoints import blobs
+
+    nb = store.notebook("a.ipynb")
+    first = {"arr": np.arange(1_000_000, dtype=np.float64)}
+    commit(nb, first, count=1)
+    commit(nb, {"arr": np.zeros(1_000_000)}, count=2)
+    read = []
+    real = blobs.file_digest
+    monkeypatch.setattr(blobs, "file_digest", lambda path, size: read.append(path) or real(path, size))
+    result = commit(nb, first, count=3)
+    assert read == [] and result.blobs_written == 0
+    np.testing.assert_array_equal(nb.load_latest().values["arr"], first["arr"])
+
+
+def test_a_commit_reads_only_the_newest_checkpoint_before_its_commit_point(store, monkeypatch):
+    from durable_kernel.checkpoints import retention
+
+    nb = store.notebook("a.ipynb")
+    for count in range(1, 5):
+        commit(nb, {"x": count}, count=count)
+    read = []
+    real = retention.signed
+    monkeypatch.setattr(retention, "signed", lambda nb, key, gen: read.append(gen) or real(nb, key, gen))
+    at_commit_point = []
+    nb.commit(snapshot({"x": 5}), execution_count=5, committed=lambda result: at_commit_point.extend(read))
+    assert at_commit_point == [4]
+    assert sorted(set(read)) == [1, 2, 3, 4]  # the older ones after it, for pruning
+
+
 def test_payload_blob_that_is_not_a_regular_file_costs_only_its_variable(store):
     nb = store.notebook("a.ipynb")
     commit(nb, {"x": 1}, count=1)
