@@ -2,9 +2,10 @@
 
 ``fork()`` gives the child a copy-on-write image of the namespace as it stood
 when the cell ended; the child pickles and writes it while the kernel goes
-straight back to the user.  Every cell that ends forks at once, so its state
-is captured at that instant, but children write one at a time: a new child
-first waits until every earlier one has exited.  A child still waiting when
+straight back to the user.  The kernel asks for a child as each cell ends
+(unless ``coalesce_seconds`` in kernel.py lets quick cells share one), so the
+state is captured at that instant, but children write one at a time: a new
+child first waits until every earlier one has exited.  A child still waiting when
 yet another cell ends is superseded (killed before it did anything), so at
 most two exist: one writing, one waiting with the newest state.
 

@@ -175,13 +175,14 @@ class DurableKernel(IPythonKernel):
         "track pages, every chunk is hashed, as with this off.",
     )
     coalesce_seconds = Float(
-        0.25,
+        0.0,
         config=True,
         help="While a background checkpoint is still being written, cells that end less than this many seconds "
-        "after it was started share the next one, started when the time is up (or at once when the kernel shuts "
-        "down or a cell waits for checkpoints): a run of quick cells (Run All) then pays for one fork, about 10 ms, "
-        "instead of one per cell. A kernel killed with -9 meanwhile loses at most this much of its cells' running "
-        "time. 0: start a checkpoint after every cell.",
+        "after it was started share the next one, started when the time is up and the kernel is between cells "
+        "(or at once when the kernel shuts down or a cell waits for checkpoints): a run of quick cells (Run All, "
+        "a script) then pays for one fork, 10-20 ms with a large namespace, instead of one each. The cost: "
+        "a kill -9 during a long cell that follows them loses what they made, and `%checkpoint list` and undo "
+        "step over them. 0 (the default): a checkpoint after every cell.",
     )
     checkpoint_timeout = Float(
         300.0,
@@ -612,8 +613,8 @@ class DurableKernel(IPythonKernel):
     def _coalesce_wait(self) -> float:
         """Seconds to hold the due checkpoint back, so that one fork serves a run of quick cells (0: none).
 
-        Only while the last one is still being written: the new one would wait for it anyway. Whatever
-        is held back ran for less than ``coalesce_seconds``, all it can cost a kernel killed meanwhile."""
+        Only with ``coalesce_seconds`` set, and while the last one is still being written (the new one
+        would wait for it anyway).  A long cell starting meanwhile holds it back until it ends."""
         assert self._saver is not None
         left = self._last_fork + self.coalesce_seconds - time.monotonic()
         return left if left > 0 and self._saver.running else 0.0

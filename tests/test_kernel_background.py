@@ -142,8 +142,17 @@ def test_checkpoints_asked_for_while_one_runs_coalesce_into_the_newest_state(gat
     assert notebook.read_manifest(3).execution_count == last.execution_count
 
 
-def test_quick_cells_while_a_checkpoint_is_written_share_one_fork(gated):
-    kernel, release, notebook = gated
+@pytest.fixture
+def coalescing(pool: KernelPool, tmp_path):
+    """As ``gated``, in a kernel whose quick cells share checkpoints (``coalesce_seconds``)."""
+    kernel = pool.start(session="coalescing.ipynb", extra_arguments=["--DurableKernel.coalesce_seconds=0.25"])
+    run(kernel, GATE)
+    wait_saved(kernel)
+    return kernel, tmp_path / "release", pool.notebook("coalescing.ipynb")
+
+
+def test_quick_cells_while_a_checkpoint_is_written_share_one_fork(coalescing):
+    kernel, release, notebook = coalescing
     run(kernel, f"gate = Gate({str(release)!r})")
     forks_before = int(kernel.value("get_ipython().kernel._checkpoint_seq"))
     for value in range(20):
@@ -156,8 +165,8 @@ def test_quick_cells_while_a_checkpoint_is_written_share_one_fork(gated):
     assert notebook.load_latest().values["x"] == 19
 
 
-def test_a_held_back_checkpoint_starts_on_its_own_once_the_kernel_is_idle(gated, pool):
-    kernel, release, notebook = gated
+def test_a_held_back_checkpoint_starts_on_its_own_once_the_kernel_is_idle(coalescing, pool):
+    kernel, release, notebook = coalescing
     run(kernel, f"gate = Gate({str(release)!r})")
     run(kernel, "x = 'held back'")  # ends while the gated checkpoint is being written
     release.touch()
@@ -166,7 +175,7 @@ def test_a_held_back_checkpoint_starts_on_its_own_once_the_kernel_is_idle(gated,
         assert time.monotonic() < deadline, "the held-back checkpoint never started"
         time.sleep(0.1)
     kernel.kill()
-    again = pool.start(session=SESSION)
+    again = pool.start(session="coalescing.ipynb")
     assert again.value("x") == "'held back'"
 
 
