@@ -585,6 +585,7 @@ class DurableKernel(IPythonKernel):
             # Fork once the reply and idle status are on their way (dispatch_shell):
             # copying a large process's page tables then costs the user nothing.
             self._checkpoint_due = True
+            self._due_for = (self._cell_number(), self._parent_message())
         else:
             self._checkpoint(self._cell_number())  # part of the cell: it shows busy meanwhile
         if getattr(getattr(result, "info", None), "store_history", True):
@@ -602,7 +603,6 @@ class DurableKernel(IPythonKernel):
         finally:
             self._dispatching = False
         if self._checkpoint_due:
-            self._due_for = (self._cell_number(), self._parent_message())
             wait = self._coalesce_wait()
             if wait > 0:
                 self._start_due_later(wait)
