@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from jupyter_client import BlockingKernelClient
@@ -160,7 +161,36 @@ class Client:
         self.kc = BlockingKernelClient(connection_file=str(connection_file))
         self.kc.load_connection_file()
         self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=90)
+        self.wait_for_ready()
+
+    def wait_for_ready(self, timeout: float = 90) -> None:
+        """Wait until the kernel answers kernel_info and its iopub is connected, then flush iopub.
+
+        jupyter_client's own wait_for_ready, for a kernel it did not start, calls the kernel
+        dead once one heartbeat (1 s) goes unanswered. A kernel the server has just started or
+        restarted may still be importing then on a busy 2-core machine; here only the timeout counts.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the kernel did not answer kernel_info in {timeout:.0f} s (see the server log)")
+            self.kc.kernel_info()
+            try:
+                reply = self.kc.get_shell_msg(timeout=1)
+            except Empty:
+                continue
+            if reply["msg_type"] != "kernel_info_reply":
+                continue
+            try:
+                self.kc.get_iopub_msg(timeout=0.2)
+            except Empty:
+                continue  # iopub not connected yet: ask again
+            break
+        while True:
+            try:
+                self.kc.get_iopub_msg(timeout=0.2)
+            except Empty:
+                return
 
     def run(self, code: str, timeout: float = 60) -> dict[str, str]:
         """Run a cell: {'stdout', 'stderr', 'error'}."""

@@ -216,6 +216,9 @@ class LabPage:
         from playwright.sync_api import expect
 
         self.page = page
+        # expect() waits 5 s by default, apart from the context's 60 s: too short for a dialog
+        # JupyterLab opens while a 2-core machine is busy starting kernels.
+        expect.set_options(timeout=60_000)
         self.expect = expect
         self.cells = page.locator(".jp-NotebookPanel:visible .jp-Notebook .jp-Cell")
 

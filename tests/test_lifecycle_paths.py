@@ -194,7 +194,7 @@ def test_jupyterlab_rename_on_first_save_then_restart_keeps_the_state(server, ca
     client.run("assert get_ipython().kernel.wait_for_checkpoint(60)")
     server.rename(session, "Untitled.ipynb", "analysis.ipynb")
     server.restart(kernel_id)  # Kernel -> Restart
-    client.kc.wait_for_ready(timeout=90)
+    client.wait_for_ready()
     out = client.run("print(nums)")
     assert out["stdout"] == "[1, 2, 3]\n", out
     assert f"restored 1 variable for {server.root / 'analysis.ipynb'}" in out["stderr"], out
@@ -216,7 +216,7 @@ def test_kernel_follows_a_rename_made_while_it_ran_even_without_the_server_exten
         assert client.run("nums = [1, 2, 3]")["error"] == ""
         server.rename(session, "Untitled.ipynb", "analysis.ipynb")
         server.restart(session["kernel"]["id"])
-        client.kc.wait_for_ready(timeout=90)
+        client.wait_for_ready()
         out = client.run("print(nums)")
         assert out["stdout"] == "[1, 2, 3]\n", out
         assert f"this notebook was renamed from {root / 'Untitled.ipynb'}" in out["stderr"], out
@@ -243,7 +243,7 @@ def test_cells_saved_under_the_old_name_after_the_extension_moved_the_state_foll
     client.run("assert get_ipython().kernel.wait_for_checkpoint(60)")
     assert store.notebook(old).checkpoint_ids()
     server.restart(session["kernel"]["id"])
-    client.kc.wait_for_ready(timeout=90)
+    client.wait_for_ready()
     out = client.run("print(nums, more)")
     assert out["stdout"] == "[1, 2, 3] 4\n", out
     assert f"this notebook was renamed from {old}" in out["stderr"], out
