@@ -70,7 +70,8 @@ class LocalFolder:
         swapped in between.  Raises FileNotFoundError, :class:`NotARegularFile` (a symlink is refused,
         not followed; a FIFO opens at once instead of waiting for a writer) or :class:`NotOwned`."""
         try:
-            fd = os.open(self.path(key), READ_FLAGS)
+            # A string, not self.path(key): a restore opens thousands of chunks, and pathlib costs 20 us each.
+            fd = os.open(f"{self.root}{os.sep}{key}", READ_FLAGS)
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # what O_NOFOLLOW says of a symlink
                 raise NotARegularFile(errno.ELOOP, "is a symlink") from None

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import holds, wait_saved
 from durable_kernel.checkpoints import Store, chunking, mapping, snapshot
+from durable_kernel.checkpoints.blobs import digest, digests
 from durable_kernel.checkpoints.location import open_store
 
 KEY = b"chunk-key-" * 7
@@ -344,3 +345,9 @@ def test_by_default_arrays_are_not_backed_by_their_chunk_files(start_kernel):
     again = start_kernel(session="chunks.ipynb")
     holds(again, "np.array_equal(big, np.random.default_rng(0).random(8 << 20))")
     holds(again, "any('/blobs/' in line for line in open('/proc/self/maps'))")  # restored arrays are mapped
+
+
+def test_chunk_digests_hashed_on_several_threads_come_back_in_chunk_order():
+    # 37 chunks of unequal sizes, 12 MiB in all: enough to be hashed in parallel.
+    chunks = [os.urandom((i % 5 + 1) * 64 * 1024) for i in range(37)] + [os.urandom(6 << 20)]
+    assert digests(chunks) == [digest(c) for c in chunks]
