@@ -120,7 +120,9 @@ def build_shared() -> types.ModuleType:
 
 
 #: cells timed right after a fresh allocation (where a new user once saw +9-12 ms at 2 GiB)
-FRESH_CELLS = 10
+FRESH_CELLS = 20
+#: checkpoints timed per case of issue 14's target 2 (the median is judged: one checkpoint alone is at the VM's mercy)
+CHECKPOINT_REPEATS = 5
 
 
 def fresh_code(gib: float) -> str:
@@ -458,10 +460,14 @@ def changes_in_place(k: BenchKernel, r: dict[str, Any]) -> None:
     """Issue 14: what a checkpoint costs after a change inside a large variable, and memory while the user
     writes a large array during a checkpoint; then per-cell latency right after a fresh allocation."""
     r["adopt_wait_s"] = wait_adopted(k)
-    k.run("x = 2")
-    r["trivial_ckpt"] = k.wait_checkpoint()
-    k.run("arr[len(arr) // 2] = 1.0")
-    r["arr_elem_ckpt"] = k.wait_checkpoint()
+    r["trivial_ckpts"] = []
+    for i in range(CHECKPOINT_REPEATS):
+        k.run(f"x = {i + 2}")
+        r["trivial_ckpts"].append(k.wait_checkpoint())
+    r["arr_elem_ckpts"] = []
+    for i in range(CHECKPOINT_REPEATS):
+        k.run(f"arr[len(arr) // 2] = {i + 1}.0")  # a new value each time: each checkpoint has a chunk to store
+        r["arr_elem_ckpts"].append(k.wait_checkpoint())
     k.run("df.iloc[len(df) // 2, 0] = 1.0")
     r["df_cell_ckpt"] = k.wait_checkpoint()
     wait_adopted(k)
@@ -1013,11 +1019,13 @@ def summarize(size_results: dict[float, dict[str, Any]]) -> dict[float, dict[str
         m["load"] = (res["load_before"], res["load_after"])
         # issue 14
         m["adopt_wait"] = d["adopt_wait_s"]
-        for key, ckpt in (("trivial", "trivial_ckpt"), ("elem", "arr_elem_ckpt"), ("dfcell", "df_cell_ckpt")):
-            m[f"{key}_wall"] = d[ckpt]["wall_seconds"]
-            m[f"{key}_commit"] = d[ckpt]["seconds"]
-            m[f"{key}_written"] = d[ckpt]["bytes_written"]
-            m[f"{key}_hashed"] = d[ckpt].get("bytes_hashed", 0)
+        for key, ckpt in (("trivial", "trivial_ckpts"), ("elem", "arr_elem_ckpts"), ("dfcell", "df_cell_ckpt")):
+            taken = d[ckpt] if isinstance(d[ckpt], list) else [d[ckpt]]
+            m[f"{key}_wall"] = median([c["wall_seconds"] for c in taken])
+            m[f"{key}_wall_range"] = (min(c["wall_seconds"] for c in taken), max(c["wall_seconds"] for c in taken))
+            m[f"{key}_commit"] = median([c["seconds"] for c in taken])
+            m[f"{key}_written"] = median([c["bytes_written"] for c in taken])
+            m[f"{key}_hashed"] = median([c.get("bytes_hashed", 0) for c in taken])
         m["full_rewrite_wall"] = d["arr_full_ckpt"]["wall_seconds"]
         m["mem_mut_pss"] = d["mem_mutate_kib"][0] * 1024
         m["mem_mut_full_pss"] = d["mem_mutate_full_kib"][0] * 1024
@@ -1159,9 +1167,9 @@ def changes_by_size_table(summary: dict[float, dict[str, Any]]) -> str:
     rows: list[tuple[str, Any]] = [
         ("arrays backed by their chunk files after the first checkpoint (between cells)", "adopt_wait", "{:.1f} s"),
         (
-            "trivial cell: fork → committed (commit alone)",
+            f"trivial cell: fork → committed (commit alone), median of {CHECKPOINT_REPEATS} [range]",
             None,
-            lambda m: f"{m['trivial_wall']:.3f} s ({m['trivial_commit']:.3f} s)",
+            lambda m: f"{m['trivial_wall']:.3f} s ({m['trivial_commit']:.3f} s) [{range_s(m['trivial_wall_range'])}]",
         ),
         (
             "trivial cell: buffers hashed / bytes written",
@@ -1169,9 +1177,9 @@ def changes_by_size_table(summary: dict[float, dict[str, Any]]) -> str:
             lambda m: f"{fmt_bytes(m['trivial_hashed'])} / {fmt_bytes(m['trivial_written'])}",
         ),
         (
-            "`arr[len(arr) // 2] = 1.0`: fork → committed (commit alone)",
+            f"`arr[len(arr) // 2] = 1.0`: fork → committed (commit alone), median of {CHECKPOINT_REPEATS} [range]",
             None,
-            lambda m: f"{m['elem_wall']:.3f} s ({m['elem_commit']:.3f} s)",
+            lambda m: f"{m['elem_wall']:.3f} s ({m['elem_commit']:.3f} s) [{range_s(m['elem_wall_range'])}]",
         ),
         (
             "`arr[len(arr) // 2] = 1.0`: buffers hashed / bytes written",
@@ -1204,6 +1212,10 @@ def changes_by_size_table(summary: dict[float, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def range_s(bounds: tuple[float, float]) -> str:
+    return f"{bounds[0]:.3f}-{bounds[1]:.3f} s"
+
+
 def changes_verdicts(summary: dict[float, dict[str, Any]], sizes: list[float], c: dict[str, Any]) -> list[str]:
     """Issue 14's targets, each with the figure it is judged on."""
     top = max(sizes)
@@ -1218,12 +1230,12 @@ def changes_verdicts(summary: dict[float, dict[str, Any]], sizes: list[float], c
         ok = all(row["written"] <= row["target"] for row in c["rows"] if row["target"] is not None)
         out.append(f"- Issue 14 target 1 (bytes written ∝ change, table above): **{verdict(ok)}**")
     out.append(
-        f"- Issue 14 target 2 (trivial cell's checkpoint ≤ 0.3 s {at}): {m['trivial_wall']:.3f} s fork → committed "
-        f"→ **{verdict(m['trivial_wall'] <= 0.3)}**"
+        f"- Issue 14 target 2 (trivial cell's checkpoint ≤ 0.3 s {at}): {m['trivial_wall']:.3f} s fork → committed, "
+        f"median of {CHECKPOINT_REPEATS} → **{verdict(m['trivial_wall'] <= 0.3)}**"
     )
     out.append(
-        f"- Issue 14 target 2 (checkpoint after `arr[i] = 1.0` ≤ 0.5 s {at}): {m['elem_wall']:.3f} s "
-        f"→ **{verdict(m['elem_wall'] <= 0.5)}**"
+        f"- Issue 14 target 2 (checkpoint after `arr[i] = 1.0` ≤ 0.5 s {at}): {m['elem_wall']:.3f} s, "
+        f"median of {CHECKPOINT_REPEATS} → **{verdict(m['elem_wall'] <= 0.5)}**"
     )
     # Judged at 1 GiB and up, as the issue's "done when" says: in a smaller namespace the child's own memory
     # (pickling 200k small dicts touches their pages, about 90 MiB) is most of the share.
