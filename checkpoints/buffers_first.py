@@ -16,7 +16,10 @@ checkpoint recorded for the kernel's large buffers (the index of
   commit);
 * any other chunk is copied to a spool file, from the end of its buffer
   backwards (a cell rewriting an array usually goes from its start: the two
-  meet early);
+  meet early), except that chunks the kernel has written since the fork go
+  first, as soon as they are seen (``/proc/self/pagemap``: pages the child
+  alone maps): their originals are memory that exists for the checkpoint
+  alone, so such a cell is followed closely instead of met halfway;
 * then its pages are given up (``mapping.let_go``): the kernel's writes to
   them are no longer copied.  What the child keeps is in the page cache, which
   the system can write out and reclaim.
@@ -45,6 +48,7 @@ import errno
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +69,9 @@ __all__ = ["BuffersFirst", "give_up_first"]
 Chunk = tuple[int, int, "str | None"]
 
 _FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+#: Seconds between two looks at which chunks the kernel wrote since the fork (a look at 2 GiB reads 4 MiB of
+#: page map, a few ms; the kernel rewrites about 50 MiB of an array meanwhile)
+_LOOK_EVERY = 0.05
 
 
 class BuffersFirst:
@@ -152,6 +159,43 @@ class BuffersFirst:
         self._given_up(address, size)
         return True
 
+    def _spool_chunks(self, chunks: list[tuple[int, int]], pagemap: int | None) -> None:
+        """Copy adjacent chunks (listed from the last one backwards) to the spool, each given up as soon
+        as it is copied; empties ``chunks``.
+
+        From the end backwards, except for chunks the kernel has written since
+        the fork, which go first, lowest first, as soon as they are seen
+        (``pagemap``, read every ``_LOOK_EVERY`` seconds): the kernel got a copy
+        of each page it wrote, so the original this child holds is memory that
+        exists for the checkpoint alone, and giving it up frees it at once.  A
+        cell rewriting the array from its start is so followed closely, instead
+        of being met halfway with half the array copied.
+        """
+        order = chunks[::-1]  # lowest address first
+        chunks.clear()
+        copied = [False] * len(order)
+        lo, hi = 0, len(order) - 1  # the lowest and the highest not copied yet
+        written: list[int] = []  # chunks the kernel wrote, highest first (taken from the end: lowest first)
+        looked = -_LOOK_EVERY
+        while lo <= hi:
+            # A look while chunks seen written are left would find them again: copied first anyway.
+            if pagemap is not None and not written and time.monotonic() - looked >= _LOOK_EVERY:
+                looked = time.monotonic()
+                written = _written_since_fork(pagemap, order, copied, lo, hi)
+            i = hi
+            while written:
+                j = written.pop()
+                if not copied[j]:
+                    i = j
+                    break
+            copied[i] = True
+            while lo <= hi and copied[lo]:
+                lo += 1
+            while hi >= lo and copied[hi]:
+                hi -= 1
+            if not self._spool_chunk(*order[i]):
+                return  # no spool, or it takes no more: the others stay in memory, saved from there
+
     def _give_up_run(self, run: list[tuple[int, int]]) -> None:
         """Give up adjacent chunks (listed from the last one backwards) in one call; empties ``run``."""
         if run:
@@ -194,19 +238,48 @@ def give_up_first(unwritten: Unwritten, nb: NotebookFolder) -> BuffersFirst:
             unwritten.distrust()
             buffers = [[(a, s, None) for a, s, _ in b] for b in buffers]
             break
-    # Largest buffer first, and in each the chunks from its end backwards.
-    for buffer in buffers:
-        run: list[tuple[int, int]] = []  # vouched chunks side by side: given up in one call
-        for address, size, known in reversed(buffer):
-            if known is None or not _stored(nb, known, size):
-                done._give_up_run(run)
-                done._spool_chunk(address, size)
-            else:
-                done._vouched.append((address, size, known))
-                run.append((address, size))
-        done._give_up_run(run)
+    # Largest buffer first, and in each the chunks from its end backwards (those written since first).
+    try:
+        pagemap: int | None = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        pagemap = None  # chunks are then copied from the end backwards only
+    try:
+        for buffer in buffers:
+            run: list[tuple[int, int]] = []  # vouched chunks side by side: given up in one call
+            copies: list[tuple[int, int]] = []  # the others, side by side: copied to the spool together
+            for address, size, known in reversed(buffer):
+                if known is None or not _stored(nb, known, size):
+                    done._give_up_run(run)
+                    copies.append((address, size))
+                else:
+                    done._spool_chunks(copies, pagemap)
+                    done._vouched.append((address, size, known))
+                    run.append((address, size))
+            done._give_up_run(run)
+            done._spool_chunks(copies, pagemap)
+    finally:
+        if pagemap is not None:
+            os.close(pagemap)
     log.debug("%d bytes of large buffers let go first, %d spooled", done.released, done._spool_end)
     return done
+
+
+def _written_since_fork(pagemap: int, order: list[tuple[int, int]], copied: list[bool], lo: int, hi: int) -> list[int]:
+    """Indices of the chunks ``order[lo:hi + 1]`` not yet copied that hold a page this process alone maps
+    (the kernel wrote or freed it since the fork), highest first; [] if the page map cannot be read."""
+    start, end = order[lo][0], order[hi][0] + order[hi][1]
+    try:
+        alone = mapping.held_alone(pagemap, start, end)
+    except OSError:
+        return []
+    page = mapping.PAGE
+    found = [
+        i
+        for i in range(lo, hi + 1)
+        if not copied[i] and 1 in alone[(order[i][0] - start) // page : (order[i][0] + order[i][1] - start) // page]
+    ]
+    found.reverse()
+    return found
 
 
 def _spool_file(folder: Path) -> int | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -311,6 +312,24 @@ class CleanChunks:
         if self._pagemap is not None:
             os.close(self._pagemap)
             self._pagemap = None
+
+
+#: Eighth byte of a pagemap entry -> 1 for a page present and mapped by this process alone (bits 63 and 56).
+_ALONE = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
+
+
+def held_alone(pagemap: int, start: int, end: int) -> bytes:
+    """One byte per page of ``[start, end)`` (whole pages): 1 where this process alone maps the page.
+
+    In a forked checkpoint child, a page of the kernel's memory it alone maps
+    is one the kernel has since written (it got a copy) or freed: memory that
+    exists only because the child holds the original.  ``pagemap`` is an open
+    ``/proc/self/pagemap``.  Raises OSError if it cannot be read."""
+    pages = (end - start) // PAGE
+    entries = os.pread(pagemap, pages * 8, (start // PAGE) * 8)
+    if len(entries) != pages * 8:
+        raise OSError(errno.EIO, "pagemap came back short")
+    return entries[7::8].translate(_ALONE)
 
 
 def _memory_areas() -> list[tuple[int, int, str, int, str]]:

@@ -795,12 +795,12 @@ def _versions(snap: Snapshot) -> dict[str, Any]:
         # The modules' own __version__, not importlib.metadata: that reads the installed packages' metadata
         # files again in every checkpoint child (2 ms each), since a child's cache dies with it.
         import dill
-        import durable_kernel
 
+        package = sys.modules.get(__name__.rsplit(".", 2)[0])  # durable_kernel, whose part this module is
         _static_versions = {
             "python": sys.version.split()[0],
             "dill": getattr(dill, "__version__", "unknown"),
-            "durable_kernel": getattr(durable_kernel, "__version__", "unknown"),
+            "durable_kernel": getattr(package, "__version__", "unknown"),
         }
     packages = {}
     for var in snap.variables:

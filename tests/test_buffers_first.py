@@ -20,7 +20,7 @@ import signal
 import numpy as np
 import pytest
 from conftest import holds, wait_saved
-from durable_kernel.checkpoints import Store, mapping, snapshot
+from durable_kernel.checkpoints import Store, buffers_first, mapping, snapshot
 from durable_kernel.checkpoints.tracking import Unwritten, WrittenPages
 
 KEY = b"first-key-" * 7
@@ -149,6 +149,38 @@ def test_chunks_a_full_spool_cannot_take_are_saved_from_memory(nb, tracker):
     assert report["status"] == 0 and not report["error"]
     assert 0 < report["given_up"] <= 2 * MIB + 2 * PAGE
     assert np.array_equal(nb.load_latest().values["arr"], at_fork)
+
+
+def test_chunks_the_kernel_wrote_since_the_fork_are_copied_first_and_the_rest_from_the_end(nb, tracker):
+    arr = tracked(nb, tracker)
+    arr += 1.0  # every chunk written since the last checkpoint: none is vouched for, all go to the spool
+    start = mapping.where(arr)
+    quarter = start + arr.nbytes // 4
+    received, send = os.pipe()
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
+    scan = tracker.next_scan
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(send)
+            os.read(go_r, 1)  # the parent has rewritten the array's first quarter since the fork
+            done = buffers_first.give_up_first(Unwritten(tracker, scan, received), nb)
+            os.write(report_w, json.dumps([address for address, _, _ in done._spooled]).encode())
+        finally:
+            os._exit(0)
+    os.close(received)
+    os.close(report_w)
+    tracker.scan(send)
+    arr[: arr.size // 4] += 1.0
+    os.write(go_w, b"x")
+    with os.fdopen(report_r, "rb") as f:
+        order = json.loads(f.read() or b"[]")
+    os.waitpid(pid, 0)
+    written = sorted(a for a in order if a < quarter)
+    assert len(order) > 8 and 0 < len(written) < len(order)
+    assert order[: len(written)] == written  # lowest first, before any other
+    assert order[len(written) :] == sorted(order[len(written) :], reverse=True)  # then from the end backwards
 
 
 def test_without_buffers_first_the_child_keeps_the_memory_until_it_is_saved(nb, tracker):
