@@ -28,7 +28,8 @@ def restored(pool):
     before = pool.start(session=SESSION)
     for cell in BEFORE:
         assert not before.execute(cell).error
-    wait_saved(before)
+        # Each cell its own checkpoint: one still waiting for its turn when the next cell ends is superseded.
+        wait_saved(before)
     before.kill()
     return pool.start(session=SESSION)
 
