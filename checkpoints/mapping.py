@@ -301,12 +301,8 @@ class CleanChunks:
     def _untouched(self, address: int, size: int) -> bool:
         if self._pagemap is None:
             self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        pages = (size + PAGE - 1) // PAGE
-        entries = os.pread(self._pagemap, pages * 8, (address // PAGE) * 8)
-        if len(entries) != pages * 8:
-            return False
-        # Bits 56-63 are the eighth byte of each entry: written (anonymous, present or swapped) pages are dirty.
-        return 1 not in entries[7::8].translate(_DIRTY)
+        dirty = _page_flags(self._pagemap, address, (size + PAGE - 1) // PAGE, _DIRTY)
+        return dirty is not None and 1 not in dirty
 
     def close(self) -> None:
         if self._pagemap is not None:
@@ -325,11 +321,20 @@ def held_alone(pagemap: int, start: int, end: int) -> bytes:
     is one the kernel has since written (it got a copy) or freed: memory that
     exists only because the child holds the original.  ``pagemap`` is an open
     ``/proc/self/pagemap``.  Raises OSError if it cannot be read."""
-    pages = (end - start) // PAGE
+    alone = _page_flags(pagemap, start, (end - start) // PAGE, _ALONE)
+    if alone is None:
+        raise OSError(errno.EIO, "pagemap came back short")
+    return alone
+
+
+def _page_flags(pagemap: int, start: int, pages: int, table: bytes) -> bytes | None:
+    """``table`` applied to the flag byte of each of ``pages`` pagemap entries from ``start`` (None if short).
+    Bits 56-63 are the eighth byte of each entry: present (63), swapped (62), file or shared anonymous (61),
+    mapped by this process alone (56)."""
     entries = os.pread(pagemap, pages * 8, (start // PAGE) * 8)
     if len(entries) != pages * 8:
-        raise OSError(errno.EIO, "pagemap came back short")
-    return entries[7::8].translate(_ALONE)
+        return None
+    return entries[7::8].translate(table)
 
 
 def _memory_areas() -> list[tuple[int, int, str, int, str]]:
